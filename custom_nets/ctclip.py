@@ -1,0 +1,298 @@
+"""CTCLIP: the CT-CLIP dual encoder (CTViT image encoder + BERT text encoder + linear latent projections).
+
+State-dict keys are the reference's: ``temperature``, ``text_transformer.*``, ``visual_transformer.*``,
+``to_text_latent.weight``, ``to_visual_latent.weight`` and the two never-used ``*_extra`` copies.
+
+Memory: the reference keeps ``to_visual_latent_extra`` (151 M parameters, 604 MB fp32) although its forward
+never reads it. Here the ``_extra`` entries are *not* held as modules (unless ``extra_latent_projection`` uses
+them): loading accepts and drops them, and :meth:`CTCLIP.state_dict` emits them as aliases of the used
+projections (no copy; ``torch.save`` stores shared storage once), so every checkpoint we write has the
+reference's key set and loads into the reference classes. :meth:`CTCLIP.reference_state_dict` additionally
+adds ``text_transformer.embeddings.position_ids`` for the reference's transformers<4.31 strict load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ctvit import CTViT
+
+__all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY"]
+
+EXTRA_KEYS = ("to_text_latent_extra.weight", "to_visual_latent_extra.weight")
+POSITION_IDS_KEY = "text_transformer.embeddings.position_ids"
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class CTCLIP(nn.Module):
+    """CT-CLIP dual encoder, key-compatible with ``CT-CLIP_v2.pt`` / ``CT_VocabFine_v2.pt``.
+
+    Args:
+        image_encoder: a :class:`~custom_nets.ctvit.CTViT` (stored as ``visual_transformer``).
+        text_encoder: a ``transformers`` BERT-family model (stored as ``text_transformer``).
+        dim_image: width of the pooled image embedding, ``(H/p) * (W/p) * ctvit_dim`` (v2: 294912).
+        dim_text: hidden size of the text encoder (v2: 768).
+        dim_latent: width of the joint latent space (v2: 512).
+        extra_latent_projection: reference option (off in v2): the image-to-text direction of the loss uses the
+            separate ``*_extra`` projections; then those are real modules and :meth:`forward` returns
+            ``(B, 2 * B_text)`` logits ``[main | extra]`` which :class:`~custom_nets.losses.ClipLoss` understands.
+        use_mlm: reference option, not supported (must be False).
+        downsample_image_embeds: reference option, not supported (must be False).
+        use_all_token_embeds: reference option, not supported (must be False).
+        text_pooling: ``"cls"`` (reference: ``last_hidden_state[:, 0]``) or ``"mean"`` (masked mean).
+        keep_reference_extras: hold the ``*_extra`` copies as modules like the reference does (benchmark
+            baseline only; costs 605 MB at full size).
+        autocast_dtype: e.g. ``"bfloat16"``: run both encoders under ``torch.autocast`` (training option).
+        gradient_checkpointing: activation checkpointing in both encoders (training option).
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, *, dim_image: int, dim_text: int,
+                 dim_latent: int, extra_latent_projection: bool = False, use_mlm: bool = False,
+                 downsample_image_embeds: bool = False, use_all_token_embeds: bool = False, text_pooling: str = "cls",
+                 keep_reference_extras: bool = False, autocast_dtype: Optional[str] = None,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        for name, value in (("use_mlm", use_mlm), ("downsample_image_embeds", downsample_image_embeds),
+                            ("use_all_token_embeds", use_all_token_embeds)):
+            if value:
+                raise NotImplementedError(f"CTCLIP option {name}=True is not implemented (the published v2 model has it "
+                                          "False)")
+        if text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {text_pooling!r}")
+        self.dim_image, self.dim_text, self.dim_latent = dim_image, dim_text, dim_latent
+        self.extra_latent_projection = extra_latent_projection
+        self.text_pooling = text_pooling
+        self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
+
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+        self.text_transformer = text_encoder
+        self.visual_transformer = image_encoder
+        self.to_text_latent = nn.Linear(dim_text, dim_latent, bias=False)
+        self.to_visual_latent = nn.Linear(dim_image, dim_latent, bias=False)
+        self.holds_extras = bool(extra_latent_projection or keep_reference_extras)
+        if self.holds_extras:
+            self.to_text_latent_extra = copy.deepcopy(self.to_text_latent)
+            self.to_visual_latent_extra = copy.deepcopy(self.to_visual_latent)
+        self._register_state_dict_hook(CTCLIP._add_extra_aliases)
+        self.register_load_state_dict_pre_hook(CTCLIP._drop_unused_keys)
+        if gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
+
+    # ----------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_reference_config(cls, ctvit: Mapping[str, Any], bert: Mapping[str, Any], ctclip: Mapping[str, Any],
+                              **options) -> "CTCLIP":
+        """Build the model the reference builds with ``BertModel(BertConfig(**bert))``, ``CTViT(**ctvit)``,
+        ``CTCLIP(image_encoder, text_encoder, **ctclip)``.
+
+        Args:
+            ctvit: CTViT constructor kwargs of the reference.
+            bert: ``BertConfig`` kwargs.
+            ctclip: CTCLIP constructor kwargs of the reference (``dim_image``, ``dim_text``, ``dim_latent``, ...).
+            **options: our extra CTCLIP options (e.g. ``keep_reference_extras``).
+        """
+        from transformers import BertConfig, BertModel
+
+        text = BertModel(BertConfig(**bert))
+        image = CTViT(**ctvit)
+        return cls(image, text, **dict(ctclip), **options)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing in the image encoder's transformers and (if supported) the text encoder."""
+        if isinstance(self.visual_transformer, CTViT):
+            self.visual_transformer.set_options(gradient_checkpointing=enabled)
+        text = self.text_transformer
+        if enabled and hasattr(text, "gradient_checkpointing_enable"):
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif not enabled and hasattr(text, "gradient_checkpointing_disable"):
+            text.gradient_checkpointing_disable()
+
+    def freeze(self, image_encoder: bool = False, text_encoder: bool = False) -> "CTCLIP":
+        """Freeze encoders: no gradients, and they stay in eval mode through ``train()`` (no dropout, no
+        codebook update), unlike the reference whose "frozen" modules still ran in train mode."""
+        if image_encoder:
+            self.visual_transformer.requires_grad_(False)
+        if text_encoder:
+            self.text_transformer.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CTCLIP":
+        super().train(mode)
+        if mode and not _has_trainable(self.text_transformer):
+            self.text_transformer.eval()  # frozen stays frozen (CTViT handles itself the same way)
+        return self
+
+    # ----------------------------------------------------------------------------------------- state dict
+    @staticmethod
+    def _add_extra_aliases(module: "CTCLIP", state_dict, prefix, local_metadata):
+        if module.holds_extras:
+            return state_dict
+        # same tensors as the used projections: the reference's key set at no memory cost
+        state_dict[prefix + EXTRA_KEYS[0]] = state_dict[prefix + "to_text_latent.weight"]
+        state_dict[prefix + EXTRA_KEYS[1]] = state_dict[prefix + "to_visual_latent.weight"]
+        return state_dict
+
+    def _drop_unused_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+        if not self.holds_extras:
+            for key, main in zip(EXTRA_KEYS, ("to_text_latent.weight", "to_visual_latent.weight")):
+                value = state_dict.pop(prefix + key, None)
+                expected = getattr(self, main.split(".")[0]).weight.shape
+                if value is not None and tuple(value.shape) != tuple(expected):
+                    error_msgs.append(f"size mismatch for {prefix + key}: checkpoint {tuple(value.shape)}, "
+                                      f"model {tuple(expected)}")
+        emb = getattr(self.text_transformer, "embeddings", None)
+        persistent = (emb is not None and "position_ids" in getattr(emb, "_buffers", {})
+                      and "position_ids" not in emb._non_persistent_buffers_set)
+        if not persistent:
+            # written by transformers<4.31 (all published checkpoints); a constant arange, not a weight
+            state_dict.pop(prefix + POSITION_IDS_KEY, None)
+
+    def reference_state_dict(self, include_position_ids: bool = True, clone_extras: bool = False) -> dict:
+        """State dict loadable with ``strict=True`` by the reference classes (transformers<4.31).
+
+        Args:
+            include_position_ids: add ``text_transformer.embeddings.position_ids`` (int64 ``[1, max_positions]``).
+            clone_extras: give the ``*_extra`` entries their own storage instead of aliasing the used projections.
+        """
+        sd = self.state_dict()
+        if clone_extras:
+            for key in EXTRA_KEYS:
+                sd[key] = sd[key].clone()
+        if include_position_ids and POSITION_IDS_KEY not in sd:
+            n = self.text_transformer.config.max_position_embeddings
+            sd[POSITION_IDS_KEY] = torch.arange(n, device=self.temperature.device).unsqueeze(0)
+        # the reference's key order: temperature, text, visual, projections, extras
+        order = ["temperature"] + [k for k in sd if k.startswith("text_transformer.")]
+        order += [k for k in sd if k not in order]
+        return {k: sd[k] for k in order}
+
+    # ----------------------------------------------------------------------------------------- encoders
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                           token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last hidden state of the text encoder ``(B, L, dim_text)``."""
+        with self._autocast(input_ids.device):
+            out = self.text_transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def text_embedding(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled text embedding before the latent projection ``(B, dim_text)``."""
+        hidden = self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float()
+        if self.text_pooling == "cls":
+            return hidden[:, 0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    token_type_ids: Optional[torch.Tensor] = None, extra: bool = False) -> torch.Tensor:
+        """L2-normalised text latents ``(B, dim_latent)``.
+
+        Args:
+            input_ids: token ids ``(B, L)`` from :func:`custom_nets.build_tokenizer`'s tokenizer.
+            attention_mask: ``(B, L)``, 1 for real tokens.
+            token_type_ids: optional segment ids.
+            extra: use ``to_text_latent_extra`` (only with ``extra_latent_projection``).
+        """
+        proj = self.to_text_latent_extra if extra else self.to_text_latent
+        return F.normalize(proj(self.text_embedding(input_ids, attention_mask, token_type_ids)), dim=-1)
+
+    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled image embedding before the latent projection: CTViT tokens averaged over depth, flattened
+        in (h, w, d) order, ``(B, dim_image)``."""
+        with self._autocast(image.device):
+            tokens = self.visual_transformer(image, return_encoded_tokens=True)
+        pooled = tokens.float().mean(dim=1)
+        return pooled.reshape(pooled.shape[0], -1)
+
+    def encode_image(self, image: torch.Tensor, extra: bool = False) -> torch.Tensor:
+        """L2-normalised image latents ``(B, dim_latent)``.
+
+        Args:
+            image: ``(B, 1, D, H, W)`` in the layout and value range of the model config's ``input`` section.
+            extra: use ``to_visual_latent_extra`` (only with ``extra_latent_projection``).
+        """
+        proj = self.to_visual_latent_extra if extra else self.to_visual_latent
+        return F.normalize(proj(self.image_embedding(image)), dim=-1)
+
+    def encode_image_file(self, path, transform=None) -> torch.Tensor:
+        """"One scan in, features out": image latents of a NIfTI file or DICOM folder.
+
+        Args:
+            path: the scan.
+            transform: a callable turning ``{"image": path}`` into a dict whose ``"image"`` is the model input
+                ``(1, D, H, W)``; the preprocessing transforms built from this model's config (``transforms``
+                package) provide it. Required: the model does not guess spacing, window or axis layout.
+        """
+        if transform is None:
+            raise ValueError("encode_image_file needs the preprocessing transform built from the model config "
+                             "(e.g. the inference preprocessing of the transforms package)")
+        image = transform({"image": str(path)})["image"]
+        image = torch.as_tensor(image, dtype=torch.float32, device=self.temperature.device)
+        return self.encode_image(image.unsqueeze(0))[0]
+
+    # ----------------------------------------------------------------------------------------- forwards
+    def forward(self, image: torch.Tensor, text_input_ids: torch.Tensor,
+                text_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training forward: image-text similarity logits already multiplied by ``exp(temperature)``.
+
+        Args:
+            image: ``(B_image, 1, D, H, W)``.
+            text_input_ids: ``(B_text, L)``.
+            text_attention_mask: ``(B_text, L)``.
+
+        Returns:
+            ``(B_image, B_text)`` logits (row i: image i against every text); with ``extra_latent_projection``,
+            ``(B_image, 2 * B_text)`` = ``[main | extra]`` logits.
+        """
+        image_latents = self.encode_image(image)
+        text_latents = self.encode_text(text_input_ids, text_attention_mask)
+        scale = self.temperature.exp()
+        logits = image_latents @ text_latents.t() * scale
+        if self.extra_latent_projection:
+            extra = self.to_visual_latent_extra(self.image_embedding(image))
+            extra_text = self.encode_text(text_input_ids, text_attention_mask, extra=True)
+            logits = torch.cat([logits, F.normalize(extra, dim=-1) @ extra_text.t() * scale], dim=1)
+        return logits
+
+    def reference_forward(self, text_input_ids: torch.Tensor, image: torch.Tensor,
+                          text_attention_mask: Optional[torch.Tensor] = None, return_loss: bool = False,
+                          return_latents: bool = False):
+        """The reference ``CTCLIP.forward(text, image, device, return_loss, return_latents)``.
+
+        Without ``return_loss``: per-row logits ``sum(text_latents * image_latents, -1) * exp(temperature)``,
+        broadcasting one image against several prompts. With it: the symmetric InfoNCE loss of the batch.
+
+        Args:
+            text_input_ids: ``(B_text, L)``.
+            image: ``(B_image, 1, D, H, W)`` with ``B_image`` equal to ``B_text`` or 1.
+            text_attention_mask: ``(B_text, L)``.
+            return_loss: return the scalar contrastive loss.
+            return_latents: return ``(text_latents, image_latents)`` instead.
+        """
+        text_latents = self.encode_text(text_input_ids, text_attention_mask)
+        image_latents = self.encode_image(image)
+        if return_latents:
+            return text_latents, image_latents
+        scale = self.temperature.exp()
+        if not return_loss:
+            return (text_latents * image_latents).sum(dim=-1) * scale
+        from .losses import clip_loss
+
+        return clip_loss(image_latents @ text_latents.t() * scale)

