@@ -1,0 +1,266 @@
+"""Stored values to Hounsfield units, with provenance.
+
+CT-RATE ships two intensity versions (CTRATE_FORMATS.md): the first release stores raw values that
+need the metadata CSV's slope/intercept, the corrected ``*_fixed`` release stores HU already, and
+applying the intercept twice shifts every voxel by -1024 (CT-CLIP issue #50). ``RescaleToHUd``
+makes the choice explicit: from the header (as the readers apply it), from a metadata row, or
+``auto``: every candidate mapping is scored on the intensity distribution a chest CT must have
+(air or lung, soft tissue, nothing far below air) and the decision is recorded with its evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+__all__ = ["HUDecisionError", "RescaleToHU", "RescaleToHUd", "hu_evidence", "HU_SOURCES"]
+
+HU_SOURCES = ("header", "metadata", "auto")
+
+# Tissue bands (HU) used to judge a candidate mapping.
+_AIR_LUNG = (-1100.0, -500.0)
+_SOFT = (-200.0, 200.0)
+_BELOW_AIR = (-1500.0, -1100.0)  # nothing real lives here; padding sits further down as one constant
+_GAP = (-600.0, -250.0)  # between lung and fat: partial volume (and some ground glass) in CT, a lot of tissue in MR
+
+
+class HUDecisionError(ValueError):
+    """No plausible stored-value to HU mapping (for example an MR volume)."""
+
+
+def _sample(values: torch.Tensor, max_samples: int = 2_000_000) -> np.ndarray:
+    """A strided subsample of the voxels (deterministic) as float32 numpy."""
+    flat = values.reshape(-1)
+    step = max(1, flat.numel() // max_samples)
+    return flat[::step].to(torch.float32).cpu().numpy()
+
+
+def hu_evidence(hu_sample: np.ndarray) -> dict[str, float]:
+    """Fractions of the voxels in the tissue bands and a few percentiles (values already in HU).
+
+    Voxels far below air (< -1500 HU) are treated as outside-field-of-view padding when they are
+    essentially one constant (-2048, -3024, -8192 ...), and excluded from the fractions.
+    """
+    v = np.asarray(hu_sample, dtype=np.float32)
+    n_all = max(v.size, 1)
+    low = v < _BELOW_AIR[0]
+    pad_fraction = float(low.mean()) if v.size else 0.0
+    pad_constant = True
+    if low.any():
+        vals, counts = np.unique(v[low], return_counts=True)
+        pad_constant = bool(counts.max() >= 0.9 * low.sum())
+    inside = v[~low] if pad_constant else v
+    n = max(inside.size, 1)
+
+    def frac(band):
+        return float(((inside >= band[0]) & (inside < band[1])).sum() / n)
+
+    tissue = inside[inside >= -900.0]  # the gap is judged against non-air voxels: air volume varies a lot
+    gap = float(((tissue >= _GAP[0]) & (tissue < _GAP[1])).mean()) if tissue.size else 0.0
+    p = np.percentile(inside, [1, 50, 99]) if inside.size else np.array([np.nan] * 3)
+    return {
+        "air_lung": frac(_AIR_LUNG),
+        "soft_tissue": frac(_SOFT),
+        "below_air": frac(_BELOW_AIR) + (0.0 if pad_constant else pad_fraction * n_all / n),
+        "gap": gap,
+        "padding": pad_fraction if pad_constant else 0.0,
+        "p1": float(p[0]),
+        "p50": float(p[1]),
+        "p99": float(p[2]),
+    }
+
+
+def _plausible(ev: Mapping[str, float]) -> tuple[bool, str]:
+    """Whether a candidate's evidence looks like a chest CT in HU, and why not."""
+    if ev["air_lung"] < 0.03:
+        return False, f"almost no air/lung voxels ({ev['air_lung']:.1%} in [-1100, -500] HU)"
+    if ev["soft_tissue"] < 0.03:
+        return False, f"almost no soft tissue ({ev['soft_tissue']:.1%} in [-200, 200] HU)"
+    if ev["below_air"] > 0.05:
+        return False, f"{ev['below_air']:.1%} of voxels below air ([-1500, -1100] HU)"
+    if ev["gap"] > 0.3:
+        return False, f"{ev['gap']:.1%} of non-air voxels between lung and fat ([-600, -250] HU): not a CT histogram"
+    if ev["p99"] > 4000:
+        return False, f"99th percentile {ev['p99']:.0f} HU is above any tissue"
+    return True, ""
+
+
+def _score(ev: Mapping[str, float]) -> float:
+    return ev["air_lung"] + ev["soft_tissue"] - 2 * ev["below_air"] - ev["gap"]
+
+
+class RescaleToHU(Transform):
+    """Map stored values to HU and return ``(hu_image, provenance)``.
+
+    Args:
+        source: ``"header"`` (the reader already applied NIfTI ``scl_slope/scl_inter`` or DICOM
+            rescale: keep the values), ``"metadata"`` (apply the given slope/intercept, e.g. from a
+            CT-RATE metadata row) or ``"auto"`` (score every candidate and keep the plausible one).
+        floor_hu: values below this (outside-FOV padding such as -2048, -3024, -8192) are set to it
+            so that interpolation does not smear them into the body; ``None`` keeps them.
+        min_margin: in ``auto`` mode, the best candidate must beat the runner-up by this score margin
+            when both are plausible, otherwise the decision is refused as ambiguous.
+        check_plausible: also refuse ``header``/``metadata`` results whose histogram is not a CT.
+    """
+
+    def __init__(
+        self,
+        source: str = "auto",
+        floor_hu: float | None = -1024.0,
+        min_margin: float = 0.05,
+        check_plausible: bool = False,
+    ) -> None:
+        if source not in HU_SOURCES:
+            raise ValueError(f"source must be one of {HU_SOURCES}, got {source!r}")
+        self.source = source
+        self.floor_hu = floor_hu
+        self.min_margin = min_margin
+        self.check_plausible = check_plausible
+
+    @staticmethod
+    def _apply(img: torch.Tensor, slope: float, intercept: float) -> torch.Tensor:
+        if slope == 1.0 and intercept == 0.0:
+            return img
+        t = img.as_tensor() if isinstance(img, MetaTensor) else img
+        integral = not torch.is_floating_point(t) and float(slope).is_integer() and float(intercept).is_integer()
+        if integral:
+            out = t.to(torch.int32) * int(slope) + int(intercept)
+            if out.min() >= -32768 and out.max() <= 32767:
+                out = out.to(torch.int16)
+        else:
+            out = t.to(torch.float32) * float(slope) + float(intercept)
+        if isinstance(img, MetaTensor):
+            out = MetaTensor(out, affine=img.affine, meta=img.meta)
+        return out
+
+    def candidates(self, slope: float | None, intercept: float | None) -> list[tuple[str, float, float]]:
+        """The mappings ``auto`` considers: as stored/header, the metadata row, the raw +1024 convention."""
+        cands = [("header", 1.0, 0.0)]
+        if slope is not None and intercept is not None and (slope, intercept) != (1.0, 0.0):
+            cands.append(("metadata", float(slope), float(intercept)))
+        if not any(c[1:] == (1.0, -1024.0) for c in cands):
+            cands.append(("raw_offset_1024", 1.0, -1024.0))
+        return cands
+
+    def __call__(  # type: ignore[override]
+        self, img: torch.Tensor, slope: float | None = None, intercept: float | None = None, name: str = "volume"
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Args:
+        img: stored values as the reader returned them.
+        slope, intercept: from a metadata row (needed for ``source="metadata"``).
+        name: used in error messages.
+
+        Raises:
+            HUDecisionError: ``auto`` found no plausible candidate (or two equally plausible ones);
+                ``metadata`` without slope/intercept; an implausible result with ``check_plausible``.
+        """
+        sample = _sample(img)
+        if self.source == "header":
+            chosen = ("header", 1.0, 0.0)
+            ev = hu_evidence(sample)
+            evidence = {"header": ev}
+        elif self.source == "metadata":
+            if slope is None or intercept is None:
+                raise HUDecisionError(f"{name}: source='metadata' but no RescaleSlope/RescaleIntercept given")
+            chosen = ("metadata", float(slope), float(intercept))
+            ev = hu_evidence(sample * chosen[1] + chosen[2])
+            evidence = {"metadata": ev}
+        else:
+            evidence, ranked = {}, []
+            for label, s, b in self.candidates(slope, intercept):
+                ev = hu_evidence(sample * s + b)
+                ok, why = _plausible(ev)
+                evidence[label] = dict(ev, plausible=ok, why_not=why)
+                if ok:
+                    ranked.append((_score(ev), label, s, b))
+            if not ranked:
+                whys = "; ".join(f"{k}: {v['why_not']}" for k, v in evidence.items())
+                raise HUDecisionError(f"{name}: no plausible HU mapping (not a chest CT in HU?): {whys}")
+            ranked.sort(key=lambda r: -r[0])
+            if len(ranked) > 1 and ranked[0][0] - ranked[1][0] < self.min_margin and ranked[0][2:] != ranked[1][2:]:
+                raise HUDecisionError(
+                    f"{name}: ambiguous HU mapping, {ranked[0][1]} and {ranked[1][1]} are both plausible"
+                )
+            chosen = ranked[0][1:]
+        if self.check_plausible and self.source != "auto":
+            ok, why = _plausible(evidence[chosen[0]])
+            if not ok:
+                raise HUDecisionError(f"{name}: implausible HU after {chosen[0]} rescale: {why}")
+        out = self._apply(img, chosen[1], chosen[2])
+        floored = 0.0
+        if self.floor_hu is not None:
+            below = out < self.floor_hu
+            floored = float(below.float().mean()) if below.any() else 0.0
+            if floored:
+                out = out.clone() if out is img else out
+                out[below] = self.floor_hu
+        provenance = {
+            "source": self.source,
+            "decision": chosen[0],
+            "slope": chosen[1],
+            "intercept": chosen[2],
+            "floored_fraction": floored,
+            "evidence": evidence,
+        }
+        if isinstance(out, MetaTensor):
+            out.meta["hu_provenance"] = provenance
+        return out, provenance
+
+
+class RescaleToHUd(MapTransform):
+    """Dictionary form of :class:`RescaleToHU`.
+
+    Args:
+        keys: image keys.
+        source: ``"header"``, ``"metadata"`` or ``"auto"`` (see :class:`RescaleToHU`).
+        slope_key, intercept_key: dictionary entries holding a metadata row's RescaleSlope and
+            RescaleIntercept (missing or empty entries mean "not given").
+        provenance_key: where the decision is written (``{"source", "decision", "slope",
+            "intercept", "floored_fraction", "evidence"}``); also in the image's ``meta``.
+        name_key: entry used to name the volume in errors.
+        floor_hu, min_margin, check_plausible: see :class:`RescaleToHU`.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        source: str = "auto",
+        slope_key: str = "rescale_slope",
+        intercept_key: str = "rescale_intercept",
+        provenance_key: str = "hu_provenance",
+        name_key: str = "name",
+        floor_hu: float | None = -1024.0,
+        min_margin: float = 0.05,
+        check_plausible: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.rescaler = RescaleToHU(source, floor_hu, min_margin, check_plausible)
+        self.slope_key, self.intercept_key = slope_key, intercept_key
+        self.provenance_key, self.name_key = provenance_key, name_key
+
+    @staticmethod
+    def _number(value) -> float | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            return None
+        return None if not np.isfinite(out) else out
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        slope, intercept = self._number(d.get(self.slope_key)), self._number(d.get(self.intercept_key))
+        for key in self.key_iterator(d):
+            d[key], prov = self.rescaler(d[key], slope, intercept, name=str(d.get(self.name_key, key)))
+            d[self.provenance_key] = prov
+        return d
+

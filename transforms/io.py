@@ -1,0 +1,208 @@
+"""Resampling and writing for the preprocessing stage.
+
+``ResampleToSpacingd`` produces exactly the output grid of MONAI's ``Spacingd`` (same affine, same
+shape, trilinear, border padding) but, for axis-aligned volumes (always the case after
+``Orientationd`` to RAS and the obliquity check), computes it as three separable 1-D linear
+interpolations on slabs. ``Spacingd`` builds a dense sampling grid of 3 floats per output voxel
+(546 MB for a 477x477x200 output) and converts the whole input to float; the slab path never holds
+more than the input, the int16 output and a few slabs. Oblique inputs fall back to ``Spacingd``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import compute_shape_offset, zoom_affine
+from monai.transforms import MapTransform, Spacing, Transform
+
+__all__ = ["ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d", "save_nifti_atomic", "linear_resample_axes"]
+
+
+def _axis_plan(n_in: int, n_out: int, scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower neighbour index and weight per output voxel for ``src = scale * j + shift`` (border clamp)."""
+    src = np.arange(n_out, dtype=np.float64) * scale + shift
+    src = np.clip(src, 0.0, n_in - 1.0)
+    i0 = np.floor(src).astype(np.int64)
+    if n_in > 1:
+        i0 = np.minimum(i0, n_in - 2)
+    w = src - i0
+    return torch.from_numpy(i0), torch.from_numpy(w.astype(np.float32))
+
+
+def _interp(x: torch.Tensor, dim: int, i0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    a = torch.index_select(x, dim, i0).to(torch.float32)
+    if x.shape[dim] == 1:
+        return a
+    b = torch.index_select(x, dim, i0 + 1).to(torch.float32)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    w = w.view(shape)
+    return torch.lerp(a, b, w)
+
+
+def linear_resample_axes(
+    x: torch.Tensor,
+    out_shape: Sequence[int],
+    scales: Sequence[float],
+    shifts: Sequence[float],
+    out_dtype: torch.dtype = torch.float32,
+    slab: int = 16,
+) -> torch.Tensor:
+    """Separable trilinear resampling of a 3-D tensor, output slab by output slab along the last axis.
+
+    Output voxel ``(j0, j1, j2)`` samples input coordinate ``scales[k] * j_k + shifts[k]`` per axis
+    (voxel-centre indices, border clamp). Integer ``out_dtype`` rounds to nearest.
+
+    Args:
+        x: (X, Y, Z) tensor of any real dtype.
+        out_shape: (X', Y', Z').
+        scales, shifts: per-axis affine map from output to input index.
+        out_dtype: dtype of the result.
+        slab: output slices computed at a time (bounds the temporary memory).
+    """
+    plans = [_axis_plan(x.shape[k], int(out_shape[k]), float(scales[k]), float(shifts[k])) for k in range(3)]
+    out = torch.empty(tuple(int(s) for s in out_shape), dtype=out_dtype)
+    info = torch.iinfo(out_dtype) if not out_dtype.is_floating_point else None
+    iz, wz = plans[2]
+    for start in range(0, int(out_shape[2]), slab):
+        stop = min(start + slab, int(out_shape[2]))
+        t = _interp(x, 2, iz[start:stop], wz[start:stop])
+        t = _interp(t, 0, *plans[0])
+        t = _interp(t, 1, *plans[1])
+        if info is not None:
+            t = t.round_().clamp_(info.min, info.max)
+        out[:, :, start:stop] = t
+    return out
+
+
+class ResampleToSpacing(Transform):
+    """Resample a channel-first volume to ``pixdim`` on the grid MONAI's ``Spacing`` would produce.
+
+    Args:
+        pixdim: output voxel spacing (x, y, z) in mm.
+        out_dtype: dtype of the result (``torch.int16`` keeps HU storage small; rounded).
+        slab: output slices computed at a time.
+        max_obliquity: largest off-diagonal element (relative) of the direction for the fast path;
+            beyond it MONAI's ``Spacing`` (dense grid) is used.
+    """
+
+    def __init__(
+        self,
+        pixdim: Sequence[float],
+        out_dtype: torch.dtype | str = torch.float32,
+        slab: int = 16,
+        max_obliquity: float = 1e-4,
+    ) -> None:
+        self.pixdim = np.asarray(pixdim, dtype=np.float64)
+        self.out_dtype = getattr(torch, out_dtype) if isinstance(out_dtype, str) else out_dtype
+        self.slab = slab
+        self.max_obliquity = max_obliquity
+        self.fallback = Spacing(pixdim=tuple(self.pixdim), mode="bilinear", padding_mode="border")
+
+    def __call__(self, img: torch.Tensor) -> MetaTensor:  # type: ignore[override]
+        if not isinstance(img, MetaTensor):
+            img = MetaTensor(img)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        spatial = tuple(int(s) for s in img.shape[1:])
+        new_affine = zoom_affine(affine, self.pixdim, diagonal=False)
+        out_shape, offset = compute_shape_offset(spatial, affine, new_affine, False)
+        new_affine[:3, 3] = offset[:3]
+        xform = np.linalg.solve(affine, new_affine)  # output voxel -> input voxel
+        diag = np.diag(xform[:3, :3])
+        if np.abs(xform[:3, :3] - np.diag(diag)).max() > self.max_obliquity * np.abs(diag).max():
+            out = self.fallback(img)
+            t = out.as_tensor()
+            if not self.out_dtype.is_floating_point:
+                t = t.round()
+            return MetaTensor(t.to(self.out_dtype), affine=out.affine, meta=out.meta)
+        t = img.as_tensor()
+        chans = [
+            linear_resample_axes(t[c], out_shape, diag, xform[:3, 3], self.out_dtype, self.slab)
+            for c in range(t.shape[0])
+        ]
+        meta = dict(img.meta)
+        meta["spatial_shape"] = np.asarray(out_shape)
+        return MetaTensor(torch.stack(chans), affine=torch.as_tensor(new_affine), meta=meta)
+
+
+class ResampleToSpacingd(MapTransform):
+    """Dictionary form of :class:`ResampleToSpacing`.
+
+    Args:
+        keys: image keys.
+        pixdim: output voxel spacing (x, y, z) in mm.
+        out_dtype: output dtype (``"int16"`` rounds).
+        slab: output slices computed at a time.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        pixdim: Sequence[float],
+        out_dtype: torch.dtype | str = torch.float32,
+        slab: int = 16,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resampler = ResampleToSpacing(pixdim, out_dtype, slab)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resampler(d[key])
+        return d
+
+
+class CastToHUInt16d(MapTransform):
+    """Round and clamp HU to int16 (the storage type of preprocessed volumes).
+
+    Args:
+        keys: image keys.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            t = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            if t.dtype != torch.int16:
+                if t.is_floating_point():
+                    t = t.round()
+                t = t.clamp(-32768, 32767).to(torch.int16)
+            d[key] = MetaTensor(t, affine=img.affine, meta=img.meta) if isinstance(img, MetaTensor) else t
+        return d
+
+
+def save_nifti_atomic(img: torch.Tensor, affine: np.ndarray, path: str | os.PathLike, dtype=np.int16) -> None:
+    """Write a channel-first single-channel volume as NIfTI through a temp file and ``os.replace``.
+
+    A run killed mid-write leaves at most a hidden ``.<name>.<pid>.tmp`` file, never a partial
+    ``<name>.nii.gz``; ``sform``/``qform`` codes are 1 (scanner).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    arr = img[0] if img.ndim == 4 else img
+    arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+    nii = nib.Nifti1Image(np.asarray(arr, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    nii.set_sform(nii.affine, code=1)
+    nii.set_qform(nii.affine, code=1)
+    nii.header.set_xyzt_units("mm")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    try:
+        nib.save(nii, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,110 @@
+"""The last step before a model: its HU window and scaling, its axis codes and ``(C, D, H, W)`` layout.
+
+Preprocessed volumes are stored once as int16 HU in RAS; each model applies its own contract when it
+reads them (ARCHITECTURE.md, "Model configs travel with their preprocessing").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation, Transform
+
+__all__ = ["ToModelInput", "ToModelInputd"]
+
+
+def _input_section(config: Mapping | str) -> Mapping:
+    if isinstance(config, str):
+        from custom_nets import load_model_config
+
+        config = load_model_config(config)
+    return config["input"] if "input" in config else config
+
+
+class ToModelInput(Transform):
+    """HU volume (channel-first, any orientation with an affine) to a model's float32 input.
+
+    ``out = (clip(HU, *hu_window) - hu_offset) / hu_scale``, reoriented so that the spatial axes
+    carry ``axis_codes`` (e.g. ``"SLP"``: D = superior, H = left, W = posterior). Orientation uses the
+    affine, so a volume in any stored orientation lands the same way; a plain tensor without an
+    affine is taken as RAS.
+
+    Args:
+        hu_window: (low, high) clip range in HU.
+        hu_offset: subtracted after clipping.
+        hu_scale: divisor after the offset.
+        axis_codes: anatomical codes of the output (D, H, W) axes, three letters from L/R, A/P, S/I.
+    """
+
+    def __init__(
+        self,
+        hu_window: Sequence[float] = (-1000.0, 1000.0),
+        hu_offset: float = 0.0,
+        hu_scale: float = 1000.0,
+        axis_codes: str = "SLP",
+    ) -> None:
+        if len(hu_window) != 2 or hu_window[0] >= hu_window[1]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
+        if hu_scale == 0:
+            raise ValueError("hu_scale must not be 0")
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.hu_offset = float(hu_offset)
+        self.hu_scale = float(hu_scale)
+        self.axis_codes = axis_codes.upper()
+        self.orient = Orientation(axcodes=self.axis_codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+
+    @classmethod
+    def from_model_config(cls, config: Mapping | str) -> ToModelInput:
+        """Build from a model config (dict, shipped name or JSON path): its ``input`` section."""
+        inp = _input_section(config)
+        return cls(inp["hu_window"], inp.get("hu_offset", 0.0), inp.get("hu_scale", 1000.0), inp["axis_codes"])
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if img.ndim != 4:
+            raise ValueError(f"expected a channel-first 3-D volume (C, X, Y, Z), got shape {tuple(img.shape)}")
+        if not isinstance(img, MetaTensor):
+            img = MetaTensor(img)  # identity affine: RAS in MONAI's convention
+        out = self.orient(img)
+        t = out.as_tensor().to(torch.float32)
+        t = (t.clamp(*self.hu_window) - self.hu_offset) / self.hu_scale
+        return MetaTensor(t.contiguous(), affine=out.affine, meta=out.meta)
+
+
+class ToModelInputd(MapTransform):
+    """Dictionary form of :class:`ToModelInput`.
+
+    Args:
+        keys: image keys.
+        hu_window, hu_offset, hu_scale, axis_codes: see :class:`ToModelInput`.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        hu_window: Sequence[float] = (-1000.0, 1000.0),
+        hu_offset: float = 0.0,
+        hu_scale: float = 1000.0,
+        axis_codes: str = "SLP",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes)
+
+    @classmethod
+    def from_model_config(cls, keys: KeysCollection, config: Mapping | str, **kwargs) -> ToModelInputd:
+        """Build from a model config (dict, shipped name or JSON path); ``kwargs`` override it."""
+        inp = dict(_input_section(config))
+        params = {k: inp[k] for k in ("hu_window", "hu_offset", "hu_scale", "axis_codes") if k in inp}
+        params.update(kwargs)
+        return cls(keys, **params)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d

@@ -1,0 +1,264 @@
+"""Quality control for chest CT volumes: reject with a reason instead of producing garbage.
+
+Two stages: :func:`check_input` looks at headers only (cheap, before the voxels are read: not an
+image, too large, DICOM series with a gap, gantry tilt, several series in one folder), and
+:class:`CTQualityCheckd` looks at the loaded (and HU-rescaled) volume: 3-D, enough slices, finite
+voxels, plausible HU, orthogonal axis-aligned direction, sane spacing, size limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from .hu import _plausible, _sample, hu_evidence
+
+__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "check_input", "check_dicom_series",
+           "is_dicom_file", "NIFTI_SUFFIXES"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class QualityCheckError(ValueError):
+    """A volume failed quality control; the message names the file and the reason."""
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """DICOM Part-10 preamble check (``DICM`` at byte 128), or a ``.dcm`` suffix."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _direction_problem(affine: np.ndarray, max_obliquity_deg: float) -> str:
+    """Why a voxel-to-world affine is not usable (non-orthogonal or oblique axes), or ''."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if np.any(norms <= 0) or not np.all(np.isfinite(m)):
+        return "degenerate voxel axes in the affine"
+    d = m / norms
+    gram = d.T @ d
+    off = np.abs(gram - np.eye(3)).max()
+    if off > 1e-3:
+        angle = float(np.degrees(np.arcsin(min(off, 1.0))))
+        return f"non-orthogonal voxel axes (sheared by {angle:.2f} deg, e.g. gantry tilt)"
+    worst = float(np.degrees(np.arccos(np.clip(np.abs(d).max(axis=0), -1, 1))).max())
+    if worst > max_obliquity_deg:
+        return f"oblique direction ({worst:.2f} deg from the nearest patient axis, limit {max_obliquity_deg})"
+    return ""
+
+
+def check_dicom_series(
+    folder: str | os.PathLike,
+    spacing_tolerance: float = 0.01,
+    max_voxels: int | None = None,
+) -> dict[str, Any]:
+    """Header-level checks of a DICOM series folder (one file per slice).
+
+    Args:
+        folder: the series folder.
+        spacing_tolerance: relative deviation allowed between consecutive slice gaps. ITK silently
+            averages a gap into one spacing (MONAI_NOTES.md), so a gap must be caught here.
+        max_voxels: reject series with more voxels than this.
+
+    Returns:
+        ``{"n_slices", "slice_spacing", "rows", "columns", "slope", "intercept", "padding_value",
+        "pixel_representation", "modality"}``.
+
+    Raises:
+        QualityCheckError: naming the folder and the reason.
+    """
+    import pydicom
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise QualityCheckError(f"{folder}: empty DICOM folder")
+    headers = []
+    for p in files:
+        try:
+            headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+        except Exception as e:  # pydicom raises several types for non-DICOM input
+            raise QualityCheckError(f"{p}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    series = {str(getattr(h, "SeriesInstanceUID", "")) for h in headers}
+    if len(series) > 1:
+        raise QualityCheckError(f"{folder}: {len(series)} series in one folder")
+    modality = str(getattr(headers[0], "Modality", "CT"))
+    if modality not in ("CT", ""):
+        raise QualityCheckError(f"{folder}: modality {modality!r}, not CT")
+    try:
+        iops = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+        ipps = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except (AttributeError, TypeError, ValueError) as e:
+        raise QualityCheckError(f"{folder}: missing or bad ImageOrientationPatient/ImagePositionPatient ({e})") from None
+    if np.abs(iops - iops[0]).max() > 1e-4:
+        raise QualityCheckError(f"{folder}: ImageOrientationPatient differs between slices")
+    row, col = iops[0, :3], iops[0, 3:]
+    if abs(np.dot(row, col)) > 1e-3:
+        raise QualityCheckError(f"{folder}: non-orthogonal ImageOrientationPatient {iops[0].tolist()}")
+    tilt = float(getattr(headers[0], "GantryDetectorTilt", 0) or 0)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    pos = ipps @ normal
+    order = np.argsort(pos)
+    pos, ipps = pos[order], ipps[order]
+    if len(files) > 1:
+        gaps = np.diff(pos)
+        if np.any(gaps < 1e-3):
+            raise QualityCheckError(f"{folder}: two slices at the same position")
+        # Slices must advance along the normal; an in-plane drift is a gantry tilt (sheared volume).
+        drift = (ipps[-1] - ipps[0]) - (pos[-1] - pos[0]) * normal
+        if np.linalg.norm(drift) > 0.01 * len(files) or abs(tilt) > 0.01:
+            angle = np.degrees(np.arctan2(np.linalg.norm(drift), pos[-1] - pos[0]))
+            raise QualityCheckError(f"{folder}: gantry tilt / slices not along the normal ({angle:.2f} deg)")
+        med = float(np.median(gaps))
+        bad = np.abs(gaps - med) > spacing_tolerance * med + 1e-3
+        if bad.any():
+            i = int(np.argmax(np.abs(gaps - med)))
+            raise QualityCheckError(
+                f"{folder}: non-uniform slice spacing (gap of {gaps[i]:.3f} mm between slices {i} and {i + 1}, "
+                f"median {med:.3f} mm; {int(bad.sum())} irregular gaps)"
+            )
+    else:
+        med = float(getattr(headers[0], "SliceThickness", 0) or 0)
+    rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    if max_voxels is not None and rows * cols * len(files) > max_voxels:
+        raise QualityCheckError(f"{folder}: {rows}x{cols}x{len(files)} voxels exceeds the limit {max_voxels}")
+    pad = getattr(headers[0], "PixelPaddingValue", None)
+    return {
+        "n_slices": len(files),
+        "slice_spacing": med,
+        "rows": rows,
+        "columns": cols,
+        "slope": float(getattr(headers[0], "RescaleSlope", 1) or 1),
+        "intercept": float(getattr(headers[0], "RescaleIntercept", 0) or 0),
+        "padding_value": None if pad is None else int(pad),
+        "pixel_representation": int(getattr(headers[0], "PixelRepresentation", 0)),
+        "modality": modality,
+    }
+
+
+def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_tolerance: float = 0.01) -> dict:
+    """Header-only checks before the voxels are read.
+
+    Args:
+        path: a NIfTI file or a DICOM series folder.
+        max_voxels: reject inputs with more voxels than this (before reading them).
+        spacing_tolerance: see :func:`check_dicom_series`.
+
+    Returns:
+        ``{"kind": "nifti" | "dicom", ...}`` with header facts (shape, DICOM rescale, padding value).
+
+    Raises:
+        QualityCheckError: not an image, unreadable header, too large, DICOM series problems.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return {"kind": "dicom", **check_dicom_series(path, spacing_tolerance, max_voxels)}
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise QualityCheckError(f"{path}: not a recognised image file (expected .nii, .nii.gz or a DICOM folder)")
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as e:
+        raise QualityCheckError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if max_voxels is not None and int(np.prod(shape)) > max_voxels:
+        raise QualityCheckError(f"{path}: {'x'.join(map(str, shape))} voxels exceeds the limit {max_voxels}")
+    hdr = img.header
+    return {
+        "kind": "nifti",
+        "shape": shape,
+        "sform_code": int(hdr["sform_code"]),
+        "qform_code": int(hdr["qform_code"]),
+    }
+
+
+class CTQualityCheck(Transform):
+    """Check a loaded channel-first volume; return it unchanged or raise :class:`QualityCheckError`.
+
+    Args:
+        min_slices: fewest voxels along every spatial axis (a 2-D image stored as one slice fails).
+        spacing_range_mm: allowed voxel spacing (min, max) in mm on every axis.
+        max_voxels: largest number of spatial voxels.
+        max_obliquity_deg: largest angle between a voxel axis and the nearest patient axis; the
+            output is axis-aligned RAS, so an oblique volume would need a rotation we don't do.
+        check_hu: require a chest-CT-like HU histogram (catches MR-like intensities).
+    """
+
+    def __init__(
+        self,
+        min_slices: int = 8,
+        spacing_range_mm: tuple[float, float] = (0.05, 15.0),
+        max_voxels: int = 1024 * 1024 * 2048,
+        max_obliquity_deg: float = 1.0,
+        check_hu: bool = True,
+    ) -> None:
+        self.min_slices = min_slices
+        self.spacing_range_mm = tuple(spacing_range_mm)
+        self.max_voxels = max_voxels
+        self.max_obliquity_deg = max_obliquity_deg
+        self.check_hu = check_hu
+
+    def __call__(self, img: torch.Tensor, name: str = "volume") -> torch.Tensor:  # type: ignore[override]
+        spatial = tuple(img.shape[1:])
+        if len(spatial) != 3:
+            raise QualityCheckError(f"{name}: not a 3-D volume (spatial shape {spatial})")
+        if min(spatial) < self.min_slices:
+            raise QualityCheckError(f"{name}: too few slices (shape {spatial}, need >= {self.min_slices} per axis)")
+        if int(np.prod(spatial)) > self.max_voxels:
+            raise QualityCheckError(f"{name}: {int(np.prod(spatial))} voxels exceeds the limit {self.max_voxels}")
+        t = img.as_tensor() if isinstance(img, MetaTensor) else img
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise QualityCheckError(f"{name}: {n_bad} non-finite voxels (NaN/inf)")
+        if isinstance(img, MetaTensor):
+            affine = np.asarray(img.affine, dtype=np.float64)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            lo, hi = self.spacing_range_mm
+            if np.any(spacing < lo) or np.any(spacing > hi) or not np.all(np.isfinite(spacing)):
+                raise QualityCheckError(f"{name}: absurd voxel spacing {np.round(spacing, 4).tolist()} mm")
+            why = _direction_problem(affine, self.max_obliquity_deg)
+            if why:
+                raise QualityCheckError(f"{name}: {why}")
+        if self.check_hu:
+            ok, why = _plausible(hu_evidence(_sample(t)))
+            if not ok:
+                raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
+        return img
+
+
+class CTQualityCheckd(MapTransform):
+    """Dictionary form of :class:`CTQualityCheck`.
+
+    Args:
+        keys: image keys (channel-first, after HU rescale when ``check_hu``).
+        name_key: entry that names the volume in the error message.
+        kwargs: see :class:`CTQualityCheck`.
+    """
+
+    def __init__(self, keys: KeysCollection, name_key: str = "name", allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.checker = CTQualityCheck(**kwargs)
+        self.name_key = name_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.checker(d[key], name=str(d.get(self.name_key, key)))
+        return d

@@ -1,0 +1,541 @@
+"""The preprocessing stage: a cohort (CT-RATE layout or a folder of NIfTI files and DICOM series) to
+int16 HU RAS volumes, ``datalist.json``, ``qc.csv`` and ``manifest.json``.
+
+Run by an Ignite engine over a DataLoader (workers do the heavy lifting and write their outputs);
+sharded by global rank under ``torchrun`` (rank ``r`` of ``w`` takes every ``w``-th volume of the
+sorted list); resumable (a finished volume has a record whose parameters hash and output checksum
+are verified before it is skipped); atomic (temp file + ``os.replace``); bad inputs become qc rows,
+or stop the run at the first one in strict mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import ITKReader, MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+from transforms.ctrate import (
+    NOT_GIVEN,
+    _sha256,
+    build_datalist,
+    find_ctrate_tables,
+    is_safe_name,
+    patient_id,
+    read_labels_csv,
+    read_metadata_csv,
+    read_reports_csv,
+    split_patients,
+    volume_stem,
+    write_json_atomic,
+)
+from transforms.hu import RescaleToHUd
+from transforms.io import CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
+from transforms.qc import NIFTI_SUFFIXES, CTQualityCheckd, QualityCheckError, check_input, is_dicom_file
+
+__all__ = ["discover_inputs", "build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
+
+PIPELINE_VERSION = "1"
+logger = logging.getLogger("ct_preprocess")
+
+QC_COLUMNS = (
+    "name", "input", "status", "reason", "hu_decision", "hu_slope", "hu_intercept",
+    "air_lung_fraction", "soft_tissue_fraction", "input_shape", "input_spacing_mm", "input_orientation",
+    "output", "warning",
+)
+_IGNORED_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yml", ".yaml", ".log")
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Find volumes and tables in a cohort folder and join them by volume name.
+
+    Volumes: ``.nii``/``.nii.gz`` files and folders holding DICOM files (one series per folder),
+    under ``volumes/`` (our layout), ``dataset/`` (CT-RATE) or the folder itself. Tables: see
+    :func:`transforms.ctrate.find_ctrate_tables`.
+
+    Args:
+        input_dir: the cohort folder.
+        patient_pattern: regex whose first group is the patient id (default CT-RATE naming);
+            a ``PatientID`` metadata column wins when present.
+
+    Returns:
+        ``(items, rejected)``: items to process (``name``, ``path``, ``input``, ``patient``,
+        metadata/report/label fields) sorted by name, and qc rows for inputs rejected before
+        reading (unsafe or duplicate names, files that are not images, table rows without volume).
+    """
+    root = Path(input_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"input_dir is not a folder: {root}")
+    search = [root / "volumes"] if (root / "volumes").is_dir() else (
+        [root / "dataset"] if (root / "dataset").is_dir() else [root])
+    skip_dirs = {"ground_truth", "metadata", "radiology_text_reports", "multi_abnormality_labels"}
+    found: list[tuple[str, Path]] = []
+    rejected: list[dict] = []
+    for base in search:
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
+            here = Path(dirpath)
+            files = sorted(f for f in filenames if not f.startswith("."))
+            dicoms = [f for f in files if not f.lower().endswith(NIFTI_SUFFIXES) and is_dicom_file(here / f)]
+            if dicoms and here != base:
+                found.append((here.name, here))
+                files = [f for f in files if f not in dicoms]
+            for f in files:
+                p = here / f
+                if f.lower().endswith(NIFTI_SUFFIXES):
+                    found.append((volume_stem(f), p))
+                elif not f.lower().endswith(_IGNORED_SUFFIXES) or base != root:
+                    if f.lower().endswith(_IGNORED_SUFFIXES) and here == root:
+                        continue
+                    rejected.append({"name": volume_stem(f), "input": _rel(p, root), "status": "rejected",
+                                     "reason": f"{_rel(p, root)}: not a recognised image file"})
+    by_name: dict[str, list[Path]] = {}
+    for name, p in found:
+        by_name.setdefault(name, []).append(p)
+
+    tables = find_ctrate_tables(root)
+    meta, reports, labels = {}, {}, {}
+    table_issues: dict[str, list[str]] = {}
+    for kind, reader, target in (("metadata", read_metadata_csv, meta), ("reports", read_reports_csv, reports),
+                                 ("labels", read_labels_csv, labels)):
+        for path in tables[kind]:
+            rows, issues = reader(path)
+            for name, why in issues:
+                table_issues.setdefault(name, []).append(why)
+            target.update(rows)
+
+    items: list[dict] = []
+    for name in sorted(by_name):
+        paths = sorted(by_name[name])
+        if not is_safe_name(name):
+            for p in paths:
+                rejected.append({"name": name, "input": _rel(p, root), "status": "rejected",
+                                 "reason": f"unsafe volume name {name!r}"})
+            continue
+        if len(paths) > 1:
+            where = ", ".join(_rel(p, root) for p in paths)
+            for p in paths:
+                rejected.append({"name": name, "input": _rel(p, root), "status": "rejected",
+                                 "reason": f"duplicate volume name {name!r} ({where})"})
+            continue
+        p = paths[0]
+        row = meta.get(name, {})
+        warnings = list(table_issues.get(name, []))
+        report = reports.get(name)
+        if reports and report is None:
+            warnings.append("no report: texts set to 'Not given.'")
+        pid = str(row.get("PatientID") or "").strip() or patient_id(name, patient_pattern)
+        items.append({
+            "name": name,
+            "path": str(p),
+            "input": _rel(p, root),
+            "patient": pid,
+            "rescale_slope": row.get("RescaleSlope"),
+            "rescale_intercept": row.get("RescaleIntercept"),
+            "meta_geometry": {k: row.get(k) for k in ("XYSpacing", "ZSpacing", "ImagePositionPatient",
+                                                      "ImageOrientationPatient") if row.get(k) is not None},
+            "findings": report["Findings_EN"] if report else NOT_GIVEN,
+            "impressions": report["Impressions_EN"] if report else NOT_GIVEN,
+            "label": labels.get(name),
+            "warning": "; ".join(warnings),
+        })
+    on_disk = set(by_name)
+    orphans = sorted((set(meta) | set(reports) | set(labels) | set(table_issues)) - on_disk)
+    for name in orphans:
+        whys = list(table_issues.get(name, []))
+        kinds = [k for k, t in (("metadata", meta), ("report", reports), ("labels", labels)) if name in t]
+        if kinds:
+            whys.append(f"{'/'.join(kinds)} without a volume")
+        rejected.append({"name": name, "input": "", "status": "rejected", "reason": "; ".join(whys)})
+    return items, rejected
+
+
+def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray | None:
+    """RAS affine from a CT-RATE metadata row (voxel i along the IOP row direction, j along the
+    column direction, k along their cross product), for NIfTI files written without orientation."""
+    try:
+        xy = [float(v) for v in geom["XYSpacing"]]
+        z = float(geom["ZSpacing"])
+        iop = np.asarray(geom["ImageOrientationPatient"], dtype=np.float64)
+        ipp = np.asarray(geom["ImagePositionPatient"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * xy[1 % len(xy)], col * xy[0], normal * z
+    lps[:3, 3] = ipp
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def build_preprocessing(
+    spacing_mm: Sequence[float],
+    spatial_size: Sequence[int],
+    pad_hu: float = -1000.0,
+    hu_source: str = "auto",
+    qc: Mapping[str, Any] | None = None,
+    resampler: str = "separable",
+) -> tuple[Compose, Compose]:
+    """The MONAI transform chains (before and after the geometry fix-up point).
+
+    Returns:
+        ``(load, process)``: ``load`` reads the volume (ITK, NIfTI or DICOM folder) channel-first;
+        ``process`` maps to HU, checks quality, reorients to RAS, resamples to ``spacing_mm``
+        (trilinear), crops/pads to ``spatial_size`` with ``pad_hu`` and stores int16.
+    """
+    qc = dict(qc or {})
+    load = Compose([
+        LoadImaged(keys="image", reader=ITKReader(), image_only=True, dtype=None),
+        EnsureChannelFirstd(keys="image"),
+    ])
+    if resampler == "monai":
+        resample = Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border")
+    else:
+        resample = ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16")
+    process = Compose([
+        RescaleToHUd(keys="image", source=hu_source),
+        CTQualityCheckd(keys="image", **qc),
+        Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        resample,
+        ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
+        CastToHUInt16d(keys="image"),
+    ])
+    return load, process
+
+
+def _compact_hu(prov: Mapping[str, Any]) -> dict[str, Any]:
+    ev = prov["evidence"].get(prov["decision"], {})
+    return {
+        "source": prov["source"], "decision": prov["decision"], "slope": prov["slope"],
+        "intercept": prov["intercept"], "floored_fraction": round(float(prov["floored_fraction"]), 6),
+        "evidence": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                     for k, v in prov["evidence"].items()},
+        "air_lung_fraction": round(float(ev.get("air_lung", float("nan"))), 4),
+        "soft_tissue_fraction": round(float(ev.get("soft_tissue", float("nan"))), 4),
+    }
+
+
+class _VolumeDataset(torch.utils.data.Dataset):
+    """Processes one volume per item (in the DataLoader worker) and returns its record."""
+
+    def __init__(self, items: Sequence[dict], runner: CTPreprocessor) -> None:
+        self.items, self.runner = list(items), runner
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.runner.process_item(self.items[i])
+
+
+class CTPreprocessor:
+    """Preprocess a cohort folder into ``output_dir`` (see module docstring).
+
+    Args:
+        input_dir: cohort in CT-RATE layout (tables + volumes) or a folder of NIfTI/DICOM inputs.
+        output_dir: where ``volumes/``, ``datalist.json``, ``qc.csv``, ``manifest.json`` go.
+        model_config: model config name/path/dict; its ``input`` section gives spacing, size, pad.
+        spacing_mm, spatial_size, pad_hu: explicit overrides of the model config.
+        hu_source: ``"auto"``, ``"header"`` or ``"metadata"`` (see ``RescaleToHUd``).
+        qc: keyword arguments of ``CTQualityCheckd`` (``min_slices``, ``max_voxels`` ...).
+        split_fractions: training/validation/test fractions, by patient.
+        seed: split seed.
+        patient_pattern: regex for the patient id in a volume name.
+        num_workers: DataLoader workers per process.
+        strict: stop at the first bad input instead of recording it.
+        resume: skip volumes whose verified outputs already exist.
+        progress: show a progress bar (rank 0).
+        resampler: ``"separable"`` (fast, same grid as Spacingd) or ``"monai"`` (Spacingd).
+    """
+
+    def __init__(
+        self,
+        input_dir: str,
+        output_dir: str,
+        model_config: str | Mapping = "ctclip_v2",
+        spacing_mm: Sequence[float] | None = None,
+        spatial_size: Sequence[int] | None = None,
+        pad_hu: float | None = None,
+        hu_source: str = "auto",
+        qc: Mapping[str, Any] | None = None,
+        split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        patient_pattern: str | None = None,
+        num_workers: int = 0,
+        strict: bool = False,
+        resume: bool = True,
+        progress: bool = True,
+        resampler: str = "separable",
+    ) -> None:
+        from custom_nets import load_model_config
+
+        cfg = load_model_config(model_config)
+        inp = cfg["input"]
+        self.input_dir = Path(input_dir).resolve()
+        self.output_dir = Path(output_dir).resolve()
+        self.params = {
+            "model_config": cfg.get("name", str(model_config)),
+            "spacing_mm": [float(v) for v in (spacing_mm if spacing_mm is not None else inp["spacing_mm"])],
+            "spatial_size": [int(v) for v in (spatial_size if spatial_size is not None else inp["spatial_size"])],
+            "pad_hu": float(pad_hu if pad_hu is not None else inp.get("pad_hu", -1000)),
+            "hu_source": hu_source,
+            "qc": dict(qc or {}),
+            "resampler": resampler,
+            "axes": "RAS",
+            "dtype": "int16",
+            "pipeline_version": PIPELINE_VERSION,
+        }
+        self.split = {"fractions": [float(f) for f in split_fractions], "seed": int(seed),
+                      "patient_pattern": patient_pattern}
+        self.params_hash = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
+        self.num_workers = int(num_workers)
+        self.strict = bool(strict)
+        self.resume = bool(resume)
+        self.progress = bool(progress)
+        self._chains = None
+
+    # -- one volume ----------------------------------------------------------------------------
+    @property
+    def chains(self):
+        if self._chains is None:
+            p = self.params
+            self._chains = build_preprocessing(p["spacing_mm"], p["spatial_size"], p["pad_hu"], p["hu_source"],
+                                               p["qc"], p["resampler"])
+        return self._chains
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        vol_dir, rec_dir = self.output_dir / "volumes", self.output_dir / "records"
+        vol, rec = (vol_dir / f"{name}.nii.gz").resolve(), (rec_dir / f"{name}.json").resolve()
+        # Defence in depth: names are checked at discovery, but nothing may land outside OUT.
+        if vol.parent != vol_dir.resolve() or rec.parent != rec_dir.resolve():
+            raise QualityCheckError(f"{name!r}: output path escapes the output folder")
+        return vol, rec
+
+    def _finished(self, item: dict) -> dict | None:
+        vol, rec = self._paths(item["name"])
+        if not (self.resume and rec.is_file() and vol.is_file()):
+            return None
+        try:
+            record = json.loads(rec.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if (record.get("status") != "ok" or record.get("params_hash") != self.params_hash
+                or record.get("input") != item["input"] or record.get("sha256") != _sha256(vol)):
+            return None
+        return record
+
+    def process_item(self, item: dict) -> dict:
+        """Preprocess one volume and write its outputs; never raises for bad input (status in record)."""
+        record = self._finished(item)
+        if record is not None:
+            record["_resumed"] = True
+            return record
+        record = {"name": item["name"], "input": item["input"], "params_hash": self.params_hash,
+                  "warning": item.get("warning", "")}
+        try:
+            vol, rec = self._paths(item["name"])
+            header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"))
+            load, process = self.chains
+            data = load({"image": item["path"], "name": item["name"],
+                         "rescale_slope": item.get("rescale_slope"),
+                         "rescale_intercept": item.get("rescale_intercept")})
+            img = data["image"]
+            if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
+                affine = _geometry_from_metadata(item.get("meta_geometry") or {}, img.shape[1:])
+                if affine is None:
+                    raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
+                                            "(sform_code and qform_code 0) and no metadata row to restore it")
+                img.affine = torch.as_tensor(affine)
+                record["warning"] = "; ".join(filter(None, [record["warning"], "geometry restored from metadata"]))
+            record["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:])
+            if isinstance(img, MetaTensor) and img.ndim == 4:
+                from monai.data.utils import affine_to_spacing
+                from nibabel.orientations import aff2axcodes
+
+                aff = np.asarray(img.affine, dtype=np.float64)
+                record["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3))
+                record["input_orientation"] = "".join(aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+            data = process(data)
+            out = data["image"]
+            record["hu"] = _compact_hu(data["hu_provenance"])
+            vol.parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_atomic(out, np.asarray(out.affine, dtype=np.float64), vol)
+            record.update(status="ok", reason="", output=f"volumes/{vol.name}",
+                          output_shape=list(int(s) for s in out.shape[1:]), sha256=_sha256(vol))
+        except Exception as e:  # noqa: BLE001 - any failure of one input is a qc row, not a crash
+            while isinstance(e, RuntimeError) and e.__cause__ is not None:  # unwrap MONAI's wrapping
+                e = e.__cause__
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if item["input"] not in reason and item["name"] not in reason:
+                reason = f"{item['input']}: {reason}"
+            record.update(status="rejected", reason=reason, output="")
+            if self.strict:
+                raise QualityCheckError(reason) from e
+        rec_path = self._paths(item["name"])[1]
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, rec_path)
+        return record
+
+    # -- the run -------------------------------------------------------------------------------
+    @staticmethod
+    def _dist() -> tuple[int, int]:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
+        return rank, world
+
+    def run(self) -> dict[str, Any]:
+        """Process this rank's share, then (rank 0) write ``qc.csv``, ``datalist.json``, ``manifest.json``.
+
+        Returns:
+            A summary: ``{"rank", "world_size", "processed", "resumed", "ok", "rejected"}`` (this rank).
+        """
+        from ignite.engine import Engine, Events
+
+        items, rejected = discover_inputs(self.input_dir, self.split["patient_pattern"])
+        if self.strict and rejected:
+            raise QualityCheckError(rejected[0]["reason"])
+        rank, world = self._dist()
+        mine = items[rank::world]
+        for sub in ("volumes", "records"):
+            (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        loader = torch.utils.data.DataLoader(
+            _VolumeDataset(mine, self), batch_size=1, num_workers=self.num_workers, collate_fn=lambda b: b[0],
+            shuffle=False,
+        )
+        summary = {"rank": rank, "world_size": world, "processed": [], "resumed": 0, "ok": 0, "rejected": 0}
+
+        def step(engine, record):
+            summary["processed"].append(record["name"])
+            summary["resumed"] += int(bool(record.get("_resumed")))
+            summary["ok" if record["status"] == "ok" else "rejected"] += 1
+            if record["status"] != "ok":
+                logger.warning("rejected %s", record["reason"])
+            return record
+
+        engine = Engine(step)
+        if self.progress and rank == 0 and mine:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=True, desc=f"preprocess rank {rank}/{world}").attach(engine)
+        if mine:
+            engine.run(loader, max_epochs=1)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if rank == 0:
+            self.finalize(items, rejected)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return summary
+
+    def finalize(self, items: Sequence[dict], rejected: Sequence[dict]) -> None:
+        """Merge the per-volume records into ``qc.csv``, ``datalist.json`` and ``manifest.json``."""
+        rows, records = [], []
+        for item in items:
+            rec_path = self._paths(item["name"])[1]
+            try:
+                record = json.loads(rec_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                record = {"name": item["name"], "input": item["input"], "status": "rejected",
+                          "reason": f"{item['input']}: not processed (no record; did a rank fail?)"}
+            record.pop("_resumed", None)
+            records.append((item, record))
+        for row in rejected:
+            rows.append({k: row.get(k, "") for k in QC_COLUMNS})
+        for item, r in records:
+            hu = r.get("hu", {})
+            rows.append({
+                "name": r["name"], "input": r["input"], "status": r["status"], "reason": r.get("reason", ""),
+                "hu_decision": hu.get("decision", ""), "hu_slope": hu.get("slope", ""),
+                "hu_intercept": hu.get("intercept", ""), "air_lung_fraction": hu.get("air_lung_fraction", ""),
+                "soft_tissue_fraction": hu.get("soft_tissue_fraction", ""),
+                "input_shape": r.get("input_shape", ""), "input_spacing_mm": r.get("input_spacing_mm", ""),
+                "input_orientation": r.get("input_orientation", ""), "output": r.get("output", ""),
+                "warning": r.get("warning", ""),
+            })
+        rows.sort(key=lambda r: (r["name"], r["input"]))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=QC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        tmp = self.output_dir / f".qc.csv.{os.getpid()}.tmp"
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, self.output_dir / "qc.csv")
+
+        # Split over every discovered patient, so a fixed input later does not reshuffle the others.
+        split_of = split_patients([it["patient"] for it in items], self.split["fractions"], self.split["seed"])
+        ok = [dict(item, image=r["output"]) for item, r in records if r["status"] == "ok"]
+        datalist = build_datalist(ok, split_of)
+        write_json_atomic(datalist, self.output_dir / "datalist.json")
+        write_json_atomic(self.manifest(records, rejected, datalist), self.output_dir / "manifest.json")
+        for stale in (self.output_dir / "volumes").glob(".*.tmp*"):  # leftovers of killed runs
+            stale.unlink(missing_ok=True)
+
+    def manifest(self, records, rejected, datalist) -> dict[str, Any]:
+        """Parameters, versions, counts and per-volume decisions (no timestamps: reruns compare equal)."""
+        import importlib.metadata as md
+
+        def version(pkg):
+            try:
+                return md.version(pkg)
+            except md.PackageNotFoundError:
+                return None
+
+        return {
+            "stage": "ct_preprocess",
+            "input_dir": str(self.input_dir),
+            "parameters": self.params,
+            "params_hash": self.params_hash,
+            "split": self.split,
+            "versions": {"python": platform.python_version(), **{p: version(p) for p in (
+                "ctclip-monai", "monai", "torch", "pytorch-ignite", "itk", "nibabel", "pydicom", "numpy")}},
+            "counts": {
+                "inputs": len(records) + len(rejected),
+                "ok": sum(r["status"] == "ok" for _, r in records),
+                "rejected": sum(r["status"] != "ok" for _, r in records) + len(rejected),
+                **{k: len(v) for k, v in datalist.items()},
+            },
+            "volumes": {r["name"]: {"input": r["input"], "status": r["status"], "reason": r.get("reason", ""),
+                                    "hu": r.get("hu"), "output_shape": r.get("output_shape"),
+                                    "sha256": r.get("sha256")} for _, r in records},
+        }
+
+
+def main(**kwargs) -> dict[str, Any]:
+    """Command line: ``python -m workflows.preprocess --input_dir IN --output_dir OUT [...]``."""
+    return CTPreprocessor(**kwargs).run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import fire
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    fire.Fire(main)
