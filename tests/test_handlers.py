@@ -163,3 +163,41 @@ def test_names_from_batch_forms():
     assert names_from_batch([{"name": "a"}, {"name": "b"}]) == ["a", "b"]
     assert names_from_batch({"name": ["a", "b"]}) == ["a", "b"]
     assert names_from_batch([{"image": 1}]) is None and names_from_batch(None) is None
+
+
+class TinyDualEncoder(torch.nn.Module):
+    """Image and 'report' latents that agree up to noise, so retrieval is far above chance."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(N_FEATURES, 8, bias=False)
+
+    def forward(self, x):
+        z = self.proj(x)
+        noise = 0.05 * torch.sin(torch.arange(z.numel(), dtype=z.dtype)).reshape(z.shape)
+        return {"image_latents": z, "text_latents": z + noise}
+
+
+def test_retrieval_handler_writes_json_latents_and_map(tmp_path):
+    from workflows.handlers import RetrievalEvaluationHandler
+    from workflows.retrieval import retrieval_metrics
+
+    data = _datalist()
+    handler = RetrievalEvaluationHandler(tmp_path, ks=(1, 5), map_ks=(5,))
+    evaluator = _evaluator(TinyDualEncoder().eval(), data, [handler, MetricsPerEpochWriter(tmp_path)])
+    evaluator.run()
+    res = json.loads((tmp_path / "retrieval.json").read_text())
+    with torch.no_grad():
+        out = TinyDualEncoder().eval()(torch.stack([d["image"] for d in data]))
+    labels = torch.stack([d["label"] for d in data]).numpy()
+    ref = retrieval_metrics(out["image_latents"].numpy(), out["text_latents"].numpy(), labels=labels, ks=(1, 5), map_ks=(5,))
+    assert res["report_to_volume"]["recall@1"] == pytest.approx(ref["report_to_volume"]["recall@1"])
+    assert res["report_to_volume"]["recall@1"] > res["report_to_volume"]["random_recall@1"] * 5
+    assert res["volume_to_volume"]["map@5"] == pytest.approx(ref["volume_to_volume"]["map@5"])
+    assert evaluator.state.metrics["report_to_volume_recall@5"] == pytest.approx(ref["report_to_volume"]["recall@5"])
+    npz = np.load(tmp_path / "latents.npz")
+    assert list(npz["names"]) == [d["name"] for d in data] and npz["image_latents"].shape == (N_CASES, 8)
+    assert (tmp_path / "latent_map.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "metrics_per_epoch.json").read_text())
+    assert rows[0]["report_to_volume_recall@1"] == pytest.approx(res["report_to_volume"]["recall@1"])

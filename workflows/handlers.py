@@ -3,6 +3,9 @@
 - :class:`ClassificationEvaluationHandler` collects the probabilities, labels and volume names of a
   MONAI ``SupervisedEvaluator`` run (all DDP ranks), computes :func:`~workflows.metrics.evaluate_classification`
   and writes ``predictions.csv``, ``metrics.json``, ``per_class.csv``/``.md`` and ``roc_curves.png``.
+- :class:`RetrievalEvaluationHandler` collects image and text latents (one report per volume) and
+  writes ``retrieval.json`` (recall@k with random baseline, MRR, nDCG, mAP@k, alignment/uniformity),
+  ``latents.npz`` and a 2-D map of the image latents.
 - :class:`MetricsPerEpochWriter` appends the evaluator's scalar metrics after every validation to
   ``metrics_per_epoch.json`` and ``.csv`` (the data of a pretraining run's AUROC curve).
 
@@ -33,7 +36,14 @@ from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from .metrics import evaluate_classification, to_jsonable
 from .writers import read_predictions_csv, write_csv_rows, write_json, write_per_class_tables, write_predictions_csv
 
-__all__ = ["ClassificationEvaluationHandler", "MetricsPerEpochWriter", "names_from_batch"]
+__all__ = [
+    "ClassificationEvaluationHandler",
+    "RetrievalEvaluationHandler",
+    "MetricsPerEpochWriter",
+    "names_from_batch",
+    "labels_from_batch",
+    "latents_from_pred",
+]
 
 
 def names_from_batch(batch: Any, key: str = "name") -> list[str] | None:
@@ -57,6 +67,45 @@ def names_from_batch(batch: Any, key: str = "name") -> list[str] | None:
             return None
         return [str(b[key]) for b in batch]
     return None
+
+
+def labels_from_batch(batch: Any, key: str = "label") -> list[Any] | None:
+    """Per-sample label vectors of a (decollated or collated) batch, or None when absent.
+
+    Args:
+        batch: ``engine.state.batch``.
+        key: the datalist key of the 18-label vector.
+
+    Returns:
+        One label vector per sample, or None.
+    """
+    if isinstance(batch, dict):
+        return None if batch.get(key) is None else _rows(batch[key])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
+        if any(b.get(key) is None for b in batch):
+            return None
+        return [b[key] for b in batch]
+    return None
+
+
+def latents_from_pred(image_key: str = "image_latents", text_key: str = "text_latents") -> Callable:
+    """An ``output_transform`` for a network whose output (``pred``) is a dict of latents.
+
+    Args:
+        image_key: key of the ``(D,)`` (per sample) image latent in ``pred``.
+        text_key: key of the report latent.
+
+    Returns:
+        ``engine.state.output -> (image_latents, text_latents)``, each a list of tensors or a batch tensor.
+    """
+
+    def _transform(output: Any) -> tuple[Any, Any]:
+        if isinstance(output, dict):
+            pred = output["pred"]
+            return pred[image_key], pred[text_key]
+        return [o["pred"][image_key] for o in output], [o["pred"][text_key] for o in output]
+
+    return _transform
 
 
 def _rows(x: Any) -> list[torch.Tensor]:
@@ -290,6 +339,156 @@ class ClassificationEvaluationHandler:
             except ImportError as e:
                 self.logger.warning(f"ROC plot skipped ({e})")
         self.logger.info(f"macro AUROC {results['auroc']['macro']} on {len(probs)} volumes; results in {out}")
+
+
+def _gather_rows(rows: list[torch.Tensor], width: int | None) -> torch.Tensor:
+    """Stack per-sample vectors and concatenate them over DDP ranks (rank order)."""
+    local = torch.stack(rows) if rows else torch.zeros((0, width or 0))
+    if _world()[0] > 1:
+        local = evenly_divisible_all_gather(local, concat=True)
+    return local
+
+
+class RetrievalEvaluationHandler:
+    """Cross-modal retrieval of an evaluator run from image and report latents (one report per volume).
+
+    Collects ``(image_latents, text_latents)`` per sample (``output_transform``), the label vectors
+    (``label_transform``, optional, for volume→volume mAP@k) and the names; at ``event`` gathers them
+    over ranks, computes :func:`~workflows.retrieval.retrieval_metrics`, stores scalars such as
+    ``engine.state.metrics["report_to_volume_recall@5"]`` and the full dict on
+    ``engine.state.<state_key>``, and on rank ``save_rank`` writes ``retrieval.json``, optionally
+    ``latents.npz`` (names, image and text latents) and ``latent_map.png`` (coloured by the number of
+    findings).
+
+    Args:
+        output_dir: folder of the files.
+        output_transform: ``engine.state.output -> (image_latents, text_latents)``; default
+            :func:`latents_from_pred` (``pred`` is a dict with ``image_latents``/``text_latents``).
+        label_transform: ``engine.state.batch -> label vectors or None`` (default the ``"label"`` entry).
+        batch_transform: ``engine.state.batch -> names or None``.
+        ks: recall@k cut-offs.
+        map_ks: volume→volume mAP@k cut-offs.
+        relevance: ``"exact"`` or ``"overlap"`` (see :func:`~workflows.retrieval.label_relevance`).
+        save_latents: write ``latents.npz``.
+        write_plots: write ``latent_map.png``.
+        map_method: projection of the map (``"pca"`` by default: cheap enough for every validation
+            epoch; ``"auto"``/``"tsne"`` use scikit-learn's t-SNE when installed).
+        save_rank: the rank that writes files.
+        state_key: attribute of ``engine.state`` that receives the result dict.
+        event: event name at which to evaluate.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        output_transform: Callable = latents_from_pred(),
+        label_transform: Callable = labels_from_batch,
+        batch_transform: Callable = names_from_batch,
+        ks: Sequence[int] = (1, 5, 10, 50, 100),
+        map_ks: Sequence[int] = (1, 5, 10, 50),
+        relevance: str = "exact",
+        save_latents: bool = True,
+        write_plots: bool = True,
+        map_method: str = "pca",
+        save_rank: int = 0,
+        state_key: str = "retrieval_results",
+        event: str = "EPOCH_COMPLETED",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_transform, self.label_transform, self.batch_transform = output_transform, label_transform, batch_transform
+        self.ks, self.map_ks, self.relevance = tuple(ks), tuple(map_ks), relevance
+        self.save_latents, self.write_plots, self.save_rank = save_latents, write_plots, save_rank
+        self.map_method = map_method
+        self.state_key = state_key
+        self.event = Events[event.upper()] if isinstance(event, str) else event
+        self.logger = logging.getLogger(__name__)
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (an evaluator).
+
+        Args:
+            engine: the Ignite engine.
+        """
+        self.logger = engine.logger
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(self.event, self.completed)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Clear the buffers."""
+        self._img: list[torch.Tensor] = []
+        self._txt: list[torch.Tensor] = []
+        self._lab: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._labels_ok = self._names_ok = True
+
+    def __call__(self, engine: Engine) -> None:
+        """Collect one iteration's latents, labels and names."""
+        img, txt = self.output_transform(engine.state.output)
+        img_rows, txt_rows = _rows(img), _rows(txt)
+        if len(img_rows) != len(txt_rows):
+            raise ValueError("one report latent per image latent is required")
+        self._img += [r.float().cpu() for r in img_rows]
+        self._txt += [r.float().cpu() for r in txt_rows]
+        labels = self.label_transform(engine.state.batch)
+        if labels is None or len(labels) != len(img_rows):
+            self._labels_ok = False
+        else:
+            self._lab += [r.float().cpu() for r in _rows(labels)]
+        names = self.batch_transform(engine.state.batch)
+        if names is None or len(names) != len(img_rows):
+            self._names_ok = False
+        else:
+            self._names += list(names)
+
+    def completed(self, engine: Engine) -> None:
+        """Gather, compute, expose and write."""
+        from .retrieval import retrieval_metrics
+
+        ws, rank = _world()
+        width = self._img[0].numel() if self._img else None
+        img = _gather_rows(self._img, width).numpy()
+        txt = _gather_rows(self._txt, width).numpy()
+        labels_ok, names_ok = self._labels_ok, self._names_ok
+        lab = _gather_rows(self._lab, self._lab[0].numel() if self._lab else None) if labels_ok else None
+        names = self._names if names_ok else []
+        if ws > 1:
+            flags = evenly_divisible_all_gather(torch.tensor([int(labels_ok), int(names_ok)]), concat=False)
+            labels_ok = all(int(f[0]) for f in flags)
+            names_ok = all(int(f[1]) for f in flags)
+            names = [n for n in string_list_all_gather(names) if n]
+        y = lab.numpy() if labels_ok and lab is not None and len(lab) == len(img) else None
+        if not names_ok or len(names) != len(img):
+            names = [f"case_{i}" for i in range(len(img))]
+        keep = np.sort(np.unique(np.asarray(names), return_index=True)[1])  # drop sampler padding repeats
+        img, txt, names = img[keep], txt[keep], [names[i] for i in keep]
+        y = y[keep] if y is not None else None
+        results = retrieval_metrics(img, txt, labels=y, ks=self.ks, map_ks=self.map_ks, relevance=self.relevance)
+        results["epoch"] = int(engine.state.epoch)
+        for direction in ("report_to_volume", "volume_to_report"):
+            for key, v in results[direction].items():
+                if key.startswith(("recall@", "mrr", "ndcg")):
+                    engine.state.metrics[f"{direction}_{key}"] = float("nan") if v is None else float(v)
+        setattr(engine.state, self.state_key, results)
+        if rank != self.save_rank:
+            return
+        write_json(self.output_dir / "retrieval.json", results)
+        if self.save_latents:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.output_dir / ".latents.tmp.npz"
+            np.savez(tmp, names=np.asarray(names), image_latents=img, text_latents=txt)
+            os.replace(tmp, self.output_dir / "latents.npz")
+        if self.write_plots and len(img) >= 2:
+            try:
+                from .plots import plot_latent_map
+
+                counts = y.sum(axis=1) if y is not None else np.zeros(len(img))
+                plot_latent_map(img, counts, self.output_dir / "latent_map.png", method=self.map_method)
+            except ImportError as e:
+                self.logger.warning(f"latent map skipped ({e})")
+        r5 = results["report_to_volume"].get("recall@5")
+        self.logger.info(f"report-to-volume recall@5 {r5} on {len(img)} volumes; results in {self.output_dir}")
 
 
 class MetricsPerEpochWriter:
