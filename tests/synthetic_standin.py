@@ -67,3 +67,43 @@ def standin_volume(shape=(40, 36, 24), spacing=(4.0, 4.0, 5.0), seed=0) -> tuple
     hu += rng.normal(0, 15, shape).astype(np.float32)
     hu[0, 0, 0], hu[1, 0, 0], hu[2, 0, 0] = 3500.0, -1300.0, 3071.4  # outside the 12-bit range: clipped
     return hu, {"shape": list(shape), "spacing_mm": list(spacing), "origin_mm": origin}
+
+
+# The renderer contract, for cohort tests that must not depend on the real renderer's speed.
+def sample_case_record(patient_id, scan, seed, prevalence="ctrate", balanced=False):
+    if isinstance(prevalence, dict):
+        unknown = [k for k in prevalence if k not in CTRATE_PATHOLOGIES]
+        if unknown:
+            raise ValueError(f"unknown finding names in prevalence: {unknown}")
+    rec = standin_record(int(seed) % 100000, p=0.5 if balanced else 0.3)
+    rec.update(patient_id=patient_id, scan=scan, seed=int(seed))
+    return rec
+
+
+def default_grid(record, geometry, rng):
+    if geometry not in ("tests", "demo"):
+        raise ValueError(f"unknown geometry {geometry!r}")
+    shape = (40, 36, 24) if geometry == "tests" else (96, 80, 60)
+    spacing = (4.0, 4.0, 5.0)
+    return {"shape": list(shape), "spacing_mm": list(spacing),
+            "origin_mm": [-(shape[0] - 1) * spacing[0] / 2, -(shape[1] - 1) * spacing[1] / 2, -(shape[2] - 1) * spacing[2] / 2]}
+
+
+def sample_recon(record, rng, index):
+    return {"kernel": "soft" if index == 0 else "sharp", "noise_sd_hu": 15.0, "slice_thickness_mm": 5.0,
+            "fov_diameter_mm": 150.0, "padding_value_hu": float(rng.choice([-1024, -2048, -3024, -8192])), "iterative": False}
+
+
+def render_truth(record, grid):
+    hu, _ = standin_volume(tuple(grid["shape"]), tuple(grid["spacing_mm"]), seed=int(record["seed"]) % 1000)
+    return {"hu": hu}
+
+
+def apply_scanner(truth, grid, recon, seed):
+    rng = np.random.default_rng(seed)
+    hu = truth["hu"] + rng.normal(0, recon["noise_sd_hu"], truth["hu"].shape).astype(np.float32)
+    nx, ny, _ = hu.shape
+    i, j = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    outside = ((i - (nx - 1) / 2) * grid["spacing_mm"][0]) ** 2 + ((j - (ny - 1) / 2) * grid["spacing_mm"][1]) ** 2 > (recon["fov_diameter_mm"] / 2) ** 2
+    hu[outside] = recon["padding_value_hu"]
+    return hu

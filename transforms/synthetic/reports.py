@@ -84,9 +84,21 @@ def _lobe_phrase(site: str, w: _Writer) -> str:
     return site
 
 
+_LOBE_ORDER = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "lingula", "left lower lobe")
+
+
 def _where(finding: dict, w: _Writer, default_both: str = "both lungs") -> str:
-    sites = [s for s in finding.get("sites") or [] if s]
+    """Location of a lung finding: lobes when the record names them, else the side."""
+    sites = [s for s in _LOBE_ORDER if s in (finding.get("sites") or [])]
     side = finding.get("side")
+    if "both lungs" in (finding.get("sites") or []):
+        return "both lungs"
+    for level in ("upper", "lower"):  # "right lower lobe" + "left lower lobe" → "the lower lobes of both lungs"
+        pair = (f"right {level} lobe", f"left {level} lobe")
+        if all(p in sites for p in pair) and w.chance(0.7):
+            rest = [_lobe_phrase(s, w) for s in sites if s not in pair]
+            both = w.pick((f"{level} lobes of both lungs", f"bilateral {level} lobes"))
+            return "the " + _join([both] + rest)
     if sites:
         return "the " + _join([_lobe_phrase(s, w) for s in sites[:3]])
     if side == "right":
@@ -205,7 +217,10 @@ _STATION_TEXT = {
     "left hilar": "left hilar",
     "right paratracheal": "right paratracheal",
     "left paratracheal": "left paratracheal",
-    "aortopulmonary": "aorticopulmonary window",
+    "aortopulmonary window": "aorticopulmonary window",
+    "right upper paratracheal": "right upper paratracheal",
+    "right lower paratracheal": "right lower paratracheal",
+    "left lower paratracheal": "left lower paratracheal",
 }
 
 
