@@ -57,9 +57,13 @@ def test_two_rank_evaluation_gathers_every_volume_once(tmp_path):
     procs = [ctx.Process(target=_rank_main, args=(r, 2, tmp_path / "init", out_dir, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=100) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = [queue.get(timeout=100) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():  # a hung rank must not outlive the test
+                p.kill()
     errors = [err for _, _, err in results if err]
     assert not errors, errors[0]
 
