@@ -57,7 +57,11 @@ class Stage:
 
     def shell_command(self) -> str:
         """The command as a user would type it from the repository root."""
-        return " ".join(["python"] + [shlex.quote(c) for c in self.command()[1:]])
+        def quote(arg: str) -> str:
+            # a config list reads best the way MONAI's docs write it: "['a.json','b.json']"
+            return f'"{arg}"' if arg.startswith("[") and '"' not in arg else shlex.quote(arg)
+
+        return " ".join(["python"] + [quote(c) for c in self.command()[1:]])
 
 
 def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrain_epochs: int,
