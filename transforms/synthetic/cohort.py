@@ -141,7 +141,7 @@ def _geometry_presets() -> dict | None:
         return None
     with open(path) as f:
         data = json.load(f)
-    return data.get("presets", data) if isinstance(data, dict) else None
+    return {k: v for k, v in data.items() if not k.startswith("_")} if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +400,8 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
         grid["shape"][1] = int(round(extent / grid["spacing_mm"][1]))
     truth = fns["render_truth"](record, grid)
     n_recon = 2 if rng.random() < task["two_recon_fraction"] else 1
-    recons = [fns["sample_recon"](record, np.random.default_rng([cseed, 0x7EC0, r]), r) for r in range(n_recon)]
+    # Reconstruction numbers are 1-based, as in CT-RATE names (train_12_a_1, train_12_a_2).
+    recons = [fns["sample_recon"](record, np.random.default_rng([cseed, 0x7EC0, r]), r) for r in range(1, n_recon + 1)]
     acq = _acquisition(record, rng)
     report = generate_report(record, slice_thickness_mm=recons[0].get("slice_thickness_mm"))
     labels = {name: int(record["labels"][name]) for name in CTRATE_PATHOLOGIES}
