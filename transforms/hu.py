@@ -63,12 +63,15 @@ def hu_evidence(hu_sample: np.ndarray) -> dict[str, float]:
 
     tissue = inside[inside >= -900.0]  # the gap is judged against non-air voxels: air volume varies a lot
     gap = float(((tissue >= _GAP[0]) & (tissue < _GAP[1])).mean()) if tissue.size else 0.0
+    body = inside[inside >= -500.0]  # fat, soft tissue, bone: CT puts most of it in [-200, 200]
+    soft_of_body = float(((body >= _SOFT[0]) & (body < _SOFT[1])).mean()) if body.size else 0.0
     p = np.percentile(inside, [1, 50, 99]) if inside.size else np.array([np.nan] * 3)
     return {
         "air_lung": frac(_AIR_LUNG),
         "soft_tissue": frac(_SOFT),
         "below_air": frac(_BELOW_AIR) + (0.0 if pad_constant else pad_fraction * n_all / n),
         "gap": gap,
+        "soft_of_body": soft_of_body,
         "padding": pad_fraction if pad_constant else 0.0,
         "p1": float(p[0]),
         "p50": float(p[1]),
@@ -86,6 +89,8 @@ def _plausible(ev: Mapping[str, float]) -> tuple[bool, str]:
         return False, f"{ev['below_air']:.1%} of voxels below air ([-1500, -1100] HU)"
     if ev["gap"] > 0.3:
         return False, f"{ev['gap']:.1%} of non-air voxels between lung and fat ([-600, -250] HU): not a CT histogram"
+    if ev["soft_of_body"] < 0.5:
+        return False, f"only {ev['soft_of_body']:.1%} of voxels above -500 HU are soft tissue/fat: not a CT histogram"
     if ev["p99"] > 4000:
         return False, f"99th percentile {ev['p99']:.0f} HU is above any tissue"
     return True, ""
@@ -136,7 +141,7 @@ class RescaleToHU(Transform):
         else:
             out = t.to(torch.float32) * float(slope) + float(intercept)
         if isinstance(img, MetaTensor):
-            out = MetaTensor(out, affine=img.affine, meta=img.meta)
+            out = MetaTensor(out, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"})
         return out
 
     def candidates(self, slope: float | None, intercept: float | None) -> list[tuple[str, float, float]]:

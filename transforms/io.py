@@ -121,13 +121,14 @@ class ResampleToSpacing(Transform):
             t = out.as_tensor()
             if not self.out_dtype.is_floating_point:
                 t = t.round()
-            return MetaTensor(t.to(self.out_dtype), affine=out.affine, meta=out.meta)
+            meta = {k: v for k, v in out.meta.items() if k != "affine"}
+            return MetaTensor(t.to(self.out_dtype), affine=out.affine, meta=meta)
         t = img.as_tensor()
         chans = [
             linear_resample_axes(t[c], out_shape, diag, xform[:3, 3], self.out_dtype, self.slab)
             for c in range(t.shape[0])
         ]
-        meta = dict(img.meta)
+        meta = {k: v for k, v in img.meta.items() if k != "affine"}
         meta["spatial_shape"] = np.asarray(out_shape)
         return MetaTensor(torch.stack(chans), affine=torch.as_tensor(new_affine), meta=meta)
 
@@ -178,7 +179,9 @@ class CastToHUInt16d(MapTransform):
                 if t.is_floating_point():
                     t = t.round()
                 t = t.clamp(-32768, 32767).to(torch.int16)
-            d[key] = MetaTensor(t, affine=img.affine, meta=img.meta) if isinstance(img, MetaTensor) else t
+            if isinstance(img, MetaTensor):
+                t = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"})
+            d[key] = t
         return d
 
 

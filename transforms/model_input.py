@@ -71,7 +71,8 @@ class ToModelInput(Transform):
         out = self.orient(img)
         t = out.as_tensor().to(torch.float32)
         t = (t.clamp(*self.hu_window) - self.hu_offset) / self.hu_scale
-        return MetaTensor(t.contiguous(), affine=out.affine, meta=out.meta)
+        meta = {k: v for k, v in out.meta.items() if k != "affine"}
+        return MetaTensor(t.contiguous(), affine=out.affine, meta=meta)
 
 
 class ToModelInputd(MapTransform):

@@ -1,0 +1,250 @@
+"""Preprocessing benchmark: our pipeline against a faithful CT-CLIP v2 loader, in one script run.
+
+Input: a 512x512x300 int16 ``.nii.gz`` at 0.7x0.7x1.0 mm (an elliptical chest phantom with lungs,
+spine and 15 HU noise, stored RAS so that both pipelines see the same voxel order). Each variant
+runs in its own subprocess so that ``ru_maxrss`` (peak resident memory) is its own:
+
+* ``floor``: read and decompress the file (nibabel, int16), nothing else;
+* ``baseline``: CT-CLIP v2's loader (``data_inference_nii.py``): nibabel ``get_fdata`` (float64),
+  slope/intercept, transpose to (z, x, y), ``F.interpolate(trilinear)`` to
+  ``floor(n * spacing / target)``, clip [-1000, 1000], /1000, centre crop/pad to 480x480x240;
+* ``ours``: ``CTPreprocessor.process_item`` minus the file write (ITK read, HU decision, QC, RAS,
+  slab resampler, crop/pad, int16) and ``ours_write`` (the same plus the atomic ``.nii.gz`` write);
+* ``ours_matched``: our resampler on the baseline's exact sampling positions, for the HU check.
+
+Usage: ``python benchmarks/preprocess.py [--workdir DIR] [--repeats 2]``. Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (512, 512, 300)
+SPACING = (0.7, 0.7, 1.0)
+TARGET = (0.75, 0.75, 1.5)
+SIZE = (480, 480, 240)
+
+
+def make_volume(path: Path, seed: int = 0) -> None:
+    """Write the phantom (int16 HU, RAS affine, gzip level nibabel uses by default)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    x = (np.arange(SHAPE[0]) - SHAPE[0] / 2 + 0.5) * SPACING[0]
+    y = (np.arange(SHAPE[1]) - SHAPE[1] / 2 + 0.5) * SPACING[1]
+    z = (np.arange(SHAPE[2]) - SHAPE[2] / 2 + 0.5) * SPACING[2]
+    xx, yy = np.meshgrid(x, y, indexing="ij")
+    body = (xx / 170) ** 2 + (yy / 120) ** 2 <= 1
+    vol = np.empty(SHAPE, dtype=np.int16)
+    for k, zk in enumerate(z):
+        sl = np.full(SHAPE[:2], -1000.0, dtype=np.float32)
+        sl[body] = 40.0
+        for cx in (-70.0, 70.0):
+            r = ((xx - cx) / 55) ** 2 + ((yy + 10) / 80) ** 2 + (zk / 160) ** 2
+            sl[r <= 1] = -850.0
+        sl[(xx / 20) ** 2 + ((yy - 90) / 20) ** 2 <= 1] = 700.0
+        sl += rng.normal(0, 15, size=sl.shape).astype(np.float32)
+        vol[:, :, k] = np.round(sl).astype(np.int16)
+    img = nib.Nifti1Image(vol, np.diag([*SPACING, 1.0]))
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    nib.save(img, str(path))
+
+
+def _crop_pad(t, size, pad_value):
+    """CT-CLIP's centre crop/pad on a (D, H, W) tensor in its own axis order."""
+    import torch
+
+    out = torch.full(size, pad_value, dtype=t.dtype)
+    src, dst = [], []
+    for n, s in zip(t.shape, size):
+        if n >= s:
+            a = (n - s) // 2
+            src.append(slice(a, a + s))
+            dst.append(slice(0, s))
+        else:
+            a = (s - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(a, a + n))
+    out[tuple(dst)] = t[tuple(src)]
+    return out
+
+
+def run_baseline(path: str):
+    """CT-CLIP v2 ``nii_img_to_tensor`` (metadata slope 1, intercept 0, spacing from the CSV)."""
+    import nibabel as nib
+    import torch
+    import torch.nn.functional as F
+
+    img_data = nib.load(path).get_fdata()  # float64
+    slope, intercept = 1.0, 0.0
+    xy_spacing, z_spacing = SPACING[0], SPACING[2]
+    current = (z_spacing, xy_spacing, xy_spacing)
+    target = (TARGET[2], TARGET[0], TARGET[1])
+    img_data = slope * img_data + intercept
+    img_data = img_data.transpose(2, 0, 1)
+    tensor = torch.tensor(img_data).unsqueeze(0).unsqueeze(0)
+    new_shape = [int(np.floor(tensor.shape[2 + i] * current[i] / target[i])) for i in range(3)]
+    resized = F.interpolate(tensor, size=new_shape, mode="trilinear", align_corners=False).cpu().numpy()
+    del tensor, img_data
+    img_data = resized[0][0]
+    img_data = np.transpose(img_data, (1, 2, 0))
+    img_data = np.clip(img_data, -1000, 1000)
+    img_data = (img_data / 1000).astype(np.float32)
+    tensor = torch.tensor(img_data)
+    tensor = _crop_pad(tensor, SIZE, -1.0)  # (x, y, z) 480x480x240
+    tensor = tensor.permute(2, 0, 1).unsqueeze(0)  # (1, D=z, H=x, W=y)
+    return tensor
+
+
+def run_ours(path: str, write: bool, workdir: str):
+    from workflows.preprocess import CTPreprocessor
+
+    runner = CTPreprocessor(path, workdir, model_config="ctclip_v2", progress=False, resume=False)
+    if write:
+        rec = runner.process_item({"name": "bench", "path": path, "input": "bench.nii.gz", "patient": "p"})
+        if rec["status"] != "ok":
+            raise RuntimeError(rec["reason"])
+        return None
+    load, process = runner.chains
+    data = load({"image": path, "name": "bench"})
+    data = process(data)
+    return data["image"]
+
+
+def run_ours_matched(path: str):
+    """Our reader + HU + slab resampler, sampling exactly where the baseline samples."""
+    import torch
+    from monai.data import ITKReader
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    from transforms.io import linear_resample_axes
+
+    img = EnsureChannelFirst()(LoadImage(reader=ITKReader(), image_only=True, dtype=None)(path))
+    n = img.shape[1:]
+    out = [int(np.floor(n[i] * SPACING[i] / TARGET[i])) for i in range(3)]
+    scales = [n[i] / out[i] for i in range(3)]
+    shifts = [0.5 * s - 0.5 for s in scales]  # F.interpolate, align_corners=False
+    res = linear_resample_axes(img[0].as_tensor(), out, scales, shifts, out_dtype=torch.int16)
+    return _crop_pad(res, SIZE, -1000)
+
+
+def child(variant: str, path: str, out: str | None, workdir: str) -> None:
+    import torch  # noqa: F401  (imports are part of every variant's baseline memory)
+    import nibabel  # noqa: F401
+    import monai  # noqa: F401
+
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if variant == "floor":
+        import nibabel as nib
+
+        result = np.asarray(nib.load(path).dataobj)
+    elif variant == "baseline":
+        result = run_baseline(path)
+    elif variant == "ours":
+        result = run_ours(path, False, workdir)
+    elif variant == "ours_write":
+        result = run_ours(path, True, workdir)
+    elif variant == "ours_matched":
+        result = run_ours_matched(path)
+    else:
+        raise ValueError(variant)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if out and result is not None:
+        arr = result.numpy() if hasattr(result, "numpy") else np.asarray(result)
+        np.save(out, np.asarray(arr))
+    print(json.dumps({"variant": variant, "wall_s": wall, "peak_rss_mb": peak / 1024,
+                      "imports_rss_mb": rss_imports / 1024}))
+
+
+def spawn(variant, path, out, workdir):
+    cmd = [sys.executable, __file__, "--child", variant, "--path", path, "--workdir", workdir]
+    if out:
+        cmd += ["--out", out]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def compare(workdir: Path) -> dict:
+    """HU agreement on interior voxels once geometry is matched, and ours vs baseline as shipped."""
+    base = np.load(workdir / "baseline.npy")[0].astype(np.float64) * 1000.0  # (z, x, y) HU in window
+    base = np.transpose(base, (1, 2, 0))  # (x, y, z)
+    matched = np.clip(np.load(workdir / "ours_matched.npy").astype(np.float64), -1000, 1000)
+    # interior: inside the resampled field (not padding), 2 voxels from its edges
+    n_out = [int(np.floor(SHAPE[i] * SPACING[i] / TARGET[i])) for i in range(3)]
+    lo = [(SIZE[i] - n_out[i]) // 2 + 2 if n_out[i] < SIZE[i] else 2 for i in range(3)]
+    hi = [lo[i] + min(n_out[i], SIZE[i]) - 4 for i in range(3)]
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    diff = np.abs(matched[sl] - base[sl])
+    ours = np.load(workdir / "ours.npy")[0]
+    return {
+        "interior_voxels": int(diff.size),
+        "matched_mean_abs_diff_hu": float(diff.mean()),
+        "matched_max_abs_diff_hu": float(diff.max()),
+        "ours_shape": list(ours.shape),
+        "baseline_shape_xyz": list(base.shape),
+        "baseline_effective_spacing_mm": [SHAPE[i] * SPACING[i] / n_out[i] for i in range(3)],
+        "ours_spacing_mm": list(TARGET),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--path", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.path, args.out, args.workdir)
+        return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    vol = workdir / "chest_512x512x300.nii.gz"
+    if not vol.exists():
+        make_volume(vol)
+    results: dict[str, dict] = {}
+    for variant in ("floor", "baseline", "ours", "ours_write", "ours_matched"):
+        runs = []
+        for r in range(args.repeats):
+            out = str(workdir / f"{variant}.npy") if r == 0 and variant in ("baseline", "ours", "ours_matched") else None
+            runs.append(spawn(variant, str(vol), out, str(workdir / "out")))
+        results[variant] = {
+            "wall_s": min(x["wall_s"] for x in runs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+            "peak_above_imports_mb": max(x["peak_rss_mb"] - x["imports_rss_mb"] for x in runs),
+        }
+    b, o = results["baseline"], results["ours"]
+    summary = {
+        "input": f"{SHAPE} int16 .nii.gz at {SPACING} mm ({vol.stat().st_size / 2**20:.0f} MiB on disk)",
+        "torch_threads": __import__("torch").get_num_threads(),
+        "results": results,
+        "speedup_vs_baseline": b["wall_s"] / o["wall_s"],
+        "speedup_vs_baseline_with_write": b["wall_s"] / results["ours_write"]["wall_s"],
+        "peak_ratio_ours_over_baseline": o["peak_rss_mb"] / b["peak_rss_mb"],
+        "peak_ratio_above_imports": o["peak_above_imports_mb"] / b["peak_above_imports_mb"],
+        "hu_agreement": compare(workdir),
+    }
+    print(f"{'variant':14s} {'wall s':>8s} {'peak MB':>9s} {'above imports MB':>17s}")
+    for k, v in results.items():
+        print(f"{k:14s} {v['wall_s']:8.2f} {v['peak_rss_mb']:9.0f} {v['peak_above_imports_mb']:17.0f}")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
