@@ -1,0 +1,571 @@
+"""Glue of the ``ct_clip_zeroshot`` bundle: prompt file, network and weights, datalists, raw-input checks,
+report tokens, image-latent export, retrieval summary and the MONAI Label / TorchScript export.
+
+The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
+
+- ``inference.json``: :func:`build_zeroshot_network` (a :class:`~custom_nets.ZeroShotClassifier`: prompts
+  encoded once, each volume encoded once, the reference's pairwise softmax) + :func:`load_pretrained`;
+  raw NIfTI/DICOM (``--input``) or a preprocessed cohort (``--dataset_dir``); ``predictions.csv`` and,
+  with ``--save_embeddings True``, ``embeddings.npz`` (:class:`ImageLatentsWriter`).
+- ``evaluate.json``: validation then test split, test thresholds fitted on validation.
+- ``retrieval.json``: :class:`ImageReportLatents` gives image and report latents per volume;
+  :class:`~workflows.handlers.RetrievalEvaluationHandler` computes the metrics.
+- ``export.json``: :func:`export_network` writes ``models/model.pt`` (keys of ``network_def``),
+  ``models/model_config.json`` and a TorchScript module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from torch import nn
+
+__all__ = [
+    "load_prompt_file",
+    "default_model_config",
+    "build_zeroshot_network",
+    "load_pretrained",
+    "find_clip_model",
+    "label_indices",
+    "build_datalist",
+    "CheckInputd",
+    "SelectLabelsd",
+    "ReportTokensd",
+    "ImageReportLatents",
+    "ImageLatentsWriter",
+    "JsonStateWriter",
+    "export_network",
+]
+
+logger = logging.getLogger("ct_clip_zeroshot")
+
+# datalist keys of the report sections named in a model config's text.report_sections
+REPORT_SECTION_KEYS = {"Findings_EN": "findings", "Impressions_EN": "impressions"}
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a zero-shot prompt file.
+
+    Format (JSON)::
+
+        {"templates": [["{} is present.", "{} is not present."], ...],   # (present, absent) pairs, averaged
+         "classes": ["Medical material", ..., {"name": "Pneumothorax", "prompt": "pneumothorax"}]}
+
+    A class is a name (used in the prompts and as the output column) or ``{"name", "prompt"}`` when the
+    wording inside the prompts differs from the column name. Adding a class adds an output column; no
+    training is involved.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        ``{"path", "classes" (column names), "prompt_names" (text put into the templates), "templates"}``.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompt file {path}: not valid JSON ({e})") from None
+    templates = spec.get("templates")
+    if not templates or not isinstance(templates, list):
+        raise ValueError(f"prompt file {path}: 'templates' must be a non-empty list of [present, absent] pairs")
+    for t in templates:
+        if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(s, str) and s.count("{}") == 1 for s in t)):
+            raise ValueError(f"prompt file {path}: template {t!r} is not a [present, absent] pair with one '{{}}' each")
+    classes, prompt_names = [], []
+    for c in spec.get("classes") or []:
+        if isinstance(c, str):
+            name, prompt = c, c
+        elif isinstance(c, Mapping) and isinstance(c.get("name"), str):
+            name, prompt = c["name"], str(c.get("prompt", c["name"]))
+        else:
+            raise ValueError(f"prompt file {path}: class entry {c!r} must be a name or {{'name', 'prompt'}}")
+        if not name.strip():
+            raise ValueError(f"prompt file {path}: empty class name")
+        classes.append(name)
+        prompt_names.append(prompt)
+    if not classes:
+        raise ValueError(f"prompt file {path}: 'classes' is empty")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ValueError(f"prompt file {path}: duplicate class names {dup}")
+    return {"path": str(path), "classes": classes, "prompt_names": prompt_names,
+            "templates": [tuple(t) for t in templates]}
+
+
+def default_model_config(bundle_root: str | os.PathLike, fallback: str = "ctclip_v2") -> str:
+    """The model config exported next to the weights (``models/model_config.json``), else ``fallback``.
+
+    MONAI Label reads ``inference.json`` without command-line overrides: the exported config keeps the
+    architecture in step with ``models/model.pt``.
+    """
+    exported = Path(bundle_root) / "models" / "model_config.json"
+    return str(exported) if exported.is_file() else fallback
+
+
+# --------------------------------------------------------------------------------------------- network
+def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: str | os.PathLike,
+                           model_overrides: Mapping[str, Any] | None = None, pad_to_max_length: bool = False):
+    """A :class:`~custom_nets.ZeroShotClassifier` around a (randomly initialised) CT-CLIP.
+
+    Args:
+        model_config: shipped name, JSON path or dict (``custom_nets/configs``).
+        prompt_file: see :func:`load_prompt_file`.
+        model_overrides: merged into the model config (e.g. a local CXR-BERT tokenizer folder).
+        pad_to_max_length: tokenise prompts to the model's max length like the reference (same result).
+
+    Returns:
+        the classifier; its ``model.config`` is the merged model config and ``column_names`` the output columns.
+    """
+    from custom_nets import ZeroShotClassifier, build_tokenizer, create_model
+
+    model = create_model(model_config, **dict(model_overrides or {}))
+    prompts = load_prompt_file(prompt_file)
+    net = ZeroShotClassifier(model, build_tokenizer(model.config), class_names=prompts["prompt_names"],
+                             templates=prompts["templates"],
+                             max_length=model.config.get("text", {}).get("max_length", 512),
+                             pad_to_max_length=pad_to_max_length)
+    net.column_names = prompts["classes"]
+    return net.eval()
+
+
+def find_clip_model(network: nn.Module):
+    """The :class:`~custom_nets.CTCLIP` inside a wrapper (``.model``), or the network itself."""
+    from custom_nets import CTCLIP
+
+    for m in (network, getattr(network, "model", None), getattr(network, "module", None)):
+        if isinstance(m, CTCLIP):
+            return m
+        if m is not None and isinstance(getattr(m, "model", None), CTCLIP):
+            return m.model
+    raise TypeError(f"no CTCLIP model inside {type(network).__name__}")
+
+
+def load_pretrained(network: nn.Module, path: str | os.PathLike | None, strict: bool = True,
+                    required: bool = False) -> nn.Module:
+    """Load weights into the CT-CLIP inside ``network`` and return ``network``.
+
+    Accepts the published ``CT-CLIP_v2.pt`` / ``CT_VocabFine_v2.pt`` (with or without ``position_ids``),
+    ``CT_LiPro_v2.pt`` (its backbone), our pretraining checkpoints (bare or ``CheckpointSaver`` dicts) and
+    files written by :func:`export_network` (keys of the wrapper, ``model.*``).
+
+    Args:
+        network: a wrapper with a ``model`` attribute (ZeroShotClassifier, ImageReportLatents) or a CTCLIP.
+        path: checkpoint file; empty or None keeps the current (random) weights, with a warning.
+        strict: fail on missing/unexpected keys (see :func:`custom_nets.load_checkpoint`).
+        required: raise instead of warning when ``path`` is empty.
+
+    Raises:
+        FileNotFoundError, RuntimeError: naming the file and the reason.
+    """
+    from custom_nets import extract_state_dict, load_checkpoint, load_state_dict_file
+
+    if not path:
+        if required:
+            raise ValueError("no pretrained weights given: pass --pretrained <checkpoint>")
+        logger.warning("no pretrained weights given: the CT-CLIP keeps its random initialisation")
+        return network
+    path = Path(path)
+    clip = find_clip_model(network)
+    sd = extract_state_dict(load_state_dict_file(path), str(path))
+    if any(k.startswith("model.") for k in sd) and not any(k.startswith("text_transformer.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}  # exported wrapper keys
+    try:
+        load_checkpoint(clip, sd, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: {e}") from None
+    if hasattr(network, "refresh_prompts"):
+        network.refresh_prompts()
+    logger.info(f"loaded weights from {path}")
+    return network
+
+
+# --------------------------------------------------------------------------------------------- data
+def label_indices(class_names: Sequence[str], source: str = "prompt file", strict: bool = True) -> list[int] | None:
+    """Column of each class in the CT-RATE 18-label vector (matched by name, case-insensitive).
+
+    Args:
+        class_names: the output columns.
+        source: named in the error.
+        strict: raise when a class has no label column; otherwise return None.
+
+    Raises:
+        ValueError: a class has no label column (inference works for it; evaluation cannot).
+    """
+    from transforms import CTRATE_PATHOLOGIES
+
+    lookup = {n.lower(): i for i, n in enumerate(CTRATE_PATHOLOGIES)}
+    missing = [c for c in class_names if c.lower() not in lookup]
+    if missing and not strict:
+        return None
+    if missing:
+        raise ValueError(f"{source}: class(es) {missing} have no CT-RATE label column, so they cannot be evaluated "
+                         "(inference works for any class); evaluate with a prompt file of labelled classes")
+    return [lookup[c.lower()] for c in class_names]
+
+
+_KEEP = ("image", "name", "patient", "label", "findings", "impressions", "rescale_slope", "rescale_intercept")
+
+
+def _clean(item: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: item[k] for k in _KEEP if item.get(k) is not None}
+    for k in ("rescale_slope", "rescale_intercept"):  # numbers or absent: collation of mixed None fails
+        if k in out:
+            try:
+                out[k] = float(out[k])
+            except (TypeError, ValueError):
+                out.pop(k)
+    return out
+
+
+def build_datalist(dataset_dir: str | os.PathLike | None = None, input: str | os.PathLike | None = None,
+                   split: str = "test", datalist_file: str = "datalist.json") -> list[dict[str, Any]]:
+    """Items for the bundle's dataset.
+
+    Args:
+        dataset_dir: a ``ct_preprocess`` output folder (``datalist.json`` + ``volumes/``); used when ``input``
+            is empty.
+        input: raw input instead: one NIfTI file, one DICOM series folder, or a cohort folder (CT-RATE layout
+            or a folder of NIfTI files / DICOM series; tables give reports, labels and rescale values).
+        split: ``"training"``, ``"validation"``, ``"test"`` or ``"all"`` (datalist only).
+        datalist_file: datalist name inside ``dataset_dir``.
+
+    Returns:
+        dicts with ``image`` (absolute path), ``name`` and, where known, ``label``, ``findings``,
+        ``impressions``, ``patient``, ``rescale_slope``/``rescale_intercept``.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the path and the reason.
+    """
+    if input:
+        from transforms.qc import NIFTI_SUFFIXES, is_dicom_file
+        from transforms.ctrate import volume_stem
+
+        p = Path(input).resolve()
+        if p.is_file():
+            if not p.name.lower().endswith(NIFTI_SUFFIXES):
+                raise ValueError(f"input {p}: not a NIfTI file (.nii/.nii.gz) or a DICOM folder")
+            return [{"image": str(p), "name": volume_stem(p.name)}]
+        if not p.is_dir():
+            raise FileNotFoundError(f"input not found: {p}")
+        if any(f.is_file() and is_dicom_file(f) for f in p.iterdir()):
+            return [{"image": str(p), "name": p.name}]
+        from .preprocess import discover_inputs
+
+        items, rejected = discover_inputs(p)
+        for r in rejected:
+            logger.warning(f"skipped: {r['reason']}")
+        if not items:
+            raise ValueError(f"input {p}: no NIfTI file or DICOM series found")
+        return [_clean(dict(it, image=it["path"])) for it in items]
+    if not dataset_dir:
+        raise ValueError("give --dataset_dir (a ct_preprocess output folder) or --input (raw NIfTI/DICOM)")
+    root = Path(dataset_dir).resolve()
+    path = root / datalist_file
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path} (run the ct_preprocess bundle first)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    splits = ["training", "validation", "test"] if split == "all" else [split]
+    unknown = [s for s in splits if s not in data]
+    if unknown:
+        raise ValueError(f"{path}: no split {unknown[0]!r} (has {sorted(data)})")
+    out = []
+    for s in splits:
+        for item in data[s]:
+            img = Path(item["image"])
+            img = img if img.is_absolute() else root / img
+            if not img.is_file():
+                raise FileNotFoundError(f"{path}: volume {img} of {item.get('name')!r} does not exist")
+            out.append(_clean(dict(item, image=str(img))))
+    return out
+
+
+class CheckInputd(MapTransform):
+    """Header checks of a raw input before it is read (the ``ct_preprocess`` checks): DICOM series with a
+    slice gap, gantry tilt or several series, files that are not images, NIfTI without orientation.
+
+    Args:
+        keys: entries holding a path (NIfTI file or DICOM folder).
+        max_voxels: reject inputs larger than this before reading them.
+        name_key: entry naming the volume in errors.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, max_voxels: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.max_voxels = max_voxels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from transforms.qc import QualityCheckError, check_input
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            header = check_input(d[key], max_voxels=self.max_voxels)
+            if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
+                # ITK would read an identity orientation: the axis layout fed to the model would be a guess
+                raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
+                                        "0); preprocess it with the ct_preprocess bundle and its metadata table")
+        return d
+
+
+class SelectLabelsd(MapTransform):
+    """Keep the label columns of the evaluated classes, as float32 ``(C,)`` tensors.
+
+    Args:
+        keys: label entries (18-element CT-RATE vectors).
+        indices: columns to keep, in output order (:func:`label_indices`); None keeps all.
+        drop: remove the label entries instead (classes without labels: predictions only).
+        allow_missing_keys: don't raise if a key is missing (unlabelled inference).
+    """
+
+    def __init__(self, keys: KeysCollection, indices: Sequence[int] | None = None, drop: bool = False,
+                 allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.indices = None if indices is None else list(indices)
+        self.drop = bool(drop)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.drop:
+                del d[key]
+                continue
+            y = torch.as_tensor(np.asarray(d[key], dtype=np.float32))
+            d[key] = y if self.indices is None else y[self.indices]
+        return d
+
+
+class ReportTokensd(MapTransform):
+    """Report text (the model config's ``text.report_sections``) to padded token ids and attention mask.
+
+    Args:
+        keys: unused placeholder for MapTransform (the text comes from the section entries).
+        tokenizer: the model's tokenizer (:func:`custom_nets.build_tokenizer`).
+        sections: datalist entries joined with a space (``findings``, ``impressions``).
+        max_length: truncation and padding length (fixed, so that samples collate).
+        ids_key, mask_key: output entries.
+    """
+
+    def __init__(self, keys: KeysCollection, tokenizer, sections: Sequence[str] = ("findings",),
+                 max_length: int = 512, ids_key: str = "input_ids", mask_key: str = "attention_mask"):
+        super().__init__(keys, allow_missing_keys=True)
+        self.tokenizer, self.sections, self.max_length = tokenizer, list(sections), int(max_length)
+        self.ids_key, self.mask_key = ids_key, mask_key
+
+    @classmethod
+    def from_model_config(cls, tokenizer, config: Mapping[str, Any], **kwargs) -> "ReportTokensd":
+        """Sections and length from a model config's ``text`` section."""
+        text = config.get("text", {})
+        sections = [REPORT_SECTION_KEYS.get(s, s) for s in text.get("report_sections", ["Findings_EN"])]
+        return cls("findings", tokenizer, sections, text.get("max_length", 512), **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        parts = [str(d[s]).strip() for s in self.sections if d.get(s) not in (None, "")]
+        if not parts:
+            raise ValueError(f"{d.get('name', 'volume')}: no report text in {self.sections} (retrieval needs reports)")
+        tok = self.tokenizer(" ".join(parts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        d[self.ids_key] = tok["input_ids"][0]
+        d[self.mask_key] = tok["attention_mask"][0]
+        return d
+
+
+# --------------------------------------------------------------------------------------------- networks
+class ImageReportLatents(nn.Module):
+    """Image and report latents of a CT-CLIP in one forward, for retrieval evaluators.
+
+    ``forward(image, input_ids, attention_mask) -> {"image_latents": (B, D), "text_latents": (B, D)}``;
+    state-dict keys ``model.*`` like :class:`~custom_nets.ZeroShotClassifier`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return {"image_latents": self.model.encode_image(image),
+                "text_latents": self.model.encode_text(input_ids, attention_mask)}
+
+
+# --------------------------------------------------------------------------------------------- handlers
+class ImageLatentsWriter:
+    """Collect the image latents a zero-shot evaluator computes anyway and write ``embeddings.npz``.
+
+    The latents are taken with a forward hook on the CT-CLIP's ``to_visual_latent`` (then L2-normalised,
+    exactly :meth:`CTCLIP.encode_image`), so the volume is not encoded a second time. The file has one
+    float32 ``(dim_latent,)`` array per volume, keyed by VolumeName (``np.load(f)["valid_1_a_1"]``).
+
+    Args:
+        path: destination ``.npz``.
+        network: the evaluator's network (a wrapper with ``.model`` or a CTCLIP).
+        name_key: batch entry holding the volume names.
+        enabled: attach nothing when False (lets a config switch it with one flag).
+    """
+
+    def __init__(self, path: str | os.PathLike, network: nn.Module, name_key: str = "name", enabled: bool = True):
+        self.path, self.network, self.name_key, self.enabled = Path(path), network, name_key, bool(enabled)
+        self._pending: list[torch.Tensor] = []
+        self._latents: dict[str, np.ndarray] = {}
+
+    def attach(self, engine) -> None:
+        """Register the hook and the events on ``engine``."""
+        if not self.enabled:
+            return
+        from ignite.engine import Events
+
+        find_clip_model(self.network).to_visual_latent.register_forward_hook(self._hook)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _hook(self, module, inputs, output) -> None:
+        self._pending.append(F.normalize(output.detach().float(), dim=-1).cpu())
+
+    def reset(self, engine=None) -> None:
+        """Clear the buffers."""
+        self._pending, self._latents = [], {}
+
+    def collect(self, engine) -> None:
+        """Pair this iteration's latents with the batch's volume names."""
+        from .handlers import names_from_batch
+
+        latents = torch.cat(self._pending) if self._pending else torch.zeros((0, 0))
+        self._pending = []
+        names = names_from_batch(engine.state.batch, self.name_key)
+        if names is None or len(names) != len(latents):
+            raise ValueError(f"embeddings: {len(latents)} latents but names {names!r} in the batch")
+        for n, z in zip(names, latents.numpy()):
+            self._latents[str(n)] = z.astype(np.float32)
+
+    def write(self, engine=None) -> None:
+        """Write the ``.npz`` atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **self._latents)
+        os.replace(tmp, self.path)
+        logger.info(f"wrote {len(self._latents)} image latents to {self.path}")
+
+
+class JsonStateWriter:
+    """Write ``engine.state.<state_key>`` (a JSON-able dict) to a file when the run completes.
+
+    Args:
+        path: destination JSON.
+        state_key: attribute of ``engine.state`` (e.g. ``retrieval_results``).
+        extra: entries added to the written dict (e.g. split, model config, checkpoint).
+    """
+
+    def __init__(self, path: str | os.PathLike, state_key: str, extra: Mapping[str, Any] | None = None):
+        self.path, self.state_key, self.extra = Path(path), state_key, dict(extra or {})
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        from .writers import write_json
+
+        results = getattr(engine.state, self.state_key, None)
+        if results is None:
+            raise RuntimeError(f"engine.state.{self.state_key} is not set: attach the handler that computes it first")
+        write_json(self.path, {**self.extra, **results})
+
+
+# --------------------------------------------------------------------------------------------- export
+def export_network(network: nn.Module, export_dir: str | os.PathLike, example_shape: Sequence[int],
+                   torchscript: bool = True, onnx: bool | str = "auto", atol: float = 1e-5) -> dict[str, Any]:
+    """Write the bundle's deployable files and check each of them against the eager network.
+
+    - ``model.pt``: ``network.state_dict()`` (keys of ``network_def``, ``model.*``), what MONAI Label loads
+      into ``network_def`` (with ``strict=False``: a key mismatch would silently keep random weights, so the
+      file is reloaded here with ``strict=True``);
+    - ``model_config.json``: the merged model config (``inference.json`` picks it up by default);
+    - ``model.ts``: TorchScript trace ``image -> probabilities`` with the prompt latents baked in;
+    - ``model.onnx``: only when ``onnx`` and ``onnxscript`` are installed.
+
+    Args:
+        network: the (weighted) zero-shot network.
+        export_dir: output folder (the bundle's ``models/``).
+        example_shape: ``(B, 1, D, H, W)`` example input for tracing.
+        torchscript: write ``model.ts``.
+        onnx: ``True``, ``False`` or ``"auto"`` (when importable).
+        atol: largest accepted difference between the exported and the eager outputs.
+
+    Returns:
+        a summary (files, checks, skipped formats with reasons), also written as ``export.json``.
+    """
+    from .writers import write_json
+
+    out = Path(export_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    network = network.eval()
+    summary: dict[str, Any] = {"files": {}, "skipped": {}, "max_abs_diff": {}}
+    sd = network.state_dict()
+    tmp = out / f".model.pt.{os.getpid()}.tmp"
+    torch.save(sd, tmp)
+    os.replace(tmp, out / "model.pt")
+    summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
+    clip = find_clip_model(network)
+    cfg = getattr(clip, "config", None)
+    if cfg is not None:
+        write_json(out / "model_config.json", cfg)
+        summary["files"]["model_config.json"] = {}
+    # reload check: the exact key set MONAI Label will meet
+    reloaded = torch.load(out / "model.pt", weights_only=True)
+    result = network.load_state_dict(reloaded, strict=True)
+    summary["strict_reload"] = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+    device = next(network.parameters()).device
+    example = torch.randn(*example_shape, device=device).clamp(-1, 1)
+    with torch.no_grad():
+        expected = network(example)
+        if torchscript:
+            try:
+                traced = torch.jit.trace(network, example, check_trace=False)
+                traced.save(str(out / "model.ts"))
+                got = torch.jit.load(str(out / "model.ts"), map_location=device)(example)
+                diff = float((got - expected).abs().max())
+                summary["max_abs_diff"]["model.ts"] = diff
+                if diff > atol:
+                    raise RuntimeError(f"TorchScript output differs from the eager network by {diff:.3g} > {atol}")
+                summary["files"]["model.ts"] = {"input_shape": list(example_shape)}
+            except Exception as e:  # noqa: BLE001 - an unsupported format is reported, not fatal
+                summary["skipped"]["model.ts"] = f"{type(e).__name__}: {e}"
+        want_onnx = onnx is True or onnx == "auto"
+        if want_onnx:
+            import importlib.util
+
+            if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+                summary["skipped"]["model.onnx"] = "onnx/onnxscript not installed (pip install onnx onnxscript)"
+                if onnx is True:
+                    raise RuntimeError("ONNX export requested but onnx/onnxscript are not installed")
+            else:
+                try:
+                    torch.onnx.export(network, (example,), str(out / "model.onnx"), input_names=["image"],
+                                      output_names=["probabilities"])
+                    summary["files"]["model.onnx"] = {"input_shape": list(example_shape)}
+                except Exception as e:  # noqa: BLE001
+                    summary["skipped"]["model.onnx"] = f"{type(e).__name__}: {e}"
+                    if onnx is True:
+                        raise
+    write_json(out / "export.json", summary)
+    logger.info(f"exported {sorted(summary['files'])} to {out}; skipped {summary['skipped']}")
+    return summary
