@@ -152,6 +152,42 @@ def check_dicom_series(
     }
 
 
+def _check_complete(path: Path, expected: int) -> None:
+    """Reject truncated files before ITK reads them (ITK fills a truncated gzip stream silently).
+
+    ``.nii``: the file must hold ``expected`` bytes. ``.nii.gz``: the gzip trailer (ISIZE, the
+    uncompressed size mod 2**32) must match; when it does not (a truncated file, or an unusual
+    multi-member stream), the stream is decompressed once to count the bytes.
+    """
+    import zlib
+
+    if not path.name.lower().endswith(".gz"):
+        if path.stat().st_size < expected:
+            raise QualityCheckError(f"{path}: truncated NIfTI ({path.stat().st_size} bytes, need {expected})")
+        return
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize == expected % 2**32:
+        return
+    total, d = 0, zlib.decompressobj(wbits=47)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                break
+            while chunk:
+                total += len(d.decompress(chunk))
+                if d.eof:
+                    chunk, d = d.unused_data, (zlib.decompressobj(wbits=47) if d.unused_data else d)
+                    if not chunk:
+                        break
+                else:
+                    chunk = b""
+    if not d.eof or total < expected:
+        raise QualityCheckError(f"{path}: truncated or corrupt gzip stream ({total} of {expected} bytes)")
+
+
 def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_tolerance: float = 0.01) -> dict:
     """Header-only checks before the voxels are read.
 
@@ -181,6 +217,12 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     if max_voxels is not None and int(np.prod(shape)) > max_voxels:
         raise QualityCheckError(f"{path}: {'x'.join(map(str, shape))} voxels exceeds the limit {max_voxels}")
     hdr = img.header
+    _check_complete(path, int(hdr["vox_offset"]) + int(np.prod(shape)) * hdr.get_data_dtype().itemsize)
+    if hdr.get_data_dtype().kind == "f":
+        # ITK turns NaN into 0 when it reads float NIfTI, so non-finite voxels must be found here.
+        n_bad = int((~np.isfinite(np.asarray(img.dataobj))).sum())
+        if n_bad:
+            raise QualityCheckError(f"{path}: {n_bad} non-finite voxels (NaN/inf)")
     return {
         "kind": "nifti",
         "shape": shape,
@@ -199,6 +241,8 @@ class CTQualityCheck(Transform):
         max_obliquity_deg: largest angle between a voxel axis and the nearest patient axis; the
             output is axis-aligned RAS, so an oblique volume would need a rotation we don't do.
         check_hu: require a chest-CT-like HU histogram (catches MR-like intensities).
+        check_structure: run the shape/finite/geometry checks (turn off for a HU-only check placed
+            after the rescale when the structural one ran before it).
     """
 
     def __init__(
@@ -208,7 +252,9 @@ class CTQualityCheck(Transform):
         max_voxels: int = 1024 * 1024 * 2048,
         max_obliquity_deg: float = 1.0,
         check_hu: bool = True,
+        check_structure: bool = True,
     ) -> None:
+        self.check_structure = check_structure
         self.min_slices = min_slices
         self.spacing_range_mm = tuple(spacing_range_mm)
         self.max_voxels = max_voxels
@@ -216,6 +262,16 @@ class CTQualityCheck(Transform):
         self.check_hu = check_hu
 
     def __call__(self, img: torch.Tensor, name: str = "volume") -> torch.Tensor:  # type: ignore[override]
+        t = img.as_tensor() if isinstance(img, MetaTensor) else img
+        if self.check_structure:
+            self._structure(img, t, name)
+        if self.check_hu:
+            ok, why = _plausible(hu_evidence(_sample(t)))
+            if not ok:
+                raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
+        return img
+
+    def _structure(self, img, t, name) -> None:
         spatial = tuple(img.shape[1:])
         if len(spatial) != 3:
             raise QualityCheckError(f"{name}: not a 3-D volume (spatial shape {spatial})")
@@ -223,7 +279,6 @@ class CTQualityCheck(Transform):
             raise QualityCheckError(f"{name}: too few slices (shape {spatial}, need >= {self.min_slices} per axis)")
         if int(np.prod(spatial)) > self.max_voxels:
             raise QualityCheckError(f"{name}: {int(np.prod(spatial))} voxels exceeds the limit {self.max_voxels}")
-        t = img.as_tensor() if isinstance(img, MetaTensor) else img
         if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
             n_bad = int((~torch.isfinite(t)).sum())
             raise QualityCheckError(f"{name}: {n_bad} non-finite voxels (NaN/inf)")
@@ -236,11 +291,6 @@ class CTQualityCheck(Transform):
             why = _direction_problem(affine, self.max_obliquity_deg)
             if why:
                 raise QualityCheckError(f"{name}: {why}")
-        if self.check_hu:
-            ok, why = _plausible(hu_evidence(_sample(t)))
-            if not ok:
-                raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
-        return img
 
 
 class CTQualityCheckd(MapTransform):

@@ -219,9 +219,11 @@ def build_preprocessing(
         resample = Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border")
     else:
         resample = ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16")
+    check_hu = qc.pop("check_hu", True)
     process = Compose([
+        CTQualityCheckd(keys="image", check_hu=False, **qc),  # structure first: a 2-D image is "not 3-D"
         RescaleToHUd(keys="image", source=hu_source),
-        CTQualityCheckd(keys="image", **qc),
+        CTQualityCheckd(keys="image", check_hu=check_hu, check_structure=False),
         Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         resample,
         ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
@@ -320,6 +322,7 @@ class CTPreprocessor:
         self.resume = bool(resume)
         self.progress = bool(progress)
         self._chains = None
+        self.rank = 0
 
     # -- one volume ----------------------------------------------------------------------------
     @property
@@ -358,7 +361,7 @@ class CTPreprocessor:
             record["_resumed"] = True
             return record
         record = {"name": item["name"], "input": item["input"], "params_hash": self.params_hash,
-                  "warning": item.get("warning", "")}
+                  "warning": item.get("warning", ""), "rank": self.rank}
         try:
             vol, rec = self._paths(item["name"])
             header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"))
@@ -393,6 +396,7 @@ class CTPreprocessor:
             while isinstance(e, RuntimeError) and e.__cause__ is not None:  # unwrap MONAI's wrapping
                 e = e.__cause__
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = reason.replace(item["path"], item["input"])  # qc.csv independent of where IN lives
             if item["input"] not in reason and item["name"] not in reason:
                 reason = f"{item['input']}: {reason}"
             record.update(status="rejected", reason=reason, output="")
@@ -424,6 +428,7 @@ class CTPreprocessor:
         if self.strict and rejected:
             raise QualityCheckError(rejected[0]["reason"])
         rank, world = self._dist()
+        self.rank = rank
         mine = items[rank::world]
         for sub in ("volumes", "records"):
             (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
