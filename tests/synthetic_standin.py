@@ -90,7 +90,7 @@ def default_grid(record, geometry, rng):
 
 
 def sample_recon(record, rng, index):
-    return {"kernel": "soft" if index == 0 else "sharp", "noise_sd_hu": 15.0, "slice_thickness_mm": 5.0,
+    return {"kernel": "soft" if index == 1 else "sharp", "noise_sd_hu": 15.0, "slice_thickness_mm": 5.0,
             "fov_diameter_mm": 150.0, "padding_value_hu": float(rng.choice([-1024, -2048, -3024, -8192])), "iterative": False}
 
 

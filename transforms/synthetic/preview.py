@@ -1,0 +1,168 @@
+"""Picture of a few generated cases: axial and coronal slices with the findings marked.
+
+    python -m transforms.synthetic.preview --cohort OUT --output docs/images/synthetic_cases.png --num_cases 4
+
+Each volume is read the way the pipeline reads it (MONAI ``LoadImage(reader="ITKReader")`` →
+``Orientation("RAS")``, then HU from the sidecar's storage facts), so the picture also checks the
+stored orientation and rescale. Finding centres come from the sidecar (patient LPS mm) and are
+mapped to voxels through the sidecar's affine; a mismatch with the reader's affine is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .encoding import decode_hu
+
+__all__ = ["preview_cohort", "ras_canonical_affine"]
+
+_SHORT = {
+    "Medical material": "device", "Arterial wall calcification": "aortic Ca", "Cardiomegaly": "cardiomegaly",
+    "Pericardial effusion": "pericardial eff.", "Coronary artery wall calcification": "coronary Ca",
+    "Hiatal hernia": "hiatal hernia", "Lymphadenopathy": "node", "Emphysema": "emphysema", "Atelectasis": "atelectasis",
+    "Lung nodule": "nodule", "Lung opacity": "GGO", "Pulmonary fibrotic sequela": "sequela", "Pleural effusion": "pleural eff.",
+    "Mosaic attenuation pattern": "mosaic", "Peribronchial thickening": "peribronchial", "Consolidation": "consolidation",
+    "Bronchiectasis": "bronchiectasis", "Interlobular septal thickening": "septal",
+}
+
+
+def ras_canonical_affine(affine_ras: np.ndarray, shape) -> np.ndarray:
+    """Affine of a stored volume after reorientation to RAS index order.
+
+    The cohort stores axis-aligned volumes whose axes already follow x, y, z; reorienting to RAS
+    only reverses the axes that point toward L, P or I.
+    """
+    a = np.array(affine_ras, dtype=float)
+    for axis in range(3):
+        if a[axis, axis] < 0:
+            a[:3, 3] += a[:3, axis] * (shape[axis] - 1)
+            a[:3, axis] *= -1
+    return a
+
+
+def _best_slice(positions: list[float], spacing: float, n: int) -> int:
+    if not positions:
+        return n // 2
+    pos = np.asarray(positions)
+    counts = [(np.sum(np.abs(pos - p) * spacing <= 12), -abs(p - (n - 1) / 2)) for p in pos]
+    return int(round(pos[max(range(len(pos)), key=lambda i: counts[i])]))
+
+
+def _pick_sidecars(cohort: Path, num_cases: int) -> list[dict]:
+    sidecars = []
+    for path in sorted((cohort / "ground_truth").glob("*.json")):
+        with open(path) as f:
+            sidecars.append(json.load(f))
+    if not sidecars:
+        raise FileNotFoundError(f"no ground-truth sidecars in {cohort / 'ground_truth'}: is {cohort} a generated cohort?")
+    # one reconstruction per scan, cases with marked findings first, then in name order
+    seen, chosen = set(), []
+    for sc in sorted(sidecars, key=lambda s: (not any(f.get("centers_mm") for f in s["record"]["findings"]), s["case_index"])):
+        scan = (sc["record"]["patient_id"], sc["record"]["scan"])
+        if scan not in seen:
+            seen.add(scan)
+            chosen.append(sc)
+    return sorted(chosen[:num_cases], key=lambda s: s["case_index"])
+
+
+def _load_hu(cohort: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray]:
+    from monai.transforms import LoadImage, Orientation
+
+    img = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(cohort / sidecar["storage"]["path"]))
+    img = Orientation("RAS", labels=None)(img)
+    expected = ras_canonical_affine(np.array(sidecar["storage"]["affine_ras"]), sidecar["storage"]["shape"])
+    got = np.asarray(img.affine, dtype=float)
+    if not np.allclose(got, expected, atol=1e-2):
+        raise ValueError(f"{sidecar['VolumeName']}: reader affine\n{got}\ndiffers from the sidecar's\n{expected}")
+    return decode_hu(img[0].numpy(), sidecar["encoding"]), expected
+
+
+def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, window: tuple[float, float] = (-1100.0, 400.0),
+                   dpi: int = 80) -> Path:
+    """Draw ``num_cases`` generated cases (axial + coronal) with their findings marked.
+
+    Args:
+        cohort: folder written by :func:`transforms.synthetic.cohort.generate_cohort`.
+        output: PNG path (folders created).
+        num_cases: number of scans shown (one reconstruction each).
+        window: display window in HU (low, high).
+        dpi: resolution of the PNG.
+
+    Returns:
+        the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohort = Path(cohort)
+    if not isinstance(num_cases, int) or num_cases < 1:
+        raise ValueError(f"num_cases must be a positive integer, got {num_cases!r}")
+    chosen = _pick_sidecars(cohort, num_cases)
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(9, 4.3 * len(chosen)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1]})
+    for row, sc in enumerate(chosen):
+        hu, affine = _load_hu(cohort, sc)
+        inv = np.linalg.inv(affine)
+        nx, ny, nz = hu.shape
+        sx, sy, sz = np.abs(np.diag(affine)[:3])
+        marks = []  # (i, j, k, label, size)
+        for f in sc["record"]["findings"]:
+            for c in f.get("centers_mm") or []:
+                ras = np.array([-c[0], -c[1], c[2], 1.0])  # patient LPS → RAS world
+                i, j, k = (inv @ ras)[:3]
+                marks.append((i, j, k, f["label"], f.get("size_mm") or 8.0))
+        inside = [m for m in marks if 0 <= m[0] < nx and 0 <= m[1] < ny and 0 <= m[2] < nz]
+        # slices through the finding centre that has the most other centres within 12 mm
+        k0 = _best_slice([m[2] for m in inside], sz, nz)
+        j0 = _best_slice([m[1] for m in inside], sy, ny)
+        # Radiological convention: patient right on the viewer's left, anterior / superior up.
+        ax_img = hu[::-1, :, k0].T
+        co_img = hu[::-1, j0, :].T
+        ax, co = axes[row]
+        ax.imshow(ax_img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=sy / sx, interpolation="nearest")
+        co.imshow(co_img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=sz / sx, interpolation="nearest")
+        for i, j, k, label, size in inside:
+            r_px = max(3.0, 0.6 * size / sx + 2)
+            if abs(k - k0) * sz <= 12:
+                ax.add_patch(plt.Circle((nx - 1 - i, j), r_px, fill=False, color="#ff3b30", lw=1.2))
+                ax.annotate(_SHORT.get(label, label), (nx - 1 - i, j + r_px), color="#ffd60a", fontsize=7, ha="center", va="bottom")
+            if abs(j - j0) * sy <= 12:
+                co.add_patch(matplotlib.patches.Ellipse((nx - 1 - i, k), 2 * r_px, 2 * r_px * sx / sz, fill=False, color="#ff3b30", lw=1.2))
+                co.annotate(_SHORT.get(label, label), (nx - 1 - i, k + r_px * sx / sz), color="#ffd60a", fontsize=7, ha="center", va="bottom")
+        enc = sc["encoding"]["name"]
+        st = sc["storage"]
+        positives = [_SHORT[n] for n, v in sc["labels"].items() if v]
+        ax.set_title(f"{sc['VolumeName']}  axial z={affine[2, 2] * k0 + affine[2, 3]:.0f} mm\n"
+                     f"{st['format']}, {enc}, stored {st['orientation']['name']}", fontsize=8)
+        co.set_title(f"coronal y={affine[1, 1] * j0 + affine[1, 3]:.0f} mm (RAS)\n"
+                     f"labels: {', '.join(positives) or 'none'}"[:110], fontsize=8)
+        for a in (ax, co):
+            a.set_xticks([])
+            a.set_yticks([])
+            a.text(0.01, 0.98, "R", color="w", fontsize=8, transform=a.transAxes, va="top")
+            a.text(0.99, 0.98, "L", color="w", fontsize=8, transform=a.transAxes, va="top", ha="right")
+    fig.suptitle("Synthetic chest CT cohort: findings from the ground-truth sidecars (red)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(output)
+    return output
+
+
+def main(cohort: str, output: str = "docs/images/synthetic_cases.png", num_cases: int = 4) -> str:
+    """Command line: ``python -m transforms.synthetic.preview --cohort OUT --output PNG --num_cases 4``."""
+    return str(preview_cohort(cohort, output, num_cases))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
