@@ -249,7 +249,7 @@ class CosineSimCodebook(nn.Module):
     """
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.8, eps: float = 1e-5,
-                 chunk_size: int = 4096):
+                 chunk_size: int = 2048):
         super().__init__()
         self.decay = decay
         self.eps = eps
@@ -268,6 +268,7 @@ class CosineSimCodebook(nn.Module):
         if self.reference_semantics:
             return (flat @ codes.t()).argmax(dim=-1)
         # chunked: bounds the (n, codebook_size) similarity matrix (13824 x 8192 x 4 B = 453 MB at full size)
+        # to chunk_size rows
         return torch.cat([(c @ codes.t()).argmax(dim=-1) for c in flat.split(self.chunk_size)])
 
     @torch.no_grad()
@@ -401,6 +402,17 @@ class CTViT(nn.Module):
                 f"{self.temporal_patch_size}; got {tuple(video.shape)}. Check the model config's input contract "
                 "(spatial_size and axis_codes).")
 
+    def patch_embed(self, video: torch.Tensor) -> torch.Tensor:
+        """``to_patch_emb`` (patchify, LayerNorm, Linear, LayerNorm) -> ``(b, t, h, w, dim)``.
+
+        Without autograd it runs one temporal slab at a time: the same numbers, without materialising the
+        patchified copy and its normed copy of the whole volume (2 x 221 MB at 240x480x480).
+        """
+        if torch.is_grad_enabled() or self.reference_semantics:
+            return self.to_patch_emb(video)
+        slabs = video.split(self.temporal_patch_size * max(1, 4 // video.shape[0]), dim=2)
+        return torch.cat([self.to_patch_emb(s) for s in slabs], dim=1)
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Spatial then temporal transformer on patch tokens ``(b, t, h, w, d)`` (before quantisation)."""
         b, t, h, w, d = tokens.shape
@@ -423,7 +435,7 @@ class CTViT(nn.Module):
         if not (return_encoded_tokens or return_only_codebook_ids):
             raise NotImplementedError("CTViT here is an encoder only: the reconstruction/GAN path is not implemented")
         self.check_input(video)
-        tokens = self.to_patch_emb(video)
+        tokens = self.patch_embed(video)
         tokens = self.encode(tokens)
         quantized, indices = self.vq(tokens)
         if return_only_codebook_ids:

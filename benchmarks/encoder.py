@@ -1,0 +1,150 @@
+"""Full-size CT-CLIP v2 image encoder on CPU: our eval path against the reference-semantics path.
+
+Usage::
+
+    .venv/bin/python benchmarks/encoder.py [--repeats 2] [--config ctclip_v2]
+
+Both paths are the same classes with the same seeded random weights, each in its own child process (so
+that each peak RSS is its own), run one after the other in this one invocation:
+
+* ``reference``: the reference's computation: explicit ``softmax(q k^T)`` attention, the spatial position bias
+  evaluated for every token pair on every forward, the unchunked codebook lookup, the whole volume patchified
+  at once, and the two unused ``*_extra`` projections held in memory (605 MB), as the reference CTCLIP holds them.
+* ``ours``: fused attention, the bias evaluated per distinct offset and cached in eval, chunked VQ lookup and
+  patch embedding, ``*_extra`` not held.
+
+Each child builds the zero-shot-ready full model (CTViT + CXR-BERT-sized BERT + projections), times
+``encode_image`` on a 1x1x240x480x480 volume ``--repeats`` times, encodes the 36 zero-shot prompts (with the
+local WordPiece tokenizer: the CXR-BERT vocabulary cannot be downloaded here; the reference path pads them to
+512 tokens like the reference script) and reports its peak RSS. The parent compares the outputs and prints
+the ratios. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(path: str, out: str, repeats: int, config: str) -> None:
+    import torch
+
+    import custom_nets as cn
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if path == "reference":
+        model = cn.create_model(config, ctvit={"reference_semantics": True}, ctclip={"keep_reference_extras": True})
+    else:
+        model = cn.create_model(config)
+    model.eval()
+    build_s = time.perf_counter() - t0
+    rss_model = rss_mb()
+    checksum = float(model.to_visual_latent.weight[:4].double().sum())
+
+    g = torch.Generator().manual_seed(1)
+    _, d, h, w = cn.image_input_shape(config)
+    volume = torch.rand(1, 1, d, h, w, generator=g) * 2 - 1  # the model's [-1, 1] window
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            tokens = model.visual_transformer(volume, return_encoded_tokens=True)
+            pooled = tokens.mean(dim=1).reshape(1, -1)
+            image_latents = torch.nn.functional.normalize(model.to_visual_latent(pooled), dim=-1)
+            times.append(time.perf_counter() - t)
+        pre_vq = model.visual_transformer.encode(model.visual_transformer.patch_embed(volume))
+        indices = model.visual_transformer.vq._codebook.lookup(pre_vq.reshape(-1, pre_vq.shape[-1]))
+
+        tokenizer = cn.build_tokenizer("ctclip_tiny")  # local WordPiece (CXR-BERT's vocabulary is not available)
+        t = time.perf_counter()
+        if path == "reference":
+            # the reference script: per pathology, the two prompts padded to max_length, one pair at a time
+            from transforms import CTRATE_PATHOLOGIES
+
+            probs = []
+            for name in CTRATE_PATHOLOGIES:
+                tok = tokenizer([f"{name} is present.", f"{name} is not present."], padding="max_length",
+                                truncation=True, max_length=512, return_tensors="pt")
+                text = model.encode_text(tok["input_ids"], tok["attention_mask"])
+                probs.append(((text * image_latents).sum(-1) * model.temperature.exp()).softmax(0)[0])
+            probs = torch.stack(probs)[None]
+        else:
+            zs = cn.ZeroShotClassifier(model, tokenizer)
+            probs = zs.probabilities(image_latents)
+        text_s = time.perf_counter() - t
+    torch.save({"tokens": tokens, "pre_vq": pre_vq, "indices": indices, "image_latents": image_latents,
+                "probs": probs}, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"path": path, "build_s": build_s, "encode_image_s": times, "zero_shot_text_s": text_s,
+                      "rss_after_build_mb": rss_model, "peak_rss_mb": peak, "weight_checksum": checksum,
+                      "threads": torch.get_num_threads()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--config", default="ctclip_v2")
+    parser.add_argument("--worker", choices=["reference", "ours"])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.out, args.repeats, args.config)
+
+    import torch
+
+    results, outputs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in ("reference", "ours"):
+            out = os.path.join(tmp, f"{path}.pt")
+            proc = subprocess.run([sys.executable, __file__, "--worker", path, "--out", out, "--repeats",
+                                   str(args.repeats), "--config", args.config], capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                sys.exit(f"{path} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            results[path] = json.loads(lines[-1])
+            outputs[path] = torch.load(out, weights_only=True)
+            print(f"{path:9s}", json.dumps(results[path]), flush=True)
+
+    ref, ours = outputs["reference"], outputs["ours"]
+    assert results["reference"]["weight_checksum"] == results["ours"]["weight_checksum"], "weights differ"
+
+    def maxdiff(key):
+        return (ref[key].double() - ours[key].double()).abs().max().item()
+
+    flips = int((ref["indices"] != ours["indices"]).sum())
+    print(f"config {args.config}, volume (1, 1, {tuple(ref['tokens'].shape[1:4])} tokens), "
+          f"threads {results['ours']['threads']}")
+    print(f"max |diff| pre-VQ tokens {maxdiff('pre_vq'):.2e}, VQ indices differing {flips}/{ref['indices'].numel()}, "
+          f"encoded tokens {maxdiff('tokens'):.2e}, image latents {maxdiff('image_latents'):.2e}, "
+          f"zero-shot probabilities {maxdiff('probs'):.2e}")
+    ok = maxdiff("image_latents") <= 1e-4 and maxdiff("probs") <= 1e-4
+    print("outputs equal within 1e-4:", ok)
+    rt, ot = results["reference"]["encode_image_s"], results["ours"]["encode_image_s"]
+    print("encode_image seconds per pass: reference " + ", ".join(f"{t:.1f}" for t in rt) + "; ours "
+          + ", ".join(f"{t:.1f}" for t in ot))
+    print(f"speed-up first pass {rt[0] / ot[0]:.2f}x, best pass {min(rt) / min(ot):.2f}x")
+    print(f"zero-shot text part (36 prompts): reference {results['reference']['zero_shot_text_s']:.1f} s, "
+          f"ours {results['ours']['zero_shot_text_s']:.1f} s")
+    print(f"peak RSS: reference {results['reference']['peak_rss_mb'] / 1024:.2f} GB, ours "
+          f"{results['ours']['peak_rss_mb'] / 1024:.2f} GB (after building the model: "
+          f"{results['reference']['rss_after_build_mb'] / 1024:.2f} / {results['ours']['rss_after_build_mb'] / 1024:.2f} GB)")
+
+
+if __name__ == "__main__":
+    main()

