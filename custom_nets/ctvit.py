@@ -10,7 +10,8 @@ of the reference change the numbers and are reproduced on purpose:
   with a raw memory-order reshape, which scrambles positions in the temporal stack.
 
 Beyond the reference: fused attention, a position bias evaluated once per relative offset and cached in
-eval, a chunked (memory-bounded) codebook lookup, activation checkpointing, and frozen-stays-frozen
+eval, memory-bounded (chunked) patch embedding, feed-forward and codebook lookup without autograd,
+activation checkpointing, and frozen-stays-frozen
 semantics (a CTViT without trainable parameters never enters train mode, so its codebook never drifts).
 ``reference_semantics=True`` switches back to the plain computation (used as the benchmark baseline).
 """
@@ -173,13 +174,19 @@ class Transformer(nn.Module):
         )
         self.norm_out = LayerNorm(dim)
         self.gradient_checkpointing = False
+        self.chunk_feedforward = True  # off with reference_semantics
+        self.ff_chunk_tokens = 4096
 
-    @staticmethod
-    def _layer(layer: nn.ModuleList, x: torch.Tensor, video_shape, attn_bias) -> torch.Tensor:
+    def _layer(self, layer: nn.ModuleList, x: torch.Tensor, video_shape, attn_bias) -> torch.Tensor:
         peg, attn, _, ff = layer
         x = peg(x, video_shape) + x
         x = attn(x, attn_bias) + x
-        return ff(x) + x
+        if torch.is_grad_enabled() or not self.chunk_feedforward:
+            return ff(x) + x
+        # without autograd: token blocks bound the (tokens, 2 * inner) hidden activations (row-wise: same numbers)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.cat([ff(block) for block in flat.split(self.ff_chunk_tokens)])
+        return out.reshape(x.shape) + x
 
     def forward(self, x: torch.Tensor, video_shape: Sequence[int], attn_bias: Optional[torch.Tensor] = None):
         for layer in self.layers:
@@ -333,8 +340,9 @@ class CTViT(nn.Module):
         vq_decay: EMA decay of the codebook (reference: 0.8).
         use_fused_attention: use ``scaled_dot_product_attention`` (same numbers, faster, less memory).
         gradient_checkpointing: recompute each transformer layer in backward (training memory).
-        reference_semantics: plain attention, position bias recomputed for every token pair on every call
-            and an unchunked codebook lookup: the reference's computation, used as a benchmark baseline.
+        reference_semantics: plain attention, position bias recomputed for every token pair on every call,
+            whole-volume patch embedding, unchunked feed-forward and codebook lookup: the reference's
+            computation, used as a benchmark baseline.
     """
 
     def __init__(self, *, dim: int, codebook_size: int, image_size: int, patch_size: int, temporal_patch_size: int,
@@ -381,6 +389,8 @@ class CTViT(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.fused = self.use_fused_attention and not self.reference_semantics
+        self.enc_spatial_transformer.chunk_feedforward = not self.reference_semantics
+        self.enc_temporal_transformer.chunk_feedforward = not self.reference_semantics
         if gradient_checkpointing is not None:
             self.enc_spatial_transformer.gradient_checkpointing = gradient_checkpointing
             self.enc_temporal_transformer.gradient_checkpointing = gradient_checkpointing
