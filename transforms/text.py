@@ -1,0 +1,161 @@
+"""Report text for CLIP-style training and evaluation: choose/join report sections, then tokenize.
+
+``ReportTextd`` turns the ``findings``/``impressions`` entries of a ct_preprocess datalist item into one
+string (CT-RATE marks missing sections with ``"Not given."``, which must not become training text), and
+``TokenizeReportd`` turns that string into fixed-length ``input_ids``/``attention_mask`` tensors with the
+model's tokenizer (fixed length so that samples collate; a network may trim common padding per batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from .ctrate import NOT_GIVEN
+
+__all__ = ["ReportTextd", "TokenizeReportd", "REPORT_SECTION_KEYS", "report_sections_from_config"]
+
+# CT-RATE column names (used in model configs) -> datalist keys written by ct_preprocess
+REPORT_SECTION_KEYS = {
+    "Findings_EN": "findings",
+    "Impressions_EN": "impressions",
+    "ClinicalInformation_EN": "clinical_information",
+    "Technique_EN": "technique",
+}
+
+# Named choices accepted wherever a list of sections is expected.
+SECTION_PRESETS = {
+    "findings": ("findings",),
+    "findings_impressions": ("findings", "impressions"),
+    "impressions": ("impressions",),
+}
+
+
+def _normalise_sections(sections: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(sections, str):
+        if sections in SECTION_PRESETS:
+            return SECTION_PRESETS[sections]
+        sections = [sections]
+    out = tuple(REPORT_SECTION_KEYS.get(s, s) for s in sections)
+    if not out:
+        raise ValueError("at least one report section is required (e.g. 'findings')")
+    return out
+
+
+def report_sections_from_config(config: Mapping[str, Any] | str) -> tuple[str, ...]:
+    """Datalist keys of the report sections a model config names (``text.report_sections``).
+
+    Args:
+        config: model config (name, path or dict).
+    """
+    from custom_nets import load_model_config
+
+    cfg = load_model_config(config) if not isinstance(config, Mapping) else config
+    return _normalise_sections(cfg.get("text", {}).get("report_sections", ["Findings_EN"]))
+
+
+def _is_missing(text: Any, not_given: Sequence[str]) -> bool:
+    if text is None:
+        return True
+    s = str(text).strip()
+    return not s or s.lower() == "nan" or s.lower() in {n.lower() for n in not_given}
+
+
+class ReportTextd(MapTransform):
+    """Join the chosen report sections of an item into one text entry.
+
+    Sections that are missing, empty, ``"nan"`` or ``"Not given."`` are skipped; when all are missing the
+    output is ``fallback`` (or a ``ValueError`` naming the volume when ``fallback`` is None).
+
+    Args:
+        keys: the section entries, in order, e.g. ``("findings", "impressions")``; also accepts the
+            presets ``"findings"`` / ``"findings_impressions"`` and CT-RATE column names (``"Findings_EN"``).
+        output_key: entry receiving the joined text.
+        separator: put between sections.
+        max_words: keep only the first ``max_words`` words (None: no word-level truncation; the tokenizer
+            truncates to the model's token length anyway).
+        fallback: text for a report without any given section.
+        not_given: markers of a missing section.
+        name_key: entry naming the volume in error messages.
+    """
+
+    def __init__(self, keys: KeysCollection = ("findings", "impressions"), output_key: str = "text",
+                 separator: str = " ", max_words: Optional[int] = None, fallback: Optional[str] = NOT_GIVEN,
+                 not_given: Sequence[str] = (NOT_GIVEN, "Not given"), name_key: str = "name"):
+        sections = _normalise_sections(keys if isinstance(keys, str) else list(keys))
+        super().__init__(sections, allow_missing_keys=True)
+        if max_words is not None and max_words < 1:
+            raise ValueError(f"max_words must be >= 1 or None, got {max_words}")
+        self.output_key, self.separator, self.max_words = output_key, separator, max_words
+        self.fallback, self.not_given, self.name_key = fallback, tuple(not_given), name_key
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any] | str, sections: Optional[str | Sequence[str]] = None,
+                          **kwargs) -> "ReportTextd":
+        """Sections from the model config's ``text.report_sections`` unless ``sections`` is given."""
+        keys = report_sections_from_config(config) if sections is None else _normalise_sections(sections)
+        return cls(keys, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        parts = [str(d[k]).strip() for k in self.keys if k in d and not _is_missing(d[k], self.not_given)]
+        if not parts:
+            if self.fallback is None:
+                raise ValueError(f"{d.get(self.name_key, 'item')}: no report text in sections {list(self.keys)}")
+            parts = [self.fallback]
+        text = self.separator.join(parts)
+        if self.max_words is not None:
+            words = text.split()
+            if len(words) > self.max_words:
+                text = " ".join(words[: self.max_words])
+        d[self.output_key] = text
+        return d
+
+
+class TokenizeReportd(MapTransform):
+    """Tokenize a text entry into fixed-length ``input_ids`` and ``attention_mask`` (1-D int64 tensors).
+
+    Args:
+        keys: the text entry (one key).
+        tokenizer: the model's tokenizer (:func:`custom_nets.build_tokenizer`).
+        max_length: truncation and padding length.
+        ids_key: output entry of the token ids.
+        mask_key: output entry of the attention mask.
+    """
+
+    def __init__(self, keys: KeysCollection = "text", tokenizer: Any = None, max_length: int = 512,
+                 ids_key: str = "input_ids", mask_key: str = "attention_mask"):
+        super().__init__(keys)
+        if tokenizer is None:
+            raise ValueError("TokenizeReportd needs the model's tokenizer (custom_nets.build_tokenizer(config))")
+        if len(self.keys) != 1:
+            raise ValueError(f"TokenizeReportd tokenizes one text entry, got keys {self.keys}")
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
+        self.ids_key, self.mask_key = ids_key, mask_key
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any] | str, tokenizer: Any = None, keys: KeysCollection = "text",
+                          max_length: Optional[int] = None, **kwargs) -> "TokenizeReportd":
+        """Tokenizer and ``text.max_length`` from a model config (``max_length`` overrides it)."""
+        from custom_nets import build_tokenizer, load_model_config
+
+        cfg = load_model_config(config) if not isinstance(config, Mapping) else config
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+        length = max_length if max_length is not None else cfg.get("text", {}).get("max_length", 512)
+        return cls(keys, tokenizer, length, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = self.keys[0]
+        if key not in d:
+            raise KeyError(f"{d.get('name', 'item')}: no {key!r} entry to tokenize (put ReportTextd before "
+                           "TokenizeReportd)")
+        tok = self.tokenizer(str(d[key]), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        d[self.ids_key] = tok["input_ids"][0].to(torch.long)
+        d[self.mask_key] = tok["attention_mask"][0].to(torch.long)
+        return d
