@@ -6,3 +6,4 @@ from .qc import CTQualityCheck, CTQualityCheckd, QualityCheckError, check_dicom_
 from .model_input import ToModelInput, ToModelInputd
 from .io import CastToHUInt16d, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
 from .ctrate import NOT_GIVEN, build_datalist, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients
+from .text import REPORT_SECTION_KEYS, ReportTextd, TokenizeReportd, report_sections_from_config
