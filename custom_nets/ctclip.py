@@ -51,6 +51,10 @@ class CTCLIP(nn.Module):
         text_pooling: ``"cls"`` (reference: ``last_hidden_state[:, 0]``) or ``"mean"`` (masked mean).
         keep_reference_extras: hold the ``*_extra`` copies as modules like the reference does (benchmark
             baseline only; costs 605 MB at full size).
+        token_level_similarity: FILIP-style late interaction (off by default): image tokens (depth-averaged
+            CTViT tokens through a new ``to_visual_token_latent``) and text tokens (through ``to_text_latent``)
+            are l2-normalised and the pair score is the mean of the two directions' token-wise max similarity.
+            :meth:`forward` then returns these scores (scaled), so :class:`~custom_nets.losses.ClipLoss` is unchanged.
         autocast_dtype: e.g. ``"bfloat16"``: run both encoders under ``torch.autocast`` (training option).
         gradient_checkpointing: activation checkpointing in both encoders (training option).
     """
@@ -58,8 +62,8 @@ class CTCLIP(nn.Module):
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, *, dim_image: int, dim_text: int,
                  dim_latent: int, extra_latent_projection: bool = False, use_mlm: bool = False,
                  downsample_image_embeds: bool = False, use_all_token_embeds: bool = False, text_pooling: str = "cls",
-                 keep_reference_extras: bool = False, autocast_dtype: Optional[str] = None,
-                 gradient_checkpointing: bool = False):
+                 keep_reference_extras: bool = False, token_level_similarity: bool = False,
+                 autocast_dtype: Optional[str] = None, gradient_checkpointing: bool = False):
         super().__init__()
         for name, value in (("use_mlm", use_mlm), ("downsample_image_embeds", downsample_image_embeds),
                             ("use_all_token_embeds", use_all_token_embeds)):
@@ -78,6 +82,9 @@ class CTCLIP(nn.Module):
         self.visual_transformer = image_encoder
         self.to_text_latent = nn.Linear(dim_text, dim_latent, bias=False)
         self.to_visual_latent = nn.Linear(dim_image, dim_latent, bias=False)
+        self.token_level_similarity = token_level_similarity
+        if token_level_similarity:
+            self.to_visual_token_latent = nn.Linear(image_encoder.dim, dim_latent, bias=False)
         self.holds_extras = bool(extra_latent_projection or keep_reference_extras)
         if self.holds_extras:
             self.to_text_latent_extra = copy.deepcopy(self.to_text_latent)
@@ -248,6 +255,31 @@ class CTCLIP(nn.Module):
         image = torch.as_tensor(image, dtype=torch.float32, device=self.temperature.device)
         return self.encode_image(image.unsqueeze(0))[0]
 
+    # ----------------------------------------------------------------------------------------- token level
+    def image_token_latents(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-token image latents ``(B, h*w, dim_latent)``, l2-normalised (token-level option)."""
+        with self._autocast(image.device):
+            tokens = self.visual_transformer(image, return_encoded_tokens=True)
+        tokens = tokens.float().mean(dim=1)
+        return F.normalize(self.to_visual_token_latent(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])), dim=-1)
+
+    def text_token_latents(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """Per-token text latents ``(B, L, dim_latent)``, l2-normalised (token-level option)."""
+        hidden = self.encode_text_tokens(input_ids, attention_mask).float()
+        return F.normalize(self.to_text_latent(hidden), dim=-1)
+
+    @staticmethod
+    def token_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                         text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """FILIP late-interaction scores ``(B_image, B_text)`` from l2-normalised token latents."""
+        sim = torch.einsum("ind,tmd->itnm", image_tokens, text_tokens)  # (I, T, n_image, n_text)
+        mask = (torch.ones(text_tokens.shape[:2], device=sim.device) if text_mask is None else text_mask).bool()
+        m = mask[None, :, None, :]
+        text_to_image = sim.masked_fill(~m, float("-inf")).amax(dim=2)  # best image token per text token
+        text_to_image = (text_to_image.masked_fill(~mask[None], 0).sum(-1) / mask.sum(-1).clamp(min=1)[None])
+        image_to_text = sim.masked_fill(~m, float("-inf")).amax(dim=3).mean(dim=-1)  # best text token per image token
+        return (text_to_image + image_to_text) / 2
+
     # ----------------------------------------------------------------------------------------- forwards
     def forward(self, image: torch.Tensor, text_input_ids: torch.Tensor,
                 text_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -260,11 +292,14 @@ class CTCLIP(nn.Module):
 
         Returns:
             ``(B_image, B_text)`` logits (row i: image i against every text); with ``extra_latent_projection``,
-            ``(B_image, 2 * B_text)`` = ``[main | extra]`` logits.
+            ``(B_image, 2 * B_text)`` = ``[main | extra]`` logits; with ``token_level_similarity``, FILIP scores.
         """
+        scale = self.temperature.exp()
+        if self.token_level_similarity:
+            text_tokens = self.text_token_latents(text_input_ids, text_attention_mask)
+            return self.token_similarity(self.image_token_latents(image), text_tokens, text_attention_mask) * scale
         image_latents = self.encode_image(image)
         text_latents = self.encode_text(text_input_ids, text_attention_mask)
-        scale = self.temperature.exp()
         logits = image_latents @ text_latents.t() * scale
         if self.extra_latent_projection:
             extra = self.to_visual_latent_extra(self.image_embedding(image))

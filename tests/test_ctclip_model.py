@@ -236,3 +236,35 @@ def test_small_demo_config_uses_the_pretrained_minilm():
     ids, mask = tokens(tok, ["Pleural effusion is present."])
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, *cn.image_input_shape("ctclip_small")), ids, mask).shape == (1, 1)
+
+
+def test_token_level_similarity_option():
+    torch.manual_seed(0)
+    model = cn.create_model("ctclip_tiny", ctclip={"token_level_similarity": True}).eval()
+    ids, mask = tokens(cn.build_tokenizer("ctclip_tiny"), ["Emphysema is present.", "Normal."])
+    image = torch.randn(3, *IMAGE)
+    logits = model(image, ids, mask)
+    assert logits.shape == (3, 2) and torch.isfinite(ClipLoss()(logits[:2]))
+    # padding tokens must not change a text's score
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 5, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image, padded, padded_mask), logits.detach(), atol=1e-5, rtol=0)
+    # scores by hand for one pair
+    with torch.no_grad():
+        it, tt = model.image_token_latents(image[:1])[0], model.text_token_latents(ids[:1], mask[:1])[0]
+        tt = tt[mask[0].bool()]
+        sim = it @ tt.t()
+        expected = (sim.amax(0).mean() + sim.amax(1).mean()) / 2 * model.temperature.exp()
+        assert abs(logits[0, 0] - expected) < 1e-5
+
+
+def test_bf16_autocast_training_option():
+    torch.manual_seed(0)
+    model = cn.create_model("ctclip_tiny", ctclip={"autocast_dtype": "bfloat16"}).train()
+    ids, mask = tokens(cn.build_tokenizer("ctclip_tiny"), ["Emphysema is present.", "Normal."])
+    logits = model(torch.randn(2, *IMAGE), ids, mask)
+    assert logits.dtype == torch.float32  # latents and the loss stay in fp32
+    ClipLoss()(logits).backward()
+    assert model.visual_transformer.to_patch_emb[2].weight.grad is not None
+    assert model.visual_transformer.enc_spatial_transformer.layers[0][1].to_q.weight.grad.dtype == torch.float32
