@@ -30,6 +30,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch import nn
 
+from .handlers import ClassificationEvaluationHandler
+
 __all__ = [
     "load_prompt_file",
     "default_model_config",
@@ -43,6 +45,7 @@ __all__ = [
     "ReportTokensd",
     "ImageReportLatents",
     "ImageLatentsWriter",
+    "DeferredValidationEvaluationHandler",
     "JsonStateWriter",
     "export_network",
 ]
@@ -461,6 +464,38 @@ class ImageLatentsWriter:
         np.savez(tmp, **self._latents)
         os.replace(tmp, self.path)
         logger.info(f"wrote {len(self._latents)} image latents to {self.path}")
+
+
+class DeferredValidationEvaluationHandler(ClassificationEvaluationHandler):
+    """:class:`~workflows.handlers.ClassificationEvaluationHandler` whose validation predictions file is read when
+    the run ends, not when the handler is built.
+
+    ``evaluate.json`` builds both evaluators before the validation one has written its ``predictions.csv``
+    (``check_properties`` does, for one); reading the file at the end of the test run removes that ordering
+    constraint.
+
+    Args:
+        output_dir: folder for the result files.
+        val_predictions: validation ``predictions.csv`` written with ``write_labels=True`` (None: no
+            validation-fitted thresholds).
+        **kwargs: the other :class:`~workflows.handlers.ClassificationEvaluationHandler` arguments.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, val_predictions: str | os.PathLike | None = None, **kwargs):
+        super().__init__(output_dir, **kwargs)
+        self.deferred_val_predictions = val_predictions
+
+    def completed(self, engine) -> None:
+        """Read the validation predictions, then gather, evaluate and write."""
+        from .writers import read_predictions_csv
+
+        path = self.deferred_val_predictions
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"validation predictions not found: {path} (evaluate the validation split "
+                                        "first)")
+            _, self.val_scores, self.val_labels = read_predictions_csv(path, self.class_names, with_labels=True)
+        super().completed(engine)
 
 
 class JsonStateWriter:
