@@ -232,6 +232,7 @@ def _volumes(out: Path) -> dict:
     return res
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     good = {f"train_{p}_a_{r}": ("nifti", {"axcodes": "LAS" if r == 1 else "RAS", "stored": "raw_scl"}, ("1", "-1024"))
             for p in range(1, 7) for r in (1, 2)}
@@ -249,16 +250,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     done = _records(out)
     assert 3 <= len(done) < len(good), "the run must be killed half-way"
     assert not (out / "qc.csv").exists()
-    assert all(p.name.endswith(".nii.gz") and not p.name.startswith(".") or p.name.startswith(".")
-               for p in (out / "volumes").iterdir())
+    # a killed write leaves at most a hidden temp file: every visible volume is complete
+    for p in (out / "volumes").iterdir():
+        if not p.name.startswith("."):
+            assert np.asarray(nib.load(str(p)).dataobj).shape == (32, 32, 16), p.name
     finished_mtimes = {n: (out / "volumes" / f"{n}.nii.gz").stat().st_mtime_ns for n in done}
-    res = subprocess.run(_bundle_cmd(inp, out), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # the rerun and the reference run in this process (same code path as the bundle, less start-up)
+    summary = CTPreprocessor(str(inp), str(out), "ctclip_tiny", progress=False).run()
+    assert summary["resumed"] == len(done) and summary["ok"] == len(good)
     for n, mtime in finished_mtimes.items():  # verified and skipped, not rewritten
         assert (out / "volumes" / f"{n}.nii.gz").stat().st_mtime_ns == mtime
     ref = tmp_path / "ref"
-    res = subprocess.run(_bundle_cmd(inp, ref), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert CTPreprocessor(str(inp), str(ref), "ctclip_tiny", progress=False).run()["resumed"] == 0
     a, b = _volumes(out), _volumes(ref)
     assert sorted(a) == sorted(b) == sorted(f"{n}.nii.gz" for n in good)
     assert not [p for p in (out / "volumes").iterdir() if p.name.startswith(".")]
@@ -271,6 +274,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert {k: v["hu"] for k, v in ma["volumes"].items()} == {k: v["hu"] for k, v in mb["volumes"].items()}
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_split_without_duplicates_or_gaps(tmp_path):
     good = {f"train_{p}_a_1": ("nifti", {"axcodes": "RAS", "stored": "hu"}, ("1", "0")) for p in range(1, 6)}
     inp = make_cohort(tmp_path / "in", bad=False, good=good)

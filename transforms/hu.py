@@ -36,7 +36,13 @@ class HUDecisionError(ValueError):
 
 def _sample(values: torch.Tensor, max_samples: int = 2_000_000) -> np.ndarray:
     """A strided subsample of the voxels (deterministic) as float32 numpy."""
-    flat = values.reshape(-1)
+    t = values.as_tensor() if isinstance(values, MetaTensor) else torch.as_tensor(values)
+    n = t.numel()
+    if n > max_samples and t.ndim >= 3:
+        # a strided sub-grid: no copy of the volume (a reshape of a permuted view would copy it)
+        step = max(1, int(np.ceil((n / max_samples) ** (1.0 / 3.0))))
+        t = t[..., ::step, ::step, ::step]
+    flat = t.reshape(-1)
     step = max(1, flat.numel() // max_samples)
     return flat[::step].to(torch.float32).cpu().numpy()
 
@@ -201,10 +207,13 @@ class RescaleToHU(Transform):
         floored = 0.0
         if self.floor_hu is not None:
             below = out < self.floor_hu
-            floored = float(below.float().mean()) if below.any() else 0.0
+            floored = float(below.sum()) / below.numel() if below.any() else 0.0
             if floored:
-                out = out.clone() if out is img else out
-                out[below] = self.floor_hu
+                t = out.as_tensor() if isinstance(out, MetaTensor) else out
+                floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
+                t = torch.clamp(t, min=floor)  # a new tensor: the input is not modified
+                out = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"}) \
+                    if isinstance(img, MetaTensor) else t
         provenance = {
             "source": self.source,
             "decision": chosen[0],

@@ -18,11 +18,39 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+import itk
+from monai.data import ITKReader, MetaTensor
 from monai.data.utils import compute_shape_offset, zoom_affine
 from monai.transforms import MapTransform, Spacing, Transform
 
-__all__ = ["ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d", "save_nifti_atomic", "linear_resample_axes"]
+__all__ = ["ITKVolumeReader", "ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d", "save_nifti_atomic", "linear_resample_axes"]
+
+
+class ITKVolumeReader(ITKReader):
+    """MONAI's ``ITKReader`` (NIfTI files, DICOM series folders) without the transposing copy.
+
+    ``ITKReader`` returns ITK's (z, y, x) buffer transposed to (x, y, z), and MONAI then makes it
+    C-contiguous: a full strided copy that costs more than decompressing the file. This reader
+    keeps ITK's memory order, as an owned copy (``reverse_indexing=True`` in MONAI 1.6.1 returns a
+    view of a buffer ITK frees: use-after-free), and reverses the voxel axes of the affine to
+    match, so the array is (z, y, x) with a correct affine; ``Orientationd`` then makes it RAS by a
+    permutation view. Single-channel images only (CT).
+    """
+
+    def _get_array_data(self, img):
+        arr = itk.array_view_from_image(img, keep_axes=False)
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError("ITKVolumeReader reads single-channel images only")
+        return np.array(arr, copy=True)
+
+    def _get_affine(self, img, lps_to_ras: bool = True):
+        affine = super()._get_affine(img, lps_to_ras)
+        sr = affine.shape[0] - 1
+        affine[:, :sr] = affine[:, :sr][:, ::-1]
+        return affine
+
+    def _get_spatial_shape(self, img):
+        return super()._get_spatial_shape(img)[::-1].copy()
 
 
 def _axis_plan(n_in: int, n_out: int, scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,19 +95,25 @@ def linear_resample_axes(
         out_dtype: dtype of the result.
         slab: output slices computed at a time (bounds the temporary memory).
     """
-    plans = [_axis_plan(x.shape[k], int(out_shape[k]), float(scales[k]), float(shifts[k])) for k in range(3)]
-    out = torch.empty(tuple(int(s) for s in out_shape), dtype=out_dtype)
+    # Work in the tensor's memory order (slowest axis first) and slab along the slowest axis: the
+    # gathers then read contiguous planes, and the result keeps the input's memory layout.
+    order = sorted(range(3), key=lambda k: -x.stride(k))
+    xm = x.permute(order)
+    shape_m = [int(out_shape[k]) for k in order]
+    plans = [_axis_plan(xm.shape[i], shape_m[i], float(scales[k]), float(shifts[k])) for i, k in enumerate(order)]
+    out = torch.empty(shape_m, dtype=out_dtype)
     info = torch.iinfo(out_dtype) if not out_dtype.is_floating_point else None
-    iz, wz = plans[2]
-    for start in range(0, int(out_shape[2]), slab):
-        stop = min(start + slab, int(out_shape[2]))
-        t = _interp(x, 2, iz[start:stop], wz[start:stop])
-        t = _interp(t, 0, *plans[0])
+    i0, w0 = plans[0]
+    for start in range(0, shape_m[0], slab):
+        stop = min(start + slab, shape_m[0])
+        t = _interp(xm, 0, i0[start:stop], w0[start:stop])
         t = _interp(t, 1, *plans[1])
+        t = _interp(t, 2, *plans[2])
         if info is not None:
             t = t.round_().clamp_(info.min, info.max)
-        out[:, :, start:stop] = t
-    return out
+        out[start:stop] = t
+    inverse = [order.index(k) for k in range(3)]
+    return out.permute(inverse)
 
 
 class ResampleToSpacing(Transform):

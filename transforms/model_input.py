@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, Transform
 
-__all__ = ["ToModelInput", "ToModelInputd"]
+__all__ = ["ToModelInput", "ToModelInputd", "raw_to_model_input_transforms"]
 
 
 def _input_section(config: Mapping | str) -> Mapping:
@@ -109,3 +109,42 @@ class ToModelInputd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+def raw_to_model_input_transforms(
+    config: Mapping | str, keys: str = "image", hu_source: str = "auto", qc: Mapping | None = None
+) -> list:
+    """Transforms that take a raw volume (NIfTI path or DICOM folder) straight to a model's input.
+
+    The same chain as the ct_preprocess bundle (ITK read, structural QC, HU decision, HU QC, RAS,
+    trilinear resampling to the config's spacing, crop/pad with ``pad_hu``) without the int16
+    storage round trip, followed by :class:`ToModelInputd`. For inference bundles that accept raw
+    scans ("one scan in, probabilities out").
+
+    Args:
+        config: model config (dict, shipped name or JSON path).
+        keys: the image key (holding a path before, a ``(1, D, H, W)`` float32 tensor after).
+        hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
+        qc: keyword arguments of :class:`transforms.CTQualityCheckd`.
+    """
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd
+
+    from .hu import RescaleToHUd
+    from .io import ITKVolumeReader, ResampleToSpacingd
+    from .qc import CTQualityCheckd
+
+    inp = _input_section(config)
+    qc = dict(qc or {})
+    check_hu = qc.pop("check_hu", True)
+    return [
+        LoadImaged(keys=keys, reader=ITKVolumeReader(), image_only=True, dtype=None),
+        EnsureChannelFirstd(keys=keys),
+        CTQualityCheckd(keys=keys, check_hu=False, **qc),
+        RescaleToHUd(keys=keys, source=hu_source),
+        CTQualityCheckd(keys=keys, check_hu=check_hu, check_structure=False),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ResampleToSpacingd(keys=keys, pixdim=inp["spacing_mm"], out_dtype="float32"),
+        ResizeWithPadOrCropd(keys=keys, spatial_size=inp["spatial_size"], mode="constant",
+                             value=inp.get("pad_hu", -1000)),
+        ToModelInputd.from_model_config(keys, config),
+    ]

@@ -50,7 +50,7 @@ from transforms.ctrate import (
     write_json_atomic,
 )
 from transforms.hu import RescaleToHUd
-from transforms.io import CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
+from transforms.io import ITKVolumeReader, CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
 from transforms.qc import NIFTI_SUFFIXES, CTQualityCheckd, QualityCheckError, check_input, is_dicom_file
 
 __all__ = ["discover_inputs", "build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
@@ -212,7 +212,7 @@ def build_preprocessing(
     """
     qc = dict(qc or {})
     load = Compose([
-        LoadImaged(keys="image", reader=ITKReader(), image_only=True, dtype=None),
+        LoadImaged(keys="image", reader=ITKVolumeReader(), image_only=True, dtype=None),
         EnsureChannelFirstd(keys="image"),
     ])
     if resampler == "monai":
@@ -371,20 +371,23 @@ class CTPreprocessor:
                          "rescale_intercept": item.get("rescale_intercept")})
             img = data["image"]
             if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
-                affine = _geometry_from_metadata(item.get("meta_geometry") or {}, img.shape[1:])
+                affine = _geometry_from_metadata(item.get("meta_geometry") or {}, img.shape[1:][::-1])
                 if affine is None:
                     raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
                                             "(sform_code and qform_code 0) and no metadata row to restore it")
-                img.affine = torch.as_tensor(affine)
+                affine[:, :3] = affine[:, :3][:, ::-1]  # ITKVolumeReader's arrays are (k, j, i)
+                img.affine = torch.as_tensor(affine.copy())
                 record["warning"] = "; ".join(filter(None, [record["warning"], "geometry restored from metadata"]))
-            record["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:])
+            # reported in the file's own voxel order (ITKVolumeReader hands out (k, j, i))
+            record["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
             if isinstance(img, MetaTensor) and img.ndim == 4:
                 from monai.data.utils import affine_to_spacing
                 from nibabel.orientations import aff2axcodes
 
                 aff = np.asarray(img.affine, dtype=np.float64)
-                record["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3))
-                record["input_orientation"] = "".join(aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+                record["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3)[::-1])
+                codes = aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+                record["input_orientation"] = "".join(str(c) for c in codes[::-1])
             data = process(data)
             out = data["image"]
             record["hu"] = _compact_hu(data["hu_provenance"])
