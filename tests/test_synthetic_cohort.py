@@ -181,6 +181,22 @@ def test_unwritable_output_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
 
 
+def test_foreign_folder_is_refused_and_an_old_cohort_replaced(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(CohortConfigError, match="notes.txt"):
+        generate_cohort(foreign, 1, renderer="synthetic_standin", geometry="tests", progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    out = tmp_path / "cohort"
+    generate_cohort(out, 3, renderer="synthetic_standin", geometry="tests", progress=False, num_workers=1,
+                    two_scan_fraction=0.0)
+    assert (out / "volumes" / "train_3").is_dir()
+    generate_cohort(out, 1, renderer="synthetic_standin", geometry="tests", progress=False, num_workers=1)
+    assert [p.name for p in (out / "volumes").iterdir()] == ["train_1"]  # no stale patient left
+    assert all(p.name.startswith("train_1_") for p in (out / "ground_truth").iterdir())
+
+
 def test_failing_case_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
     module = tmp_path / "mods" / "failing_renderer.py"
     module.parent.mkdir()
@@ -242,8 +258,8 @@ def test_bundle_files_are_complete():
     readme = (BUNDLE / "docs" / "README.md").read_text()
     assert "python -m monai.bundle run --config_file bundles/synthetic_chest_ct/configs/generate.json" in readme
     cfg = json.loads((BUNDLE / "configs" / "generate.json").read_text())
-    for key in ("output_dir", "num_cases", "seed", "geometry", "prevalence", "balanced", "encodings", "dicom_fraction",
-                "two_recon_fraction", "num_workers", "run"):
+    for key in ("output_dir", "num_cases", "seed", "geometry", "prevalence", "balanced", "encodings", "orientations",
+                "dicom_fraction", "two_recon_fraction", "two_scan_fraction", "label_noise", "num_workers", "run"):
         assert key in cfg, key
 
 

@@ -25,7 +25,7 @@ import json
 import os
 import platform
 import re
-import sys
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -70,9 +70,10 @@ _MANUFACTURERS = (
     ("Siemens", 0.301, ("SOMATOM Definition Edge", "SOMATOM Definition AS"), {"soft": "B30f", "sharp": "B70f"}, 1085.6, 595.0),
     ("PNMS", 0.084, ("NeuViz 128", "NeuViz 64"), {"soft": "STANDARD", "sharp": "LUNG"}, 1040.0, 570.0),
 )
+_COHORT_ENTRIES = ("volumes", "ground_truth", "metadata.csv", "reports.csv", "labels.csv", "cohort.json")
 _SPLIT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,31}$")
 _RENDERER_FUNCTIONS = ("sample_case_record", "default_grid", "sample_recon", "render_truth", "apply_scanner")
-_RENDERER_MODULES = ("", ".record", ".case", ".render", ".scanner", ".findings", ".anatomy")
+_RENDERER_MODULES = (".record", ".render", ".scanner")
 
 
 class CohortConfigError(ValueError):
@@ -189,7 +190,7 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encodings, orientations, dicom_fraction,
-              two_recon_fraction, two_scan_fraction, anisotropic_fraction, num_workers, split_prefix, renderer) -> dict:
+              two_recon_fraction, two_scan_fraction, anisotropic_fraction, label_noise, num_workers, split_prefix, renderer) -> dict:
     if isinstance(num_cases, bool) or not isinstance(num_cases, (int, np.integer)) or num_cases < 1:
         raise CohortConfigError(f"num_cases must be a positive integer, got {num_cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -204,6 +205,7 @@ def _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encod
         "two_recon_fraction": _fraction(two_recon_fraction, "two_recon_fraction"),
         "two_scan_fraction": _fraction(two_scan_fraction, "two_scan_fraction"),
         "anisotropic_fraction": _fraction(anisotropic_fraction, "anisotropic_fraction"),
+        "label_noise": _fraction(label_noise, "label_noise"),
         "encodings": _weights(DEFAULT_ENCODINGS if encodings is None else encodings, ENCODINGS, "encodings"),
         "orientations": _weights(DEFAULT_ORIENTATIONS if orientations is None else orientations, ORIENTATIONS, "orientations"),
     }
@@ -247,7 +249,23 @@ def _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encod
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise CohortConfigError(f"invalid prevalence/balanced/geometry: {msg}") from None
     _check_writable(Path(output_dir))
+    out = Path(output_dir)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _COHORT_ENTRIES)
+        if foreign:
+            raise CohortConfigError(f"output_dir {str(out)!r} holds files that are not part of a generated cohort "
+                                    f"({', '.join(foreign[:5])}); use an empty or new folder")
     return cfg
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier cohort in ``out`` (only our own entries), so no stale volume survives."""
+    for name in _COHORT_ENTRIES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,9 +408,10 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
     cseed = int(task["seed"])
     pid, scan = task["patient_id"], task["scan"]
     rng = np.random.default_rng([cseed, 0xE2C0])
-    record = fns["sample_case_record"](pid, scan, cseed, prevalence=task["prevalence"], balanced=task["balanced"])
+    noise = {"label_noise": task["label_noise"]} if task.get("label_noise") else {}
+    record = fns["sample_case_record"](pid, scan, cseed, prevalence=task["prevalence"], balanced=task["balanced"], **noise)
     grid = fns["default_grid"](record, task["geometry"], np.random.default_rng([cseed, 0x6E1D]))
-    grid = {k: [v for v in grid[k]] for k in ("shape", "spacing_mm", "origin_mm")} | {k: v for k, v in grid.items() if k not in ("shape", "spacing_mm", "origin_mm")}
+    grid = json.loads(json.dumps(_jsonable(grid)))  # own copy: the anisotropic variant edits it
     anisotropic = rng.random() < task["anisotropic_fraction"]
     if anisotropic:  # rare x != y pixel spacing: coarser rows, same extent
         extent = grid["shape"][1] * grid["spacing_mm"][1]
@@ -521,6 +540,7 @@ def generate_cohort(
     two_recon_fraction: float = 0.5,
     two_scan_fraction: float = 0.2,
     anisotropic_fraction: float = 0.05,
+    label_noise: float = 0.0,
     num_workers: int = 2,
     split_prefix: str = "train",
     progress: bool = True,
@@ -532,7 +552,8 @@ def generate_cohort(
     :class:`CohortConfigError` naming the parameter and leaves no file behind.
 
     Args:
-        output_dir: cohort folder (created; existing cohort files are overwritten).
+        output_dir: cohort folder: new, empty, or an earlier generated cohort (which is replaced);
+            a folder with other files is refused.
         num_cases: number of scans (case records); each has 1 or 2 reconstructions.
         seed: cohort seed; case ``i`` uses seeds derived from ``(seed, i)``.
         geometry: renderer geometry preset ("tests", "demo", "ctrate") or a grid dict.
@@ -546,6 +567,8 @@ def generate_cohort(
         two_recon_fraction: share of scans with a second reconstruction.
         two_scan_fraction: share of patients with a second scan ``b``.
         anisotropic_fraction: share of scans with x ≠ y pixel spacing.
+        label_noise: probability of flipping each label in labels.csv (the report still follows
+            the findings, as CT-RATE's classifier-made labels do); the record lists the flips.
         num_workers: worker processes (1 = in this process); the output does not depend on it.
         split_prefix: first part of every name ("train" → ``train_12_a_1``).
         progress: show a tqdm progress bar.
@@ -562,8 +585,10 @@ def generate_cohort(
     """
     t0 = time.perf_counter()
     cfg = _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encodings, orientations, dicom_fraction,
-                    two_recon_fraction, two_scan_fraction, anisotropic_fraction, num_workers, split_prefix, renderer)
+                    two_recon_fraction, two_scan_fraction, anisotropic_fraction, label_noise, num_workers, split_prefix,
+                    renderer)
     out = Path(output_dir).resolve()
+    _clear_previous(out)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     cases = plan_cases(int(num_cases), int(seed), cfg["two_scan_fraction"], split_prefix)
@@ -571,7 +596,7 @@ def generate_cohort(
         "output_dir": str(out), "geometry": geometry, "prevalence": prevalence, "balanced": balanced,
         "encodings": cfg["encodings"], "orientations": cfg["orientations"], "dicom_fraction": cfg["dicom_fraction"],
         "two_recon_fraction": cfg["two_recon_fraction"], "anisotropic_fraction": cfg["anisotropic_fraction"],
-        "renderer": renderer, "cohort_seed": int(seed),
+        "renderer": renderer, "cohort_seed": int(seed), "label_noise": cfg["label_noise"],
     }
     tasks = [dict(common, **c) for c in cases]
     results: dict[int, list[dict]] = {}

@@ -58,14 +58,19 @@ def _pick_sidecars(cohort: Path, num_cases: int) -> list[dict]:
             sidecars.append(json.load(f))
     if not sidecars:
         raise FileNotFoundError(f"no ground-truth sidecars in {cohort / 'ground_truth'}: is {cohort} a generated cohort?")
-    # one reconstruction per scan, cases with marked findings first, then in name order
-    seen, chosen = set(), []
-    for sc in sorted(sidecars, key=lambda s: (not any(f.get("centers_mm") for f in s["record"]["findings"]), s["case_index"])):
-        scan = (sc["record"]["patient_id"], sc["record"]["scan"])
-        if scan not in seen:
-            seen.add(scan)
-            chosen.append(sc)
-    return sorted(chosen[:num_cases], key=lambda s: s["case_index"])
+    # one reconstruction per scan, cases with marked findings first, then in case order; within a
+    # scan prefer a storage format not shown yet, so the picture covers NIfTI and DICOM
+    by_scan: dict[tuple, list[dict]] = {}
+    for sc in sidecars:
+        by_scan.setdefault((sc["case_index"],), []).append(sc)
+    scans = sorted(by_scan.values(), key=lambda group: (not any(f.get("centers_mm") for f in group[0]["record"]["findings"]),
+                                                         group[0]["case_index"]))
+    chosen, formats = [], set()
+    for group in scans[:num_cases]:
+        group = sorted(group, key=lambda s: (s["storage"]["format"] in formats, s["VolumeName"]))
+        chosen.append(group[0])
+        formats.add(group[0]["storage"]["format"])
+    return sorted(chosen, key=lambda s: s["case_index"])
 
 
 def _load_hu(cohort: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -126,14 +131,19 @@ def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, w
         ax, co = axes[row]
         ax.imshow(ax_img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=sy / sx, interpolation="nearest")
         co.imshow(co_img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=sz / sx, interpolation="nearest")
+        named_ax, named_co = set(), set()  # one caption per label and panel
         for i, j, k, label, size in inside:
             r_px = max(3.0, 0.6 * size / sx + 2)
             if abs(k - k0) * sz <= 12:
                 ax.add_patch(plt.Circle((nx - 1 - i, j), r_px, fill=False, color="#ff3b30", lw=1.2))
-                ax.annotate(_SHORT.get(label, label), (nx - 1 - i, j + r_px), color="#ffd60a", fontsize=7, ha="center", va="bottom")
+                if label not in named_ax:
+                    named_ax.add(label)
+                    ax.annotate(_SHORT.get(label, label), (nx - 1 - i, j + r_px), color="#ffd60a", fontsize=7, ha="center", va="bottom")
             if abs(j - j0) * sy <= 12:
                 co.add_patch(matplotlib.patches.Ellipse((nx - 1 - i, k), 2 * r_px, 2 * r_px * sx / sz, fill=False, color="#ff3b30", lw=1.2))
-                co.annotate(_SHORT.get(label, label), (nx - 1 - i, k + r_px * sx / sz), color="#ffd60a", fontsize=7, ha="center", va="bottom")
+                if label not in named_co:
+                    named_co.add(label)
+                    co.annotate(_SHORT.get(label, label), (nx - 1 - i, k + r_px * sx / sz), color="#ffd60a", fontsize=7, ha="center", va="bottom")
         enc = sc["encoding"]["name"]
         st = sc["storage"]
         positives = [_SHORT[n] for n, v in sc["labels"].items() if v]
