@@ -143,12 +143,12 @@ def test_classfine_frozen_backbone_stays_in_eval(tiny):
 def test_zero_shot_equals_the_reference_procedure(tiny):
     tiny.eval()
     tok = cn.build_tokenizer("ctclip_tiny")
-    names = ["Emphysema", "Lung nodule", "Pleural effusion"]
+    names = ["Emphysema", "Pleural effusion"]
     templates = [("{} is present.", "{} is not present."), ("{} is seen.", "no {} is seen.")]
     zs = ZeroShotClassifier(tiny, tok, class_names=names, templates=templates, max_length=64)
     image = torch.randn(2, *IMAGE)
     probs = zs(image)
-    assert probs.shape == (2, 3) and ((probs > 0) & (probs < 1)).all()
+    assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
     for b in range(2):
         for c, name in enumerate(names):
             per_template = []
