@@ -306,11 +306,13 @@ def _lung_nodule(f: dict, w: _Writer) -> tuple[list[str], str]:
         ))
         imp = w.pick(("Millimetric nodules in both lungs." if f.get("side") == "bilateral" else "Millimetric nodules.", "Nonspecific pulmonary nodules."))
     elif count > 1:
-        s = w.pick((
-            f"{kind.capitalize()} nodules measuring {sizes} mm were observed in {where}.",
-            f"There are {count} {kind} nodules in {where}, the largest being {format_mm(size, w.rng)} mm.",
-            f"Nodules with diameters of {sizes} mm are observed in {where}.",
-        ))
+        largest = format_mm(size, w.rng)
+        options = [f"There are {count} {kind} nodules in {where}, the largest being {largest} mm.",
+                   f"{kind.capitalize()} nodules, the largest measuring {largest} mm, were observed in {where}."]
+        if " and " in sizes:  # two sizes quoted: "4 and 6.5 mm"
+            options += [f"{kind.capitalize()} nodules measuring {sizes} mm were observed in {where}.",
+                        f"Nodules with diameters of {sizes} mm are observed in {where}."]
+        s = w.pick(options)
         imp = "Pulmonary nodules."
     else:
         d = format_mm(size, w.rng)
