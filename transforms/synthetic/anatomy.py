@@ -398,7 +398,7 @@ class ChestAnatomy:
         out = []
         A, B = self.A, self.B
         for _ in range(max_tries):
-            m = 4000
+            m = max(300, 80 * n)
             x = rng.uniform(-A, 0, m) if right else rng.uniform(0, A, m)
             y = rng.uniform(-B, B, m)
             z = rng.uniform(min(self.z_dome_r, self.z_dome_l) - 70, self.z_apex, m)

@@ -179,6 +179,35 @@ class Canvas:
             if sl is not None:
                 self.paint(sl, occ, value)
 
+    def paint_polyline_layers(self, points, layers):
+        """Concentric tubes along a polyline in one distance evaluation per segment.
+
+        Args:
+            points: (N, 3) polyline (mm).
+            layers: [(value, radius_mm), ...] painted outermost first (e.g. cortex then marrow).
+        """
+        pts = np.asarray(points, dtype=np.float64)
+        rmax = max(r for _, r in layers)
+        h_min = float(self.spacing.min())
+        for a in range(len(pts) - 1):
+            p0, p1 = pts[a], pts[a + 1]
+            sl = self.box(np.minimum(p0, p1) - rmax - 1, np.maximum(p0, p1) + rmax + 1)
+            if sl is None:
+                continue
+            x, y, z = self.coords(sl)
+            ax = p1 - p0
+            L2 = float(ax @ ax) + 1e-9
+            t = np.clip(((x - p0[0]) * ax[0] + (y - p0[1]) * ax[1] + (z - p0[2]) * ax[2]) / L2, 0, 1)
+            ex, ey, ez = x - (p0[0] + t * ax[0]), y - (p0[1] + t * ax[1]), z - (p0[2] + t * ax[2])
+            dist = np.sqrt(ex * ex + ey * ey + ez * ez) + 1e-6
+            w = self.normal_width(ex / dist, ey / dist, ez / dist)
+            for value, r in layers:
+                r_eff = max(r, 0.5 * h_min)
+                occ = ramp(dist - r_eff, w)
+                if r < r_eff:
+                    occ *= (r / r_eff) ** 2
+                self.paint(sl, occ, value)
+
     # ------------------------------------------------------------------ thin structures
     def splat(self, points, volumes) -> np.ndarray:
         """Volume-fraction field of point masses (mm^3 each), trilinearly distributed.

@@ -141,7 +141,7 @@ INCIDENTAL_FINDINGS = (
     "costal cartilage calcification",
 )
 
-_P_OLD = 0.30  # P(age >= 65) under the age model below
+_P_OLD = 0.373  # P(age >= 65) under the age model below (18 + 77 Beta(2.4, 2.2))
 
 
 def validate_prevalence(prevalence) -> dict:
@@ -186,6 +186,14 @@ def _lift(p):
     return float(min(0.95, p + (1.0 - p) * 0.35, 3.0 * p + 0.05))
 
 
+def _latent_prob(p, any_active, q):
+    """P(label | parents) from the marginal ``p`` and P(any parent active) ``q``."""
+    if p <= 0.0 or p >= 1.0:
+        return float(np.clip(p, 0.0, 1.0))
+    hi = min(_lift(p), p / q) if q > 0 else p  # never so strong that the marginal overshoots
+    return hi if any_active else _conditional(p, hi, q)
+
+
 def sample_case_record(
     patient_id: str,
     scan: str,
@@ -226,22 +234,16 @@ def sample_case_record(
     labels = {}
     for name in _ORDER:
         p = target[name]
+        q = _p_any(_PARENTS[name], latent_p)
+        any_active = any(active[f] for f in _PARENTS[name])
         if name in _COUPLINGS:
             parent, c = _COUPLINGS[name]
             p_par = target[parent]
-            c = min(c, 1.0) if p_par > 0 else 0.0
-            if labels[parent]:
-                prob = c
-            else:
-                p_rest = _conditional(p, c, p_par)
-                q = _p_any(_PARENTS[name], latent_p)
-                prob = _conditional(p_rest, _lift(p_rest), q)
-                if any(active[f] for f in _PARENTS[name]):
-                    prob = _lift(p_rest)
+            # the documented conditional, capped so that the marginal can still equal the target
+            c = min(c, p / p_par) if p_par > 0 else 0.0
+            prob = c if labels[parent] else _latent_prob(_conditional(p, c, p_par), any_active, q)
         else:
-            q = _p_any(_PARENTS[name], latent_p)
-            hi = _lift(p)
-            prob = hi if any(active[f] for f in _PARENTS[name]) else _conditional(p, hi, q)
+            prob = _latent_prob(p, any_active, q)
         labels[name] = int(rng.random() < prob)
     # passive atelectasis needs an effusion; keep the pair physically consistent
     cmr = 0.0

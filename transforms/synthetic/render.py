@@ -110,6 +110,15 @@ def render_truth(record: dict, grid: dict) -> dict:
     F.pleural_effusion(lung, fnd)
     metal = F.devices(cv, anat, fnd)
 
+    # pure-tissue masks for HU QA: voxels still holding exactly their tissue's value
+    hu0 = cv.hu
+    inner_wall = anat.cage_distance(X, Y, Z, grow=18.0) > 3.0
+    masks["subcutaneous_fat"] = masks["body"] & (np.abs(hu0 - p["fat_hu"]) < 0.5) & inner_wall
+    masks["muscle"] = np.abs(hu0 - p["muscle_hu"]) < 0.5
+    masks["liver"] = np.abs(hu0 - p["liver_hu"]) < 0.5
+    masks["cancellous_bone"] = np.abs(hu0 - p["cancellous_hu"]) < 0.5
+    masks["abdomen"] = (Z < anat.diaphragm_z(X, Y)) & (d_cage < 0)
+
     # ---- soft-tissue texture (organs are not piecewise constant)
     soft = (cv.hu > -200) & (cv.hu < 200)
     tex = smooth_noise(cv, rng, 3.0)
@@ -212,7 +221,7 @@ def _paint_bones(cv: Canvas, anat: ChestAnatomy, inc, rng):
     for i in range(12):
         z0 = z_t1 - i * h
         reach = np.pi * (1.0 if i < 7 else (0.85 if i < 10 else 0.55))
-        th = np.linspace(0.12, reach, 30)
+        th = np.linspace(0.12, reach, 12)
         drop = (45 + 25 * (i > 4)) * (th / np.pi) ** 1.3 - 8 * np.sin(th)  # rises, then runs anterior-inferior
         for s in (-1, 1):
             zz = z0 - drop
@@ -220,8 +229,7 @@ def _paint_bones(cv: Canvas, anat: ChestAnatomy, inc, rng):
             pts = np.stack([s * (a + 6) * np.sin(th), (b + 6) * np.cos(th), zz], -1)
             bone_part = th < 0.78 * np.pi if i < 10 else np.ones_like(th, bool)
             pb = pts[bone_part]
-            cv.paint_polyline(np.float32(cort), pb, 5.0)
-            cv.paint_polyline(np.float32(canc + 100), pb, 3.2)
+            cv.paint_polyline_layers(pb, [(np.float32(cort), 5.0), (np.float32(canc + 100), 3.2)])
             if i < 10:
                 pc = pts[~bone_part]
                 pc = np.concatenate([pb[-1:], pc, [[s * 14.0, -anat.B - 6, pc[-1, 2] if len(pc) else zz[-1]]]])
@@ -244,8 +252,7 @@ def _paint_bones(cv: Canvas, anat: ChestAnatomy, inc, rng):
     # clavicles and scapulae
     for s in (-1, 1):
         cl = np.array([[s * 20.0, -anat.B - 12, 62], [s * 0.55 * anat.A, -anat.B - 5, 75], [s * (anat.A + 10), -0.45 * anat.B, 92]])
-        cv.paint_polyline(np.float32(cort), cl, 6.5)
-        cv.paint_polyline(np.float32(canc + 80), cl, 4.5)
+        cv.paint_polyline_layers(cl, [(np.float32(cort), 6.5), (np.float32(canc + 80), 4.5)])
         # scapula: a thin plate on the posterolateral chest wall, tangent to the ribs
         R = rotation_from_axes([np.cos(0.5), -s * np.sin(0.5), 0.0])
         c = [s * 0.62 * anat.A, 0.88 * anat.B + 14, 75.0]

@@ -141,7 +141,9 @@ def sample_recon(record: dict, rng, index: int) -> dict:
     """
     scan_rng = np.random.default_rng([int(record["seed"]) & 0xFFFFFFFF, 0x5CA7])
     padding = float(scan_rng.choice(PADDING_VALUES, p=[0.35, 0.3, 0.3, 0.05]))
-    fov = float(np.clip(record["anatomy"]["body_width_mm"] * scan_rng.uniform(1.03, 1.15), 300, 500))
+    a = record["anatomy"]
+    # the circle usually clears the body's corners; large patients get truncated like on real scanners
+    fov = float(np.clip(np.hypot(a["body_width_mm"], a["body_depth_mm"]) * scan_rng.uniform(0.92, 1.05), 300, 500))
     iterative = bool(scan_rng.random() < 0.35)
     thick = float(scan_rng.choice([1.0, 1.25, 1.5, 2.0, 3.0, 5.0], p=[0.25, 0.1, 0.35, 0.1, 0.1, 0.1]))
     # 1-based as in CT-RATE volume names (…_1 soft, …_2 sharp); 0 is accepted as the first one
@@ -218,7 +220,8 @@ def apply_scanner(truth: dict, grid: dict, recon: dict, seed: int) -> np.ndarray
     w_lat = mu[:, max(cj - 2, 0): cj + 3, :].mean(axis=1).sum(axis=0) * sx
     w_ap = mu[max(ci - 2, 0): ci + 3, :, :].mean(axis=0).sum(axis=0) * sy
     w_eff = 0.7 * w_lat + 0.3 * w_ap
-    factor = np.clip(np.exp(0.019 * (w_eff - 250.0) / 2.0), 0.6, 2.5).astype(np.float32)
+    # sigma ∝ exp(mu L / 2) at fixed mAs; tube-current modulation recovers about half of it
+    factor = np.clip(np.exp(0.5 * 0.019 * (w_eff - 250.0) / 2.0), 0.7, 1.8).astype(np.float32)
     img += noise * (float(recon["noise_sd_hu"]) * factor)[None, None, :]
     # 3. metal streaks
     if truth.get("metal", False) or (hu > 2500).any():
