@@ -181,6 +181,7 @@ class ClassFineNetwork(ClassFineClassifier):
         for m in modules:
             m.requires_grad_(True)
         self.freeze_backbone = False
+        self.clear_cache()
         self.train(self.training)
         return params
 

@@ -1,0 +1,195 @@
+"""The ct_clip_classfine bundle end to end on the tiny cohort: train (frozen backbone, one epoch), evaluate
+(validation, test with validation thresholds, zero-shot baseline), progressive unfreezing, raw DICOM inference.
+
+Runs the configs in-process with ``ConfigWorkflow`` (the code path of ``python -m monai.bundle run``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from custom_nets import ClassFineClassifier, create_model, load_checkpoint
+from transforms import CTRATE_PATHOLOGIES
+from transforms.qc import is_dicom_file
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_clip_classfine"
+CONFIGS = BUNDLE / "configs"
+TINY = dict(model_config="ctclip_tiny", num_workers=0, batch_size=4, val_batch_size=4)
+
+
+def workflow(files, workflow_type="train", **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(CONFIGS / f) for f in files]
+    w = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], meta_file=str(CONFIGS / "metadata.json"),
+                       logging_file=str(CONFIGS / "logging.conf"), workflow_type=workflow_type,
+                       bundle_root=str(BUNDLE), **overrides)
+    w.initialize()
+    return w
+
+
+def run(w):
+    w.run()
+    w.finalize()
+    return w
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path_factory):
+    """One ClassFine epoch with the frozen backbone; returns (workflow, output_dir)."""
+    out = tmp_path_factory.mktemp("classfine_run")
+    w = workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(out),
+                 pretrained=str(tiny_clip_checkpoint), epochs=1, **TINY)
+    head_before = w.parser.get_parsed_content("network").classifier.weight.detach().clone()
+    run(w)
+    return w, out, head_before
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_preprocessed_dir, tiny_clip_checkpoint):
+    _, out, _ = trained
+    w = workflow(["train.json", "evaluate.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(out),
+                 pretrained=str(tiny_clip_checkpoint), n_bootstrap=200, **TINY)
+    run(w)
+    return out
+
+
+def test_properties_complete(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
+    w = workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
+                 pretrained=str(tiny_clip_checkpoint), **TINY)
+    assert w.check_properties() == []
+    lipro = tmp_path / "lipro.pt"
+    torch.save(ClassFineClassifier(create_model("ctclip_tiny")).state_dict(), lipro)
+    w = workflow(["inference.json"], "infer", dataset_dir=str(tiny_preprocessed_dir / "datalist.json"),
+                 output_dir=str(tmp_path), model_config="ctclip_tiny", ckpt_path=str(lipro))
+    assert w.check_properties() == []
+
+
+def test_metadata_has_required_fields():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright",
+                "network_data_format", "intended_use", "references"):
+        assert meta.get(key), key
+    assert meta["version"] in meta["changelog"]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(CTRATE_PATHOLOGIES)
+
+
+def test_frozen_backbone_is_bit_identical(trained, tiny_clip_checkpoint):
+    w, out, head_before = trained
+    pretrained = torch.load(tiny_clip_checkpoint, weights_only=True)
+    network = w.parser.get_parsed_content("network")
+    after = network.trained_model.state_dict()
+    assert set(after) == set(pretrained)
+    changed = [k for k in pretrained if not torch.equal(pretrained[k], after[k].cpu())]
+    assert changed == [], f"backbone tensors changed during frozen training: {changed[:5]}"
+    vq = [k for k in after if "vq._codebook" in k]
+    assert {k.rsplit(".", 1)[-1] for k in vq} == {"embed", "cluster_size", "initted"}
+    # the head did train, from cached latents after the first pass
+    assert not torch.equal(head_before, network.classifier.weight.detach())
+    n_train = len(w.parser.get_parsed_content("train#datalist"))
+    n_val = len(w.parser.get_parsed_content("validate#datalist"))
+    assert network.cache_size == n_train + n_val
+
+
+def test_checkpoint_has_lipro_keys_and_loads(trained, tiny_clip_checkpoint):
+    _, out, _ = trained
+    sd = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert {k.split(".", 1)[0] for k in sd} == {"trained_model", "classifier"}
+    assert sd["classifier.weight"].shape == (18, 32) and sd["classifier.bias"].shape == (18,)
+    model = ClassFineClassifier(create_model("ctclip_tiny"), num_classes=18)
+    model.load_state_dict(sd, strict=True)  # plain torch strict load: the CT_LiPro_v2.pt layout
+    clip = create_model("ctclip_tiny", checkpoint=str(out / "models" / "model.pt"))  # backbone of a LiPro file
+    pretrained = torch.load(tiny_clip_checkpoint, weights_only=True)
+    assert torch.equal(clip.to_visual_latent.weight, pretrained["to_visual_latent.weight"])
+    assert (out / "models" / "model_final.pt").is_file()
+    rows = json.loads((out / "eval" / "metrics_per_epoch.json").read_text())
+    assert [r["epoch"] for r in rows] == [1] and "macro_auroc" in rows[0]
+
+
+def test_evaluate_writes_every_result(evaluated):
+    out = evaluated
+    for sub in ("validation", "test", "zeroshot/validation", "zeroshot/test"):
+        d = out / "eval" / sub
+        for f in ("predictions.csv", "metrics.json", "per_class.csv", "per_class.md", "roc_curves.png"):
+            assert (d / f).is_file(), d / f
+    test = json.loads((out / "eval" / "test" / "metrics.json").read_text())
+    assert set(test["protocols"]) == {"val_youden", "ctclip_paper", "vlm3d"}
+    assert test["protocols"]["ctclip_paper"]["optimistic"] is True
+    for proto in test["protocols"].values():
+        assert 0 <= proto["hamming_accuracy"] <= 1 and 0 <= proto["positive_rate"] <= 1
+    auc = test["auroc"]
+    assert auc["macro_ci_low"] < auc["macro_ci_high"], "degenerate bootstrap CI"
+    assert auc["macro_ci_low"] <= auc["macro"] <= auc["macro_ci_high"]
+    # test thresholds are the ones fitted on validation, also saved next to the model for inference
+    thr = json.loads((out / "models" / "thresholds.json").read_text())
+    per_class = test["protocols"]["val_youden"]["per_class"]
+    for name, t in zip(thr["class_names"], thr["thresholds"]):
+        if t is not None:
+            assert per_class[name]["threshold"] == pytest.approx(t)
+    comparison = json.loads((out / "eval" / "comparison.json").read_text())
+    assert set(comparison["test"]) == {"ClassFine", "Zero-shot (pretrained)"}
+    assert (out / "eval" / "comparison.md").read_text().count("| ClassFine |") == 5  # 2 protocols val + 3 test
+    with open(out / "eval" / "test" / "predictions.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:19] == ["VolumeName", *CTRATE_PATHOLOGIES]
+    assert f"{CTRATE_PATHOLOGIES[0]}_pred_val_youden" in header and f"{CTRATE_PATHOLOGIES[0]}_label" in header
+
+
+def _dicom_series(root: Path) -> Path:
+    for d in sorted(p for p in root.rglob("*") if p.is_dir()):
+        files = [f for f in d.iterdir() if f.is_file()]
+        if files and all(is_dicom_file(f) for f in files):
+            return d
+    pytest.skip("no DICOM series in the tiny cohort")
+
+
+def test_inference_on_a_dicom_folder(evaluated, tiny_cohort_dir, tmp_path):
+    out = evaluated
+    series = _dicom_series(Path(tiny_cohort_dir))
+    w = workflow(["inference.json"], "infer", dataset_dir=str(series), output_dir=str(tmp_path),
+                 model_config="ctclip_tiny", ckpt_path=str(out / "models" / "model.pt"))
+    run(w)
+    with open(tmp_path / "inference" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["VolumeName"] == series.name
+    probs = np.array([float(rows[0][c]) for c in CTRATE_PATHOLOGIES])
+    assert np.all((probs >= 0) & (probs <= 1))
+    thr = json.loads((out / "models" / "thresholds.json").read_text())["thresholds"]
+    for c, t in zip(CTRATE_PATHOLOGIES, thr):
+        cell = rows[0][f"{c}_pred_val_youden"]
+        assert cell == ("" if t is None else str(int(float(rows[0][c]) >= t)))
+    # one scan in, the same probabilities as the evaluation of its preprocessed volume
+    evaluated_rows = {}
+    for split in ("validation", "test"):
+        with open(out / "eval" / split / "predictions.csv", newline="") as f:
+            evaluated_rows.update({r["VolumeName"]: r for r in csv.DictReader(f)})
+    if series.name in evaluated_rows:
+        ref = np.array([float(evaluated_rows[series.name][c]) for c in CTRATE_PATHOLOGIES])
+        np.testing.assert_allclose(probs, ref, atol=2e-6)
+
+
+def test_progressive_unfreezing(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
+    w = workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
+                 pretrained=str(tiny_clip_checkpoint), epochs=2, freeze_epochs=1, backbone_lr=1e-3,
+                 **{"train#trainer#epoch_length": 2, **TINY})
+    run(w)
+    network = w.parser.get_parsed_content("network")
+    unfreezer = w.parser.get_parsed_content("train#handlers")[0]
+    assert unfreezer.unfrozen_at == 2 and network.freeze_backbone is False
+    groups = w.parser.get_parsed_content("optimizer").param_groups
+    assert [g["name"] for g in groups] == ["head", "image_encoder"]
+    pretrained = torch.load(tiny_clip_checkpoint, weights_only=True)
+    after = {k: v.cpu() for k, v in network.trained_model.state_dict().items()}
+    moved = {k for k in pretrained if not torch.equal(pretrained[k], after[k])}
+    assert any(k.startswith("visual_transformer.enc_spatial_transformer") for k in moved)
+    assert "to_visual_latent.weight" in moved
+    assert not any(k.startswith("text_transformer.") for k in moved), "text encoder must stay frozen"
+    assert not any("vq._codebook" in k for k in moved), "the VQ codebook must not drift"
+    assert network.cache_size == 0  # nothing cached once the encoder trains
