@@ -148,6 +148,21 @@ def test_dicom_series_is_real_ct_storage(tmp_path, standin):
     np.testing.assert_array_equal(by_z[0].pixel_array, stored[:, :, k].T)
 
 
+def test_reconstructions_of_one_scan_share_study_and_frame_of_reference(tmp_path, standin):
+    hu, grid = standin
+    q = quantise(hu, "int16_offset", -2048.0)
+    stored, a = orient(q["stored"], grid, "LPS")
+    uids = [write_dicom_series(tmp_path / f"train_1_a_{r}", stored, a, "int16_offset", {"SliceThickness": 1},
+                               f"train_1_a_{r}_99", np.random.default_rng(r), padding_stored=q["padding_stored"],
+                               study_key="train_1_a_99") for r in (1, 2)]
+    assert uids[0]["study_uid"] == uids[1]["study_uid"]
+    assert uids[0]["frame_of_reference_uid"] == uids[1]["frame_of_reference_uid"]
+    assert uids[0]["series_uid"] != uids[1]["series_uid"]
+    ds = pydicom.dcmread(next((tmp_path / "train_1_a_2").iterdir()))
+    assert ds.StudyInstanceUID == uids[0]["study_uid"] and ds.SeriesInstanceUID == uids[1]["series_uid"]
+    assert ds.PixelPaddingValue == -1024 and ds["PixelPaddingValue"].VR == "SS"  # raw value of -2048 HU, signed
+
+
 def test_quantise_rejects_unknown_encoding():
     with pytest.raises(KeyError, match="int8"):
         quantise(np.zeros((2, 2, 2)), "int8")

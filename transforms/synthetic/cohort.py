@@ -460,7 +460,8 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
             }
             series = write_dicom_series(out / rel, stored, a_lps, enc_name, meta, f"{stem}_{cseed}",
                                         np.random.default_rng([cseed, 0xD1C0, r]),
-                                        padding_stored=q["padding_stored"] if q["num_padding"] else None)
+                                        padding_stored=q["padding_stored"] if q["num_padding"] else None,
+                                        study_key=f"{pid}_{scan}_{cseed}")
             storage = {"format": "dicom", "path": rel.as_posix(), "dicom": series}
         a_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a_lps
         storage.update({

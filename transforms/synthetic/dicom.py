@@ -36,7 +36,7 @@ def _ds(value: float) -> str:
 
 def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.ndarray, encoding: str,
                        meta: dict[str, Any], uid_key: str, rng: np.random.Generator,
-                       padding_stored: int | None = None) -> dict[str, Any]:
+                       padding_stored: int | None = None, study_key: str | None = None) -> dict[str, Any]:
     """Write ``stored`` (index (i, j, k) = (column, row, slice)) as one DICOM file per slice.
 
     The series is written into a hidden temporary folder beside ``folder`` and renamed into place
@@ -52,9 +52,12 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
             Manufacturer, ManufacturerModelName, KVP, XRayTubeCurrent, ExposureTime,
             ConvolutionKernel, ReconstructionDiameter, PatientPosition, SliceThickness,
             SeriesDescription, SeriesNumber).
-        uid_key: text that makes the UIDs unique and reproducible (e.g. "train_12_a_2/seed").
+        uid_key: text that makes the series and instance UIDs unique and reproducible
+            (e.g. "train_12_a_2_<seed>").
         rng: generator for file names and instance numbers.
         padding_stored: raw PixelPaddingValue, written when given.
+        study_key: text for the Study and FrameOfReference UIDs; reconstructions of one scan pass
+            the same key so they share both (default: ``uid_key``).
 
     Returns:
         ``{"study_uid", "series_uid", "frame_of_reference_uid", "files", "image_orientation_patient",
@@ -75,9 +78,10 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
     if abs(abs(float(normal @ (a[:3, 2] / spacing[2]))) - 1) > 1e-6:
         raise ValueError(f"{folder.name}: slice axis is not perpendicular to the image plane (tilt)")
     iop = [float(v) for v in np.concatenate([row_dir, col_dir])]
-    study_uid = generate_uid(entropy_srcs=[uid_key.rsplit("_", 1)[0], "study"])
+    study_key = study_key or uid_key
+    study_uid = generate_uid(entropy_srcs=[study_key, "study"])
     series_uid = generate_uid(entropy_srcs=[uid_key, "series"])
-    for_uid = generate_uid(entropy_srcs=[uid_key.rsplit("_", 1)[0], "frame"])
+    for_uid = generate_uid(entropy_srcs=[study_key, "frame"])
     signed = enc["dtype"] == "int16"
 
     names: set[str] = set()
