@@ -86,7 +86,15 @@ class CohortConfigError(ValueError):
 
 
 def case_seed(seed: int, index: int) -> int:
-    """Seed of case ``index`` of a cohort generated with ``seed`` (independent of worker count)."""
+    """Seed of case ``index`` of a cohort generated with ``seed`` (independent of worker count).
+
+    Args:
+        seed: cohort seed.
+        index: 0-based case index.
+
+    Returns:
+        a 32-bit integer seed (NumPy ``SeedSequence([seed, index])``).
+    """
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
@@ -95,6 +103,12 @@ def plan_cases(num_cases: int, seed: int, two_scan_fraction: float = 0.2, split_
 
     Patients are numbered from 1 (``train_1``); a patient gets a second scan ``b`` with
     probability ``two_scan_fraction`` (while cases remain).
+
+    Args:
+        num_cases: number of scans.
+        seed: cohort seed.
+        two_scan_fraction: probability that a patient has a second scan ``b``.
+        split_prefix: first part of the patient ids.
 
     Returns:
         list of ``{"index", "patient_id", "scan", "seed"}`` in case order.

@@ -125,7 +125,11 @@ def quantise(hu: np.ndarray, encoding: str, padding_value_hu: float | None = Non
 
 
 def affine_lps(grid: dict) -> np.ndarray:
-    """4×4 index → patient LPS mm matrix of a renderer grid."""
+    """4×4 index → patient LPS mm matrix of a renderer grid.
+
+    Args:
+        grid: ``{"shape", "spacing_mm", "origin_mm"}``.
+    """
     a = np.eye(4)
     a[:3, :3] = np.diag([float(s) for s in grid["spacing_mm"]])
     a[:3, 3] = [float(o) for o in grid["origin_mm"]]
@@ -157,7 +161,12 @@ def orient(array: np.ndarray, grid: dict, orientation: str) -> tuple[np.ndarray,
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    Args:
+        path: final file path (its folder must exist).
+        data: file content.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
@@ -240,7 +249,16 @@ def decode_hu(values: np.ndarray, sidecar_encoding: dict, trust_metadata_row: bo
 
 
 def encoding_facts(encoding: str, q: dict) -> dict[str, Any]:
-    """The sidecar's ``encoding`` block for a quantised volume."""
+    """The sidecar's ``encoding`` block for a quantised volume.
+
+    Args:
+        encoding: a key of :data:`ENCODINGS`.
+        q: the result of :func:`quantise` for that encoding.
+
+    Returns:
+        JSON-serialisable dict: dtype, slope/intercept in the file and in the metadata row,
+        ``header_rescale``, ``hu_fixed_trap``, clip range, effective padding.
+    """
     enc = ENCODINGS[encoding]
     return {
         "name": encoding,
