@@ -1,5 +1,5 @@
 """Glue of the ``ct_clip_zeroshot`` bundle: prompt file, network and weights, datalists, raw-input checks,
-report tokens, image-latent export, retrieval summary and the MONAI Label / TorchScript export.
+image-latent export, retrieval summary and the MONAI Label / TorchScript export.
 
 The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
 
@@ -42,7 +42,6 @@ __all__ = [
     "build_datalist",
     "CheckInputd",
     "SelectLabelsd",
-    "ReportTokensd",
     "ImageReportLatents",
     "ImageLatentsWriter",
     "DeferredValidationEvaluationHandler",
@@ -51,10 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ct_clip_zeroshot")
-
-# datalist keys of the report sections named in a model config's text.report_sections
-REPORT_SECTION_KEYS = {"Findings_EN": "findings", "Impressions_EN": "impressions"}
-
 
 # --------------------------------------------------------------------------------------------- prompts
 def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -351,42 +346,6 @@ class SelectLabelsd(MapTransform):
                 continue
             y = torch.as_tensor(np.asarray(d[key], dtype=np.float32))
             d[key] = y if self.indices is None else y[self.indices]
-        return d
-
-
-class ReportTokensd(MapTransform):
-    """Report text (the model config's ``text.report_sections``) to padded token ids and attention mask.
-
-    Args:
-        keys: unused placeholder for MapTransform (the text comes from the section entries).
-        tokenizer: the model's tokenizer (:func:`custom_nets.build_tokenizer`).
-        sections: datalist entries joined with a space (``findings``, ``impressions``).
-        max_length: truncation and padding length (fixed, so that samples collate).
-        ids_key, mask_key: output entries.
-    """
-
-    def __init__(self, keys: KeysCollection, tokenizer, sections: Sequence[str] = ("findings",),
-                 max_length: int = 512, ids_key: str = "input_ids", mask_key: str = "attention_mask"):
-        super().__init__(keys, allow_missing_keys=True)
-        self.tokenizer, self.sections, self.max_length = tokenizer, list(sections), int(max_length)
-        self.ids_key, self.mask_key = ids_key, mask_key
-
-    @classmethod
-    def from_model_config(cls, tokenizer, config: Mapping[str, Any], **kwargs) -> "ReportTokensd":
-        """Sections and length from a model config's ``text`` section."""
-        text = config.get("text", {})
-        sections = [REPORT_SECTION_KEYS.get(s, s) for s in text.get("report_sections", ["Findings_EN"])]
-        return cls("findings", tokenizer, sections, text.get("max_length", 512), **kwargs)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        parts = [str(d[s]).strip() for s in self.sections if d.get(s) not in (None, "")]
-        if not parts:
-            raise ValueError(f"{d.get('name', 'volume')}: no report text in {self.sections} (retrieval needs reports)")
-        tok = self.tokenizer(" ".join(parts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        d[self.ids_key] = tok["input_ids"][0]
-        d[self.mask_key] = tok["attention_mask"][0]
         return d
 
 
