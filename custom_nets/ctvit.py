@@ -136,7 +136,9 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.fused:
             if attn_bias is not None:
-                attn_bias = attn_bias.to(q.dtype)
+                # (1, heads, n, n): the CPU flash kernel takes 2-D/4-D masks only; a 3-D one silently falls back to
+                # the math kernel, which materialises the (b, heads, n, n) weights (+640 MB at full size)
+                attn_bias = attn_bias.to(q.dtype).reshape(-1, *attn_bias.shape[-3:])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p, scale=self.scale)
         else:
             sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
