@@ -206,11 +206,13 @@ class RescaleToHU(Transform):
         out = self._apply(img, chosen[1], chosen[2])
         floored = 0.0
         if self.floor_hu is not None:
-            below = out < self.floor_hu
-            floored = float(below.sum()) / below.numel() if below.any() else 0.0
+            t = out.as_tensor() if isinstance(out, MetaTensor) else out
+            # an int floor for int tensors: comparing int16 with a float scalar makes a float32 copy
+            floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
+            below = t < floor
+            floored = int(torch.count_nonzero(below)) / below.numel()  # (bool.sum() makes an int64 copy)
+            del below
             if floored:
-                t = out.as_tensor() if isinstance(out, MetaTensor) else out
-                floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
                 t = torch.clamp(t, min=floor)  # a new tensor: the input is not modified
                 out = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"}) \
                     if isinstance(img, MetaTensor) else t

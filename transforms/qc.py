@@ -280,7 +280,7 @@ class CTQualityCheck(Transform):
         if int(np.prod(spatial)) > self.max_voxels:
             raise QualityCheckError(f"{name}: {int(np.prod(spatial))} voxels exceeds the limit {self.max_voxels}")
         if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
-            n_bad = int((~torch.isfinite(t)).sum())
+            n_bad = int(torch.count_nonzero(~torch.isfinite(t)))
             raise QualityCheckError(f"{name}: {n_bad} non-finite voxels (NaN/inf)")
         if isinstance(img, MetaTensor):
             affine = np.asarray(img.affine, dtype=np.float64)
