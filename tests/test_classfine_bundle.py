@@ -42,10 +42,11 @@ def run(w):
 
 @pytest.fixture(scope="module")
 def trained(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path_factory):
-    """One ClassFine epoch with the frozen backbone; returns (workflow, output_dir)."""
+    """ClassFine with the frozen backbone: epoch 1 reads the volumes and caches their latents, epoch 2 runs on
+    the cache alone (placeholder items, no disk reads); returns (workflow, output_dir, head weights before)."""
     out = tmp_path_factory.mktemp("classfine_run")
     w = workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(out),
-                 pretrained=str(tiny_clip_checkpoint), epochs=1, **TINY)
+                 pretrained=str(tiny_clip_checkpoint), epochs=2, **TINY)
     head_before = w.parser.get_parsed_content("network").classifier.weight.detach().clone()
     run(w)
     return w, out, head_before
@@ -96,6 +97,9 @@ def test_frozen_backbone_is_bit_identical(trained, tiny_clip_checkpoint):
     n_train = len(w.parser.get_parsed_content("train#datalist"))
     n_val = len(w.parser.get_parsed_content("validate#datalist"))
     assert network.cache_size == n_train + n_val
+    for split in ("train", "validate"):
+        ds = w.parser.get_parsed_content(f"{split}#dataset")
+        assert ds.all_cached() and ds[0]["image"].numel() == 0
 
 
 def test_checkpoint_has_lipro_keys_and_loads(trained, tiny_clip_checkpoint):
@@ -110,7 +114,7 @@ def test_checkpoint_has_lipro_keys_and_loads(trained, tiny_clip_checkpoint):
     assert torch.equal(clip.to_visual_latent.weight, pretrained["to_visual_latent.weight"])
     assert (out / "models" / "model_final.pt").is_file()
     rows = json.loads((out / "eval" / "metrics_per_epoch.json").read_text())
-    assert [r["epoch"] for r in rows] == [1] and "macro_auroc" in rows[0]
+    assert [r["epoch"] for r in rows] == [1, 2] and "macro_auroc" in rows[0]
 
 
 def test_evaluate_writes_every_result(evaluated):

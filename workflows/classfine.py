@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.data import CacheDataset
 from torch import nn
 
 from custom_nets import ClassFineClassifier
@@ -37,6 +38,7 @@ from .writers import atomic_write_text, read_predictions_csv, write_json, write_
 
 __all__ = [
     "ClassFineNetwork",
+    "LatentCacheDataset",
     "ProgressiveUnfreezing",
     "freeze_vq_codebook",
     "param_groups",
@@ -107,14 +109,33 @@ class ClassFineNetwork(ClassFineClassifier):
         """Number of cached volumes."""
         return len(self._cache)
 
-    def _cached(self, image: torch.Tensor, names: Sequence[str], stage: str) -> torch.Tensor:
+    def _current_key(self, stage: str, device) -> tuple:
         clip = self.trained_model
         frozen = [clip.visual_transformer] + ([clip.to_visual_latent] if stage == "latent" else [])
-        key = (stage, str(image.device)) + tuple(param_versions(m) for m in frozen)
+        return (stage, str(device)) + tuple(param_versions(m) for m in frozen)
+
+    def is_cached(self, name: str) -> bool:
+        """Whether ``forward`` can serve volume ``name`` without its image (used by :class:`LatentCacheDataset`)."""
+        if not self.cache_latents or name not in self._cache:
+            return False
+        stage = self._cache_stage()
+        return stage is not None and self._cache_key == self._current_key(stage, self.classifier.weight.device)
+
+    def cache_state(self) -> tuple:
+        """A token that changes whenever the set of cached volumes may have changed."""
+        return (id(self._cache), len(self._cache), self._cache_key)
+
+    def _cached(self, image: torch.Tensor, names: Sequence[str], stage: str) -> torch.Tensor:
+        key = self._current_key(stage, image.device)
         if key != self._cache_key:
             self._cache, self._cache_key = {}, key
         missing = [i for i, n in enumerate(names) if n not in self._cache]
+        if missing and image.numel() == 0:
+            raise RuntimeError(f"ClassFineNetwork: the batch came without images (LatentCacheDataset placeholders) "
+                               f"but the latents of {[names[i] for i in missing][:5]} are not cached (the backbone "
+                               "weights changed since they were cached?)")
         if missing:
+            clip = self.trained_model
             idx = torch.as_tensor(missing, device=image.device)
             with torch.no_grad():
                 sub = image.index_select(0, idx)
@@ -188,6 +209,52 @@ class ClassFineNetwork(ClassFineClassifier):
 
 def _codebook_eval(module: nn.Module, args: tuple) -> None:
     module.train(False)
+
+
+class LatentCacheDataset(CacheDataset):
+    """A ``CacheDataset`` that skips reading volumes whose latents the network already holds.
+
+    Once every volume of the dataset is in :class:`ClassFineNetwork`'s latent cache, items are returned without
+    their image (a ``(0,)`` placeholder): an epoch then costs no disk reads and no preprocessing. The decision is
+    all-or-nothing per dataset (a batch never mixes images and placeholders) and is re-checked whenever the
+    network's cache changes. With a network that has no latent cache (e.g. VocabFine) it is a plain
+    ``CacheDataset``.
+
+    Args:
+        data: datalist items with a unique ``name``.
+        transform: the full preprocessing (used when the image is needed).
+        network: the network whose cache is consulted.
+        label_key: key of the label vector (converted to a float32 tensor on the placeholder path).
+        name_key: key of the volume name.
+        **kwargs: ``CacheDataset`` arguments (``cache_rate``, ``num_workers``, ...).
+    """
+
+    def __init__(self, data: Sequence[Mapping[str, Any]], transform: Any, network: nn.Module, label_key: str = "label",
+                 name_key: str = "name", **kwargs) -> None:
+        super().__init__(data=data, transform=transform, **kwargs)
+        self.network = network
+        self.label_key, self.name_key = label_key, name_key
+        self._names = [str(d.get(name_key)) for d in data]
+        self._memo: Optional[tuple] = None
+
+    def all_cached(self) -> bool:
+        """Whether every volume of the dataset can be served from the network's latent cache."""
+        net = self.network
+        if not hasattr(net, "is_cached") or len(set(self._names)) != len(self._names):
+            return False
+        state = net.cache_state()
+        if self._memo is None or self._memo[0] != state:
+            self._memo = (state, all(net.is_cached(n) for n in self._names))
+        return self._memo[1]
+
+    def _transform(self, index: int):
+        if not self.all_cached():
+            return super()._transform(index)
+        item = self.data[index]
+        out = {self.name_key: item[self.name_key], "image": torch.zeros(0)}
+        if item.get(self.label_key) is not None:
+            out[self.label_key] = torch.as_tensor(item[self.label_key], dtype=torch.float32)
+        return out
 
 
 def freeze_vq_codebook(module: nn.Module) -> nn.Module:
