@@ -268,3 +268,19 @@ def test_bf16_autocast_training_option():
     ClipLoss()(logits).backward()
     assert model.visual_transformer.to_patch_emb[2].weight.grad is not None
     assert model.visual_transformer.enc_spatial_transformer.layers[0][1].to_q.weight.grad.dtype == torch.float32
+
+
+def test_fused_attention_gradients_equal_plain_attention(tiny):
+    """The position-bias MLP learns through the fused kernel's mask exactly as through explicit softmax."""
+    tiny.train()
+    tiny.visual_transformer.vq._codebook.decay = 1.0  # keep the codebook fixed between the two passes
+    image = torch.randn(2, *IMAGE)
+    grads = []
+    for plain in (False, True):
+        tiny.zero_grad()
+        tiny.visual_transformer.set_options(reference_semantics=plain)
+        tiny.encode_image(image)[:, :3].sum().backward()
+        grads.append([p.grad.clone() for p in tiny.visual_transformer.spatial_rel_pos_bias.parameters()])
+    for fused, explicit in zip(*grads):
+        assert fused.abs().max() > 0
+        torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-4)
