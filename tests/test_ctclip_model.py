@@ -281,6 +281,6 @@ def test_fused_attention_gradients_equal_plain_attention(tiny):
         tiny.visual_transformer.set_options(reference_semantics=plain)
         tiny.encode_image(image)[:, :3].sum().backward()
         grads.append([p.grad.clone() for p in tiny.visual_transformer.spatial_rel_pos_bias.parameters()])
+    assert grads[0][0].abs().max() > 1e-4  # the first bias layer really receives gradient
     for fused, explicit in zip(*grads):
-        assert fused.abs().max() > 0
         torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-4)
