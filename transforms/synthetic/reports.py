@@ -576,6 +576,37 @@ _NORMAL = {
         "Upper abdominal organs included in the sections are natural.",
         "Upper abdominal sections within the study area are unremarkable.",
     ),
+    "mediastinum_mass": (
+        "No mass lesion with distinguishable borders was detected in the mediastinum.",
+        "There is no mass lesion in the mediastinum.",
+        "A mass lesion was not observed in the mediastinum.",
+    ),
+    "thyroid": (
+        "Thyroid gland lobes are of normal size and density.",
+        "The sections of the thyroid gland included in the study are natural.",
+    ),
+    "axilla": (
+        "No pathologically enlarged lymph nodes were observed in both axillary regions.",
+        "Both axillary regions are natural.",
+        "Lymph nodes in pathological size were not detected in the axillary regions.",
+    ),
+    "trachea_lumen": (
+        "No pathological lesion was detected in the tracheal and bronchial lumens.",
+        "Tracheal and bronchial lumens are clear.",
+    ),
+    "pneumothorax": (
+        "No pneumothorax was detected.",
+        "Pneumothorax was not observed.",
+        "There is no pneumothorax.",
+    ),
+    "diaphragm": (
+        "Both hemidiaphragms are in normal position and contour.",
+        "The diaphragm contours are smooth.",
+    ),
+    "chest_wall": (
+        "Chest wall soft tissues are natural.",
+        "No pathological finding was detected in the soft tissues of the chest wall.",
+    ),
     "bones": (
         "Bone structures in the study area are natural.",
         "Vertebral corpus heights are preserved.",
@@ -674,6 +705,8 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
             impressions.append(imp)
 
     blocks["airway"] += normal("airway")
+    if w.chance(0.5):
+        blocks["airway"] += normal("trachea_lumen")
 
     # Mediastinum, heart and devices.
     if "Cardiomegaly" in present:
@@ -688,6 +721,9 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
         add("mediastinum", _medical_material(f, w))
     if w.chance(0.25):
         blocks["mediastinum"].append("Mediastinal structures cannot be evaluated optimally because contrast material is not given.")
+    blocks["mediastinum"] += normal("mediastinum_mass")
+    if "thyroid nodule" not in incidental and w.chance(0.4):
+        blocks["mediastinum"] += normal("thyroid")
 
     blocks["aorta"] += normal("aorta")
     arterial = by_label.get("Arterial wall calcification", [None])[0]
@@ -717,6 +753,8 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
         blocks["lymph"] += normal("lymph")
         if w.chance(0.25):  # hard negative: small nodes that are not lymphadenopathy
             blocks["lymph"].append(w.pick(_NORMAL["lymph_millimetric"]))
+    if w.chance(0.6):
+        blocks["lymph"] += normal("axilla")
 
     # Lungs.
     lung_positive = [name for name in _LUNG_ORDER if name in present]
@@ -743,6 +781,8 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
         i = int(w.rng.integers(len(blocks["lungs"]) - 1))
         blocks["lungs"][i], blocks["lungs"][i + 1] = blocks["lungs"][i + 1], blocks["lungs"][i]
 
+    if w.chance(0.6):
+        blocks["lungs"] += normal("pneumothorax")
     if "Pleural effusion" in present:
         add("pleura", _pleural_effusion(by_label["Pleural effusion"][0], w))
     elif combined_effusion_sentence:
@@ -757,6 +797,10 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
             impressions.append(imp)
     if not any("cyst" in s or "steatosis" in s for s in blocks["abdomen"]):
         blocks["abdomen"] += normal("abdomen")
+    if w.chance(0.4):
+        blocks["pleura"] += normal("diaphragm")
+    if w.chance(0.4):
+        blocks["bones"] += normal("chest_wall")
     blocks["bones"] += normal("bones")
     if w.chance(0.4):
         blocks["bones"].append("Vertebral corpus heights are preserved.")
