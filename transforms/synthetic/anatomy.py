@@ -210,7 +210,17 @@ class ChestAnatomy:
         target_half_width = p["cardiothoracic_ratio"] * self.A  # internal thoracic diameter = 2A
         scale = target_half_width / ext_x
         semi = base * scale
+        # keep the heart between the sternum and the oesophagus: squash it antero-posteriorly if
+        # needed (a linear map of an ellipsoid is an ellipsoid; the transverse width, hence the
+        # CTR, is unchanged)
         ext = np.sqrt(((R * semi[:, None]) ** 2).sum(axis=0))
+        y_esophagus = self.yv - self.rv - 8  # the left atrium lies directly in front of it
+        e_max = 0.5 * ((y_esophagus - 14) - (-self.B + 8))
+        if ext[1] > e_max:
+            M = np.diag([1.0, e_max / ext[1], 1.0]) @ (R.T * semi[None, :])
+            U, S, _ = np.linalg.svd(M)
+            R, semi = U.T, S
+            ext = np.sqrt(((R * semi[:, None]) ** 2).sum(axis=0))
         big = p["cardiothoracic_ratio"] > 0.52
         cx = ext[0] * (0.40 if big else 0.32)
         cy = -self.B + ext[1] + 10

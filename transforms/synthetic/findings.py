@@ -255,11 +255,11 @@ def _emphysema(lung: LungContext, f):
             if big:
                 dmm = float(rng.uniform(12, f.get("size_mm") or 30)) if done == 0 else float(rng.uniform(10, 25))
             elif sub == "paraseptal":
-                dmm = float(rng.uniform(6, 14))
+                dmm = float(rng.uniform(8, 16))
             else:
-                dmm = float(rng.uniform(6, 16))
+                dmm = float(rng.uniform(8, 18))  # confluent centrilobular lucencies
             o = lung.local_ellipsoid(c, np.array([dmm, dmm, dmm]) / 2 * rng.uniform(0.8, 1.2, 3))
-            emph = np.maximum(emph, o * (0.99 if big else rng.uniform(0.85, 0.97)))
+            emph = np.maximum(emph, o * (0.99 if big else rng.uniform(0.93, 0.99)))
             done += np.pi / 6 * dmm**3
             if big and done > target * 0.6:
                 break
@@ -286,7 +286,7 @@ def _mosaic(lung: LungContext, f):
     dark = (val < thr[0]).astype(np.float32)
     bright = (val > thr[1]).astype(np.float32)
     base = lung.anat.p["lung_hu"]
-    lung.par += dark * (base - 62 - 8 * _sev(f) - lung.par) * 0.9
+    lung.par += dark * (base - 45 - 6 * _sev(f) - lung.par) * 0.9
     lung.par += bright * (base + 45 - lung.par) * 0.8
     lung.mosaic_dark = dark
 
@@ -373,7 +373,7 @@ def lung_lesions(lung: LungContext, fnd: dict):
             w = unit(np.array([0, 0, 1.0]) + rng.normal(0, 0.25, 3))
             v = unit(np.cross(w, u))
             rot = np.stack([u, v, unit(np.cross(u, v))])
-            o = lung.local_ellipsoid(c, [L / 2, 8.0 + 2 * _sev(f), 1.2 + 0.4 * _sev(f)], rot)
+            o = lung.local_ellipsoid(c, [L / 2, 8.0 + 2 * _sev(f), 1.5 + 0.5 * _sev(f)], rot)
             lung.paint_local(o, 30.0)
 
 
@@ -387,12 +387,12 @@ def _fibrotic_band(lung: LungContext, c, rng, sev):
         d = unit(d + rng.normal(0, 0.35, 3))
         p = p + d * rng.uniform(4, 9)
         pts.append(p)
-    r = 1.0 + 0.3 * sev
+    r = 1.4 + 0.35 * sev  # fibroatelectatic bands 3–5 mm thick
     for a in range(len(pts) - 1):
         sl, occ = lung.cv.tube(pts[a], pts[a + 1], r * rng.uniform(0.8, 1.3))
         if sl is not None:
             lung.cv.paint(sl, occ, 30.0)
-    lung.cv.paint_ellipsoid(20.0, pts[-1], [5.0, 5.0, 3.0])
+    lung.cv.paint_ellipsoid(20.0, pts[-1], [7.0, 7.0, 4.0])  # pleural tag / apical cap
 
 
 def pleural_effusion(lung: LungContext, fnd: dict):
@@ -490,10 +490,17 @@ def coronary_calcification(cv: Canvas, anat: ChestAnatomy, f):
     cv.paint_fraction(frac, float(rng.uniform(500, 1000)))
 
 
-def devices(cv: Canvas, anat: ChestAnatomy, fnd: dict) -> bool:
-    """Medical material: wires, catheters, ports, pacemakers, clips. Returns True if metal."""
+def devices(cv: Canvas, anat: ChestAnatomy, fnd: dict):
+    """Medical material: wires, catheters, ports, pacemakers, clips.
+
+    Returns:
+        float32 volume of metal attenuation excess (HU x volume fraction above +1000) that drives
+        the scanner's streak artefacts, or None without metal. Thin metal (wires, clips) is
+        partial-volumed far below its true HU on coarse grids but still streaks.
+    """
     if "Medical material" not in fnd:
-        return False
+        return None
+    before = cv.hu.copy()
     f = fnd["Medical material"]
     rng = _frng(f, "device_seed")
     metal = False
@@ -538,4 +545,6 @@ def devices(cv: Canvas, anat: ChestAnatomy, fnd: dict) -> bool:
                 q, ds = sample_polyline([p - 2.5 * d, p + 2.5 * d], 0.5)
                 cv.paint_fraction(cv.splat(q, np.pi * 0.6**2 * ds * 2), STEEL_HU)
             metal = True
-    return metal
+    if not metal:
+        return None
+    return np.clip(cv.hu - before, 0, None) * (cv.hu > before + 150)

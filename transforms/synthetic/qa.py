@@ -81,7 +81,7 @@ def cardiomegaly(c: _Ctx):
     A = c.geo["cage_half_width_mm"]
     B = c.geo["cage_half_depth_mm"]
     zc = c.geo["z_dome_left_mm"]
-    soft = c.smooth > -250
+    soft = c.smooth > -250  # cardiac silhouette: heart, pericardium and its fat; lung ends the run
     ks = np.nonzero((c.z > zc) & (c.z < -25))[0]
     rows = np.nonzero((c.y > -B) & (c.y < 0.15 * B))[0]
     i0 = int(np.argmin(np.abs(c.x - 10.0)))
@@ -119,7 +119,7 @@ def hiatal_hernia(c: _Ctx):
     for p in eso[sel]:
         roi |= c.sphere(p, 30.0)
     roi &= (c.y < yv - 8)[None, :, None]
-    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 3) | c.m["heart_region"] | c.bone
+    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 3) | c.m["heart_region"] | c.bone | c.m["abdomen"]
     soft = (c.smooth > -60) & (c.smooth < 120)
     air = c.smooth < -930
     return float(((soft | air) & roi & ~excl).sum() * c.vox / 1000.0)
@@ -136,7 +136,7 @@ def lymphadenopathy(c: _Ctx):
 
 
 def emphysema(c: _Ctx):
-    core = c.lung_core
+    core = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0)  # density mask, airways excluded
     return float((c.img[core] < -950).mean() * 100.0)
 
 
@@ -154,29 +154,25 @@ def atelectasis(c: _Ctx):
 
 
 def lung_nodule(c: _Ctx):
-    """Compact dense blobs in the lung away from the normal bronchovascular tree."""
-    free = _free_lung(c)
-    dense = (c.img > -450) & free
-    lab, n = ndimage.label(dense)
-    if n == 0:
+    """Blob filter: strongest negative-Laplacian-of-Gaussian response in the free lung.
+
+    Round opacities give a strong LoG response at their scale; the normal vessel tree is masked
+    out, and sheets or bands (fissures, plates) respond more weakly than spheres of equal contrast.
+    """
+    free = ndimage.binary_erosion(_free_lung(c), iterations=1) & c.erode_mm(c.m["lung"], 10)
+    if not free.any():
         return 0.0
-    objs = ndimage.find_objects(lab)
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    score = 0.0
-    for i, sl in enumerate(objs):
-        ext = np.array([(s.stop - s.start) for s in sl]) * c.sp
-        if ext.max() > 34 or sizes[i] < 1:
-            continue
-        fill = sizes[i] / np.prod([(s.stop - s.start) for s in sl])
-        if fill < 0.3:
-            continue
-        peak = float(c.img[sl][lab[sl] == i + 1].max())
-        score = max(score, sizes[i] * c.vox * (1 + (peak + 450) / 500))
-    return score
+    img = np.clip(c.img, -900, 100).astype(np.float32)
+    best = 0.0
+    for r_mm in (4.0, 7.0):
+        sig = np.maximum(r_mm / np.sqrt(3) / c.sp, 0.5)
+        resp = -ndimage.gaussian_laplace(img, sig) * float(np.mean(sig) ** 2)
+        best = max(best, float(np.percentile(resp[free], 99.95)))
+    return best
 
 
 def lung_opacity(c: _Ctx):
-    free = _free_lung(c)
+    free = _free_lung(c) & c.erode_mm(c.m["lung"], 8)
     ggo = (c.smooth > -700) & (c.smooth < -300)
     return float((ggo & free).sum() * c.vox / 1000.0)
 
@@ -193,7 +189,7 @@ def fibrotic_sequela(c: _Ctx):
 
 
 def pleural_effusion(c: _Ctx):
-    lung = c.m["lung"]
+    lung = c.lung_core & ~c.m["abdomen"]
     fluid = (c.smooth > -25) & (c.smooth < 24)
     post = (c.y > -0.1 * c.geo["cage_half_depth_mm"])[None, :, None]
     return float((fluid & lung & post).sum() * c.vox / 1000.0)

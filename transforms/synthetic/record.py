@@ -422,7 +422,7 @@ def _sample_finding(name, rng, anat: ChestAnatomy, age, labels) -> dict:
         sub = str(rng.choice(SUBTYPES[name], p=[0.75, 0.15, 0.10]))
         n = int(rng.choice([1, 1, 2, 2, 3, 4, 6, 8]))
         sizes = np.exp(rng.uniform(np.log(4.0), np.log(18.0), n))
-        sizes[0] = max(sizes[0], rng.uniform(6.0, 14.0))  # at least one reportable (≥ 6 mm) nodule
+        sizes[0] = max(sizes[0], rng.uniform(7.0, 16.0))  # at least one reportable (> 6 mm) nodule
         if rng.random() < 0.05:
             sizes[0] = rng.uniform(20, 28)
         lobes = [str(l) for l in rng.choice(ALL_LOBES, size=n, p=[0.25, 0.08, 0.17, 0.22, 0.08, 0.2])]
@@ -442,7 +442,7 @@ def _sample_finding(name, rng, anat: ChestAnatomy, age, labels) -> dict:
         n = int([1, 2, 3, 5][_sev_index(sev)] + rng.integers(0, 2))
         pts = np.concatenate([anat.sample_points_in_lobe(rng, sites[i % len(sites)], 1) for i in range(n)])
         f.update(severity=sev, subtype=sub, side=side, sites=sites, count=n, centers_mm=_pts(pts))
-        f["patch_mm"] = [round(float(v), 1) for v in rng.uniform(*[(18, 30), (22, 40), (30, 55), (40, 75)][_sev_index(sev)], size=n)]
+        f["patch_mm"] = [round(float(v), 1) for v in rng.uniform(*[(26, 36), (30, 45), (36, 60), (45, 80)][_sev_index(sev)], size=n)]
     elif name == "Pulmonary fibrotic sequela":
         sub = str(rng.choice(SUBTYPES[name], p=[0.75, 0.25]))
         sev = _severity(rng, (0.35, 0.4, 0.2, 0.05))
@@ -485,7 +485,7 @@ def _sample_finding(name, rng, anat: ChestAnatomy, age, labels) -> dict:
         n = len(sites)
         pts = np.concatenate([anat.sample_points_in_lobe(rng, s, 1, periphery_mm=40) for s in sites])
         f.update(severity=sev, side=side, sites=sites, count=n, centers_mm=_pts(pts))
-        f["extent_mm"] = [round(float(v), 1) for v in rng.uniform(*[(22, 32), (28, 45), (40, 60), (55, 85)][_sev_index(sev)], size=n)]
+        f["extent_mm"] = [round(float(v), 1) for v in rng.uniform(*[(35, 45), (40, 55), (50, 70), (65, 95)][_sev_index(sev)], size=n)]
     elif name == "Bronchiectasis":
         sub = "traction" if (labels.get("Pulmonary fibrotic sequela") and rng.random() < 0.5) else "cylindrical"
         sev = _severity(rng, (0.35, 0.35, 0.2, 0.1))

@@ -72,7 +72,8 @@ def render_truth(record: dict, grid: dict) -> dict:
     Returns:
         dict with ``"hu"`` (float32, shape ``grid["shape"]``), ``"masks"`` (normal-anatomy
         boolean/uint8 arrays for QA), ``"geometry"`` (key points in mm) and ``"metal"`` (whether
-        metal devices are present, for the scanner's streak artefacts).
+        metal devices are present) and, with metal, ``"metal_map"`` (float32 HU excess of
+        the devices per voxel, which drives the scanner's streak artefacts).
     """
     anat = ChestAnatomy(record["anatomy"], record.get("incidental", ()))
     cv = Canvas(grid, background=-1000.0)
@@ -108,7 +109,7 @@ def render_truth(record: dict, grid: dict) -> dict:
     masks.update(med)
     masks["bone"] = bone
     F.pleural_effusion(lung, fnd)
-    metal = F.devices(cv, anat, fnd)
+    metal_map = F.devices(cv, anat, fnd)
 
     # pure-tissue masks for HU QA: voxels still holding exactly their tissue's value
     hu0 = cv.hu
@@ -140,7 +141,10 @@ def render_truth(record: dict, grid: dict) -> dict:
         "vertebra_center_yx_mm": [float(anat.yv), 0.0],
         "lobes": LOBES,
     }
-    return {"hu": cv.hu, "masks": masks, "geometry": geometry, "metal": bool(metal)}
+    out = {"hu": cv.hu, "masks": masks, "geometry": geometry, "metal": metal_map is not None}
+    if metal_map is not None:
+        out["metal_map"] = metal_map
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
