@@ -690,20 +690,30 @@ def resolve_precision(precision: str = "auto", device: Optional[torch.device | s
 
 
 def make_dataset(data: Sequence[Mapping[str, Any]], transform: Callable, cache: str = "none",
-                 cache_dir: Optional[str | os.PathLike] = None, num_workers: int = 0, cache_rate: float = 1.0):
+                 cache_dir: Optional[str | os.PathLike] = None, num_workers: int = 0, cache_rate: float = 1.0,
+                 item_bytes: Optional[int] = None, max_memory_gb: float = 4.0):
     """A MONAI dataset with the chosen cache.
 
     Args:
         data: datalist items.
         transform: the preprocessing ``Compose``.
-        cache: ``"none"`` (read every epoch), ``"memory"`` (``CacheDataset``) or ``"disk"``
-            (``PersistentDataset`` in ``cache_dir``: survives restarts; delete it when the transforms change).
+        cache: ``"none"`` (read every epoch), ``"memory"`` (``CacheDataset``), ``"disk"``
+            (``PersistentDataset`` in ``cache_dir``: survives restarts; delete it when the transforms change) or
+            ``"auto"``: memory when ``len(data) * item_bytes`` fits in ``max_memory_gb``, else none.
         cache_dir: folder of the persistent cache.
         num_workers: workers that fill a memory cache.
         cache_rate: fraction cached in memory.
+        item_bytes: memory of one cached item (the model-input volume), for ``"auto"``.
+        max_memory_gb: memory budget of ``"auto"``.
     """
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
+    if hasattr(transform, "flatten"):
+        transform = transform.flatten()  # a nested Compose counts as random: flatten so the cache covers the loading
+    if cache == "auto":
+        if item_bytes is None:
+            raise ValueError("cache='auto' needs item_bytes")
+        cache = "memory" if len(data) * item_bytes <= max_memory_gb * 2**30 else "none"
     if cache == "none":
         return Dataset(data, transform)
     if cache == "memory":
@@ -713,7 +723,7 @@ def make_dataset(data: Sequence[Mapping[str, Any]], transform: Callable, cache: 
             raise ValueError("cache='disk' needs cache_dir")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data, transform, cache_dir=cache_dir)
-    raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+    raise ValueError(f"cache must be 'none', 'memory', 'disk' or 'auto', got {cache!r}")
 
 
 def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "datalist.json",
