@@ -190,3 +190,15 @@ def test_patient_split_is_deterministic_and_patient_wise():
             assert seen.setdefault(it["patient"], key) == key
             assert it["findings"] == "Not given." and "label" not in it
     assert sum(len(v) for v in dl.values()) == len(names)
+
+
+def test_centered_grid_equals_torch_trilinear():
+    img = MetaTensor(torch.randn(1, 23, 19, 17), affine=torch.diag(torch.tensor([0.7, 0.8, 1.0, 1.0], dtype=torch.float64)))
+    out = ResampleToSpacing((1.1, 1.3, 1.7), grid="centered")(img)
+    r = np.array([1.1 / 0.7, 1.3 / 0.8, 1.7])
+    ref = torch.nn.functional.interpolate(img.as_tensor()[None], scale_factor=tuple(1 / r), mode="trilinear",
+                                          align_corners=False, recompute_scale_factor=False)[0]
+    assert out.shape == ref.shape == (1, 14, 11, 10)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.diag(out.affine.numpy())[:3], [1.1, 1.3, 1.7])
+    np.testing.assert_allclose(out.affine.numpy()[:3, 3], 0.5 * (r - 1) * [0.7, 0.8, 1.0])

@@ -103,12 +103,31 @@ def linear_resample_axes(
     plans = [_axis_plan(xm.shape[i], shape_m[i], float(scales[k]), float(shifts[k])) for i, k in enumerate(order)]
     out = torch.empty(shape_m, dtype=out_dtype)
     info = torch.iinfo(out_dtype) if not out_dtype.is_floating_point else None
+    # In-plane (the two fastest memory axes) torch's bilinear kernel is several times faster than
+    # gathers; it samples at (j + 0.5) * scale - 0.5 with floor(n / scale) outputs, so it is used
+    # only when the requested grid is exactly that one (the "centered" grid of ResampleToSpacing).
+    k1, k2 = order[1], order[2]
+    fast = all(
+        abs(float(shifts[k]) - (0.5 * float(scales[k]) - 0.5)) < 1e-9
+        and int(out_shape[k]) == int(np.floor(x.shape[k] / float(scales[k]) + 1e-9))
+        for k in (k1, k2)
+    )
     i0, w0 = plans[0]
     for start in range(0, shape_m[0], slab):
         stop = min(start + slab, shape_m[0])
         t = _interp(xm, 0, i0[start:stop], w0[start:stop])
-        t = _interp(t, 1, *plans[1])
-        t = _interp(t, 2, *plans[2])
+        if fast:
+            t = torch.nn.functional.interpolate(
+                t.unsqueeze(1), scale_factor=(1.0 / float(scales[k1]), 1.0 / float(scales[k2])), mode="bilinear",
+                align_corners=False, recompute_scale_factor=False,
+            )[:, 0]
+            if tuple(t.shape[1:]) != (shape_m[1], shape_m[2]):  # float rounding of the size: exact path
+                fast = False
+                t = _interp(_interp(xm, 0, i0[start:stop], w0[start:stop]), 1, *plans[1])
+                t = _interp(t, 2, *plans[2])
+        else:
+            t = _interp(t, 1, *plans[1])
+            t = _interp(t, 2, *plans[2])
         if info is not None:
             t = t.round_().clamp_(info.min, info.max)
         out[start:stop] = t
@@ -125,6 +144,12 @@ class ResampleToSpacing(Transform):
         slab: output slices computed at a time.
         max_obliquity: largest off-diagonal element (relative) of the direction for the fast path;
             beyond it MONAI's ``Spacing`` (dense grid) is used.
+        grid: ``"spacingd"``: exactly ``Spacing``'s output grid (first voxel centre kept, shape from
+            the extent). ``"centered"``: the field-of-view-centred grid of ``F.interpolate`` with
+            ``align_corners=False`` (what CT-CLIP's loader does, but at exactly ``pixdim``):
+            output voxel ``j`` samples input ``(j + 0.5) * r - 0.5``; in-plane it runs torch's
+            bilinear kernel. Both are trilinear with border clamping; they differ by a sub-voxel
+            shift of ``(r - 1) / 2`` input voxels.
     """
 
     def __init__(
@@ -133,7 +158,11 @@ class ResampleToSpacing(Transform):
         out_dtype: torch.dtype | str = torch.float32,
         slab: int = 16,
         max_obliquity: float = 1e-4,
+        grid: str = "spacingd",
     ) -> None:
+        if grid not in ("spacingd", "centered"):
+            raise ValueError(f"grid must be 'spacingd' or 'centered', got {grid!r}")
+        self.grid = grid
         self.pixdim = np.asarray(pixdim, dtype=np.float64)
         self.out_dtype = getattr(torch, out_dtype) if isinstance(out_dtype, str) else out_dtype
         self.slab = slab
@@ -145,10 +174,20 @@ class ResampleToSpacing(Transform):
             img = MetaTensor(img)
         affine = np.asarray(img.affine, dtype=np.float64)
         spatial = tuple(int(s) for s in img.shape[1:])
-        new_affine = zoom_affine(affine, self.pixdim, diagonal=False)
-        out_shape, offset = compute_shape_offset(spatial, affine, new_affine, False)
-        new_affine[:3, 3] = offset[:3]
-        xform = np.linalg.solve(affine, new_affine)  # output voxel -> input voxel
+        if self.grid == "centered":
+            # Field-of-view-centred grid (torch/CT-CLIP convention, align_corners=False): output voxel
+            # j samples input voxel (j + 0.5) * r - 0.5, r = target / input spacing, floor(n / r) voxels.
+            r = self.pixdim / np.linalg.norm(affine[:3, :3], axis=0)
+            out_shape = np.floor(np.asarray(spatial) / r + 1e-9).astype(int)
+            xform = np.eye(4)
+            xform[:3, :3] = np.diag(r)
+            xform[:3, 3] = 0.5 * r - 0.5
+            new_affine = affine @ xform
+        else:
+            new_affine = zoom_affine(affine, self.pixdim, diagonal=False)
+            out_shape, offset = compute_shape_offset(spatial, affine, new_affine, False)
+            new_affine[:3, 3] = offset[:3]
+            xform = np.linalg.solve(affine, new_affine)  # output voxel -> input voxel
         diag = np.diag(xform[:3, :3])
         if np.abs(xform[:3, :3] - np.diag(diag)).max() > self.max_obliquity * np.abs(diag).max():
             out = self.fallback(img)
@@ -175,6 +214,8 @@ class ResampleToSpacingd(MapTransform):
         pixdim: output voxel spacing (x, y, z) in mm.
         out_dtype: output dtype (``"int16"`` rounds).
         slab: output slices computed at a time.
+        grid: ``"spacingd"`` (MONAI ``Spacingd``'s grid, origin kept) or ``"centered"`` (field of view
+            centred, CT-CLIP/torch convention; several times faster in-plane).
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -184,10 +225,11 @@ class ResampleToSpacingd(MapTransform):
         pixdim: Sequence[float],
         out_dtype: torch.dtype | str = torch.float32,
         slab: int = 16,
+        grid: str = "spacingd",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.resampler = ResampleToSpacing(pixdim, out_dtype, slab)
+        self.resampler = ResampleToSpacing(pixdim, out_dtype, slab, grid=grid)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
