@@ -63,6 +63,7 @@ class ZeroShotClassifier(nn.Module):
     Prompts are encoded once and cached (re-encoded automatically when the text weights change, or by
     :meth:`refresh_prompts`); each volume is encoded once instead of once per class as in the reference script.
     The result equals the reference procedure (one CTCLIP forward per pathology) in eval mode.
+    ``state_dict()`` / ``load_state_dict()`` are the wrapped model's (CT-CLIP keys).
 
     Args:
         model: a :class:`~custom_nets.CTCLIP`.
@@ -94,6 +95,15 @@ class ZeroShotClassifier(nn.Module):
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
         self._cache: Optional[tuple] = None
+
+    # The wrapper's state dict *is* the CLIP model's (CT-CLIP keys, no "model." prefix): a bundle can load
+    # models/model.pt or a published checkpoint straight into it, and MONAI Label's strict=False load into
+    # network_def cannot silently miss every key.
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
     def from_config(cls, model: CTCLIP, config: Mapping[str, Any] | str, tokenizer=None,

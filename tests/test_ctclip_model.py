@@ -163,6 +163,11 @@ def test_zero_shot_equals_the_reference_procedure(tiny):
     assert not torch.allclose(zs(image), probs)
     default = ZeroShotClassifier(tiny, tok)
     assert len(default.class_names) == 18 and default.class_names[0] == "Medical material"
+    # the wrapper's state dict is the CT-CLIP one, so checkpoints load straight into it
+    assert set(default.state_dict()) == set(tiny.state_dict())
+    other = ZeroShotClassifier(cn.create_model("ctclip_tiny"), tok)
+    load_checkpoint(other, tiny.reference_state_dict())
+    assert torch.equal(other.model.to_visual_latent.weight, tiny.to_visual_latent.weight)
 
 
 def test_clip_loss_is_symmetric_infonce_and_ignores_target():
