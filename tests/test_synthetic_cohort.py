@@ -150,6 +150,34 @@ def test_metadata_rows_describe_nifti_storage_honestly(tmp_path):
     assert seen_trap and seen_honest
 
 
+def test_broken_geometry_is_restored_from_the_metadata_row(tmp_path):
+    """The original CT-RATE release: header geometry is void, the metadata row holds the truth."""
+    out = tmp_path / "c"
+    generate_cohort(out, 2, seed=2, num_workers=1, renderer="synthetic_standin", geometry="tests", progress=False,
+                    dicom_fraction=0.0, orientations=["ctrate_broken"], encodings=["int16_offset_raw"])
+    _, meta = _csv(out / "metadata.csv")
+    for row in meta:
+        sc = json.loads((out / "ground_truth" / (row["VolumeName"].removesuffix(".nii.gz") + ".json")).read_text())
+        assert sc["storage"]["broken_geometry"]
+        img = nib.load(out / sc["storage"]["path"])
+        assert int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0
+        assert img.header.get_zooms() == (1.0, 1.0, 1.0)
+        iop = np.array(json.loads(row["ImageOrientationPatient"]), dtype=float)
+        row_spacing, col_spacing = json.loads(row["XYSpacing"])
+        normal = np.cross(iop[:3], iop[3:])
+        restored = np.eye(4)
+        restored[:3, 0] = iop[:3] * col_spacing
+        restored[:3, 1] = iop[3:] * row_spacing
+        restored[:3, 2] = normal * float(row["ZSpacing"])
+        restored[:3, 3] = json.loads(row["ImagePositionPatient"])
+        np.testing.assert_allclose(restored, sc["storage"]["affine_lps"], atol=1e-5)
+        raw = np.asarray(img.dataobj.get_unscaled()).astype(float)
+        hu = raw * float(row["RescaleSlope"]) + float(row["RescaleIntercept"])
+        pad = sc["encoding"]["padding_stored"]
+        inside = raw != pad if pad is not None else np.ones(raw.shape, bool)
+        assert np.mean((hu[inside] >= -1100) & (hu[inside] <= -800)) > 0.3  # air and lung where they belong
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_cases=0), "num_cases"),
     (dict(num_cases=-3), "num_cases"),

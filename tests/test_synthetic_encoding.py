@@ -17,7 +17,7 @@ from transforms.synthetic.encoding import (
 from synthetic_standin import standin_volume
 
 VARIANTS = [(e, f, o) for e in ENCODINGS for f in ("nifti", "dicom") for o in ORIENTATIONS
-            if f in ENCODINGS[e]["formats"] and f in ORIENTATIONS[o]["formats"]]
+            if f in ENCODINGS[e]["formats"] and f in ORIENTATIONS[o]["formats"] and not ORIENTATIONS[o].get("broken_geometry")]
 
 
 def _write(tmp: Path, hu, grid, enc, fmt, ori, padding=-3024.0):

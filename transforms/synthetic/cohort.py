@@ -457,7 +457,8 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
         if fmt == "nifti":
             name = f"{stem}.nii.gz"
             rel = Path("volumes") / pid / f"{pid}_{scan}" / name
-            header = write_nifti(out / rel, stored, a_lps, enc_name)
+            header = write_nifti(out / rel, stored, a_lps, enc_name,
+                                 broken_geometry=bool(ORIENTATIONS[ori_name].get("broken_geometry")))
             storage = {"format": "nifti", "path": rel.as_posix(), "nifti_header": header}
         else:
             name = stem
@@ -485,6 +486,7 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
             "orientation": {"name": ori_name, "patient_position": patient_position, "flip_lps_axes": list(ORIENTATIONS[ori_name]["flip"]),
                             "image_orientation_patient": _iop(a_lps)},
             "anisotropic_pixel_spacing": bool(anisotropic),
+            "broken_geometry": bool(ORIENTATIONS[ori_name].get("broken_geometry")),
         })
         row = _metadata_row(name, record, acq, recon, kernel, a_lps, stored.shape, facts, patient_position, grid)
         sidecar = {

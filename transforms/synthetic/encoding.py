@@ -9,8 +9,9 @@ has something to undo:
   CT-RATE ``_fixed`` trap (stored = HU while the metadata row still says intercept −1024);
 * **padding** outside the reconstruction circle (−2048, −3024, −8192 HU, or the lowest value the
   encoding can hold, as "raw 0" scanners do);
-* **orientation** of the stored array (:data:`ORIENTATIONS`): RAS, LPS, LAS (dcm2niix style) and
-  prone (IOP ``[-1, 0, 0, 0, -1, 0]``, DICOM only).
+* **orientation** of the stored array (:data:`ORIENTATIONS`): RAS, LPS, LAS (dcm2niix style),
+  prone (IOP ``[-1, 0, 0, 0, -1, 0]``, DICOM only) and the original CT-RATE release's broken
+  NIfTI geometry (sform_code 0, identity qform; the metadata row holds the truth).
 
 Arrays handed to this module are on the renderer's grid: index ``(i, j, k)`` → patient LPS mm
 ``origin + (i*sx, j*sy, k*sz)`` (axis 0 toward Left, 1 toward Posterior, 2 toward Superior).
@@ -65,6 +66,9 @@ ORIENTATIONS: dict[str, dict[str, Any]] = {
     # Prone: rows run toward the patient's right, columns toward anterior (IOP [-1,0,0,0,-1,0]).
     # Only the encoding is prone; the rendered anatomy (gravity, table) stays supine.
     "prone": {"flip": (True, True, False), "patient_position": "HFP", "formats": ("dicom",)},
+    # The original CT-RATE release: LPS-ordered array, sform_code 0 and an identity qform with
+    # 1 mm voxels; the true geometry is only in the metadata row. Opt-in (not in the default mix).
+    "ctrate_broken": {"flip": (False, False, False), "patient_position": "HFS", "formats": ("nifti",), "broken_geometry": True},
 }
 
 _DTYPE_RANGE = {"int16": (-32768, 32767), "uint16": (0, 65535)}
@@ -179,7 +183,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndarray, encoding: str,
-                compresslevel: int = 4) -> dict[str, Any]:
+                compresslevel: int = 4, broken_geometry: bool = False) -> dict[str, Any]:
     """Write a stored array as a gzipped NIfTI-1 file with exact header control.
 
     nibabel recomputes scl_slope/scl_inter when it writes an array, so the header and the raw
@@ -192,18 +196,25 @@ def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndar
         affine_lps_matrix: index → LPS mm of ``stored``.
         encoding: a key of :data:`ENCODINGS`; decides whether scl_slope/scl_inter carry the rescale.
         compresslevel: gzip level.
+        broken_geometry: write the header like the original CT-RATE release (sform_code 0,
+            qform_code 0, 1 mm voxels, no orientation); ``affine_ras`` still reports the truth.
 
     Returns:
-        header facts for the sidecar: ``affine_ras``, ``scl_slope``, ``scl_inter``, ``qform_code``,
-        ``sform_code``, ``axcodes``.
+        header facts for the sidecar: ``affine_ras`` (true geometry), ``scl_slope``, ``scl_inter``,
+        ``qform_code``, ``sform_code``, ``axcodes``, ``broken_geometry``.
     """
     enc = ENCODINGS[encoding]
     affine = _LPS_TO_RAS @ affine_lps_matrix
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(np.dtype(enc["dtype"]))
     hdr.set_data_shape(stored.shape)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
+    if broken_geometry:
+        hdr.set_qform(None, code=0)
+        hdr.set_sform(np.eye(4), code=0)
+        hdr.set_zooms((1.0, 1.0, 1.0))
+    else:
+        hdr.set_qform(affine, code=1)
+        hdr.set_sform(affine, code=1)
     hdr.set_xyzt_units("mm", "sec")
     slope, inter = (float(enc["slope"]), float(enc["intercept"])) if enc["header_rescale"] else (1.0, 0.0)
     hdr["scl_slope"] = slope
@@ -218,9 +229,10 @@ def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndar
         "affine_ras": affine.tolist(),
         "scl_slope": slope,
         "scl_inter": inter,
-        "qform_code": 1,
-        "sform_code": 1,
+        "qform_code": 0 if broken_geometry else 1,
+        "sform_code": 0 if broken_geometry else 1,
         "axcodes": "".join(nib.aff2axcodes(affine)),
+        "broken_geometry": bool(broken_geometry),
     }
 
 

@@ -62,7 +62,8 @@ def _pick_sidecars(cohort: Path, num_cases: int) -> list[dict]:
     # scan prefer a storage format not shown yet, so the picture covers NIfTI and DICOM
     by_scan: dict[tuple, list[dict]] = {}
     for sc in sidecars:
-        by_scan.setdefault((sc["case_index"],), []).append(sc)
+        if not sc["storage"].get("broken_geometry"):  # its header geometry is wrong on purpose
+            by_scan.setdefault((sc["case_index"],), []).append(sc)
     scans = sorted(by_scan.values(), key=lambda group: (not any(f.get("centers_mm") for f in group[0]["record"]["findings"]),
                                                          group[0]["case_index"]))
     chosen, formats = [], set()
