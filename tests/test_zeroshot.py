@@ -285,13 +285,14 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
 
 
 def test_export_for_monai_label(tiny_preprocessed_dir, tiny_clip_checkpoint, stored_run, tmp_path):
+    models = tmp_path / "models"  # tmp_path plays the bundle root
     run_bundle("export.json", model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint),
-               export_dir=str(tmp_path))
-    summary = json.loads((tmp_path / "export.json").read_text())
+               export_dir=str(models))
+    summary = json.loads((models / "export.json").read_text())
     assert "model.ts" in summary["files"], summary["skipped"]
     # MONAI Label loads models/model.pt into network_def with strict=False: every key must match
-    net = zeroshot.build_zeroshot_network(str(tmp_path / "model_config.json"), CONFIGS / "prompts.json")
-    sd = torch.load(tmp_path / "model.pt", weights_only=True)
+    net = zeroshot.build_zeroshot_network(str(models / "model_config.json"), CONFIGS / "prompts.json")
+    sd = torch.load(models / "model.pt", weights_only=True)
     assert set(sd) == set(net.state_dict())
     result = net.load_state_dict(sd, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
@@ -302,9 +303,11 @@ def test_export_for_monai_label(tiny_preprocessed_dir, tiny_clip_checkpoint, sto
         p = net.probabilities(torch.as_tensor(emb[name])[None])[0].numpy()
     assert np.abs(p - probs_of(stored, CTRATE_PATHOLOGIES)[name]).max() <= TOL
     # the TorchScript module gives the eager probabilities
-    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    ts = torch.jit.load(str(models / "model.ts"))
     x = torch.rand(summary["files"]["model.ts"]["input_shape"]) * 2 - 1
     with torch.no_grad():
         assert float((ts(x) - net(x)).abs().max()) <= TOL
-    # and the inference config picks up the exported architecture by default
-    assert zeroshot.default_model_config(tmp_path.parent / "nothing") == "ctclip_v2"
+    # and the inference config picks up the exported architecture by default (MONAI Label passes no overrides)
+    assert zeroshot.default_model_config(tmp_path) == str(models / "model_config.json")
+    assert json.loads((models / "model_config.json").read_text())["name"] == "ctclip_tiny"
+    assert zeroshot.default_model_config(tmp_path / "elsewhere") == "ctclip_v2"

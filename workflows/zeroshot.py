@@ -51,6 +51,7 @@ __all__ = [
 
 logger = logging.getLogger("ct_clip_zeroshot")
 
+
 # --------------------------------------------------------------------------------------------- prompts
 def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a zero-shot prompt file.
