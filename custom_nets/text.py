@@ -138,7 +138,16 @@ def build_tokenizer(section_or_config: Mapping[str, Any] | str):
         tok = build_wordpiece_tokenizer(_cache_root() / "tokenizers" / f"wordpiece_{digest}", words)
     else:
         tokenizer_class = getattr(transformers, section.get("tokenizer_class", "AutoTokenizer"))
-        tok = tokenizer_class.from_pretrained(resolve_pretrained(spec), **section.get("tokenizer_kwargs", {}))
+        try:
+            tok = tokenizer_class.from_pretrained(resolve_pretrained(spec), **section.get("tokenizer_kwargs", {}))
+        except OSError as err:
+            raise OSError(f"cannot load tokenizer {spec!r} (offline machine? pass a local copy, e.g. "
+                          f"create_model(..., text_encoder={{'tokenizer': '/path/to/dir'}})): {err}") from err
+    if len(tok) <= len(set(tok.all_special_tokens)) + 10:
+        # transformers 5 returns an empty-vocabulary tokenizer (every word -> [UNK]) when the files are missing
+        raise OSError(f"tokenizer {spec!r} loaded without a vocabulary ({len(tok)} tokens): the files were not "
+                      "found (offline machine? pass a local copy, e.g. create_model(..., text_encoder={'tokenizer': "
+                      "'/path/to/dir'}))")
     vocab_size = (section.get("bert_config") or {}).get("vocab_size")
     if vocab_size is not None and len(tok) > vocab_size:
         raise ValueError(f"tokenizer {spec!r} has {len(tok)} tokens but bert_config.vocab_size is {vocab_size}")

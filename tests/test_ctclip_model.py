@@ -43,6 +43,12 @@ def test_tiny_config_contract_and_tokenizer(tiny):
     assert logits.shape == (3, 2)
 
 
+def test_missing_tokenizer_files_fail_loudly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="without a vocabulary|cannot load tokenizer"):
+        cn.build_tokenizer({"tokenizer": str(tmp_path / "empty"), "tokenizer_class": "BertTokenizer"})
+
+
 def test_config_mismatch_is_named():
     with pytest.raises(ValueError, match="dim_image is 99"):
         cn.create_model("ctclip_tiny", ctclip={"dim_image": 99})
