@@ -308,7 +308,10 @@ class CTPreprocessor:
             "spatial_size": [int(v) for v in (spatial_size if spatial_size is not None else inp["spatial_size"])],
             "pad_hu": float(pad_hu if pad_hu is not None else inp.get("pad_hu", -1000)),
             "hu_source": hu_source,
-            "qc": dict(qc or {}),
+            # defaults filled in, so that spelling a default out does not change the parameters hash
+            "qc": {"min_slices": 8, "spacing_range_mm": [0.05, 15.0], "max_voxels": 1024 * 1024 * 2048,
+                   "max_obliquity_deg": 1.0, "check_hu": True,
+                   **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(qc or {}).items()}},
             "resampler": resampler,
             "axes": "RAS",
             "dtype": "int16",
