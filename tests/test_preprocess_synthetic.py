@@ -79,6 +79,9 @@ def test_generated_cohort_preprocesses_to_ras_target_geometry(tmp_path):
     out = tmp_path / "out"
     summary = CTPreprocessor(str(inp), str(out), "ctclip_tiny", spatial_size=[48, 48, 32], progress=False).run()
     assert summary["rejected"] == 0 and summary["ok"] == len(sidecars)
+    with open(out / "qc.csv", newline="") as f:
+        qc_rows = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in qc_rows) == sorted(sidecars) and {r["status"] for r in qc_rows} == {"ok"}
     man = json.loads((out / "manifest.json").read_text())["volumes"]
     dl = json.loads((out / "datalist.json").read_text())
     items = {it["name"]: it for v in dl.values() for it in v}
