@@ -32,6 +32,8 @@ SECTION_PRESETS = {
     "findings": ("findings",),
     "findings_impressions": ("findings", "impressions"),
     "impressions": ("impressions",),
+    # impressions first: token truncation then cuts the long findings, not the short pathology list
+    "impressions_findings": ("impressions", "findings"),
 }
 
 
@@ -73,7 +75,8 @@ class ReportTextd(MapTransform):
 
     Args:
         keys: the section entries, in order, e.g. ``("findings", "impressions")``; also accepts the
-            presets ``"findings"`` / ``"findings_impressions"`` and CT-RATE column names (``"Findings_EN"``).
+            presets ``"findings"`` / ``"findings_impressions"`` / ``"impressions_findings"`` / ``"impressions"`` and
+            CT-RATE column names (``"Findings_EN"``).
         output_key: entry receiving the joined text.
         separator: put between sections.
         max_words: keep only the first ``max_words`` words (None: no word-level truncation; the tokenizer
