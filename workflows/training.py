@@ -465,16 +465,19 @@ class BestModelSaver:
         eval_dir: folder the evaluation handlers wrote this epoch's files to (copied to ``best_dir``).
         best_dir: destination of the best epoch's files.
         save_rank: the rank that writes.
+        reset: forget a best value recorded by an earlier run in the same folder (a run that does not resume).
     """
 
     def __init__(self, model: nn.Module, save_path: str | os.PathLike, metric_name: str = "macro_auroc",
                  eval_dir: Optional[str | os.PathLike] = None, best_dir: Optional[str | os.PathLike] = None,
-                 save_rank: int = 0):
+                 save_rank: int = 0, reset: bool = False):
         self.model, self.save_path, self.metric_name = model, Path(save_path), metric_name
         self.eval_dir = Path(eval_dir) if eval_dir else None
         self.best_dir = Path(best_dir) if best_dir else None
         self.save_rank = save_rank
         self.state_path = self.save_path.with_suffix(self.save_path.suffix + ".json")
+        if reset and rank() == save_rank:
+            self.state_path.unlink(missing_ok=True)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
