@@ -42,6 +42,12 @@ class _Ctx:
         self.lung_core = ndimage.binary_erosion(lung, iterations=1)
         self.vessels = ndimage.binary_dilation(self.m["vessels"], iterations=1)
         self.bone = ndimage.binary_dilation(self.m["bone"], iterations=2)
+        # slices crossed by metal streaks are unreadable for density measurements: skip them,
+        # as a reader would (streak voxels: very bright outside bone, aorta and coronary course)
+        calc = ndimage.binary_dilation(self.m["aorta_wall"] | self.m["coronary"], iterations=2)
+        streak = (img > 800) & self.m["body"] & ~self.bone & ~calc
+        bad = ndimage.binary_dilation(streak.sum(axis=(0, 1)) >= 3, iterations=1)
+        self.clean = ~bad[None, None, :]
 
     def dilate_mm(self, mask, mm):
         it = max(int(round(mm / float(self.sp[:2].mean()))), 1)
@@ -67,12 +73,12 @@ def medical_material(c: _Ctx):
 
 
 def arterial_calcification(c: _Ctx):
-    roi = c.m["aorta_wall"] & ~c.bone
+    roi = c.m["aorta_wall"] & ~c.bone & c.clean
     return float(np.clip(c.img[roi] - 130, 0, None).sum() * c.vox)
 
 
 def coronary_calcification(c: _Ctx):
-    roi = c.dilate_mm(c.m["coronary"], 3) & ~c.bone & ~c.dilate_mm(c.m["aorta"], 3)
+    roi = c.dilate_mm(c.m["coronary"], 3) & ~c.bone & ~c.dilate_mm(c.m["aorta"], 3) & c.clean
     return float(np.clip(c.img[roi] - 130, 0, None).sum() * c.vox)
 
 
@@ -126,18 +132,22 @@ def hiatal_hernia(c: _Ctx):
 
 
 def lymphadenopathy(c: _Ctx):
-    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.m["heart_region"] | c.bone | c.vessels
+    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.m["heart_region"] | c.bone
     soft = (c.smooth > -20) & (c.smooth < 100)
     best = 0.0
     for name, p in c.geo["node_stations_mm"].items():
-        roi = c.sphere(p, 18.0) & ~excl
+        roi = c.sphere(p, 18.0) & ~excl & c.clean
         best = max(best, float((soft & roi).sum() * c.vox))
     return best
 
 
 def emphysema(c: _Ctx):
-    core = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0)  # density mask, airways excluded
-    return float((c.img[core] < -950).mean() * 100.0)
+    core = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean  # density mask, airways excluded
+    if not core.any():
+        return 0.0
+    # opening drops tubular air (dilated distal airways) and isolated noise voxels, keeps lucent areas
+    laa = ndimage.binary_opening((c.img < -950) & core)
+    return float(laa.sum() / core.sum() * 100.0)
 
 
 def _free_lung(c: _Ctx):
@@ -154,21 +164,27 @@ def atelectasis(c: _Ctx):
 
 
 def lung_nodule(c: _Ctx):
-    """Blob filter: strongest negative-Laplacian-of-Gaussian response in the free lung.
+    """Compact soft-tissue blobs inside the lung, away from the pleura and the normal vessel tree.
 
-    Round opacities give a strong LoG response at their scale; the normal vessel tree is masked
-    out, and sheets or bands (fissures, plates) respond more weakly than spheres of equal contrast.
+    Consolidations are too large and plate atelectasis or scars too elongated to count; small
+    distal vessels and fissures never reach soft-tissue density after partial volume.
     """
-    free = ndimage.binary_erosion(_free_lung(c), iterations=1) & c.erode_mm(c.m["lung"], 10)
-    if not free.any():
+    central = c.m["mediastinal_vessels"] | c.m["aorta"] | c.m["heart_region"]
+    free = _free_lung(c) & c.erode_mm(c.m["lung"], 8) & ~c.dilate_mm(central, 10)
+    lab, n = ndimage.label((c.img > -250) & free)
+    if n == 0:
         return 0.0
-    img = np.clip(c.img, -900, 100).astype(np.float32)
-    best = 0.0
-    for r_mm in (4.0, 7.0):
-        sig = np.maximum(r_mm / np.sqrt(3) / c.sp, 0.5)
-        resp = -ndimage.gaussian_laplace(img, sig) * float(np.mean(sig) ** 2)
-        best = max(best, float(np.percentile(resp[free], 99.95)))
-    return best
+    score = 0.0
+    peaks = ndimage.maximum(c.img, lab, index=np.arange(1, n + 1))
+    sizes = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, index=np.arange(1, n + 1))
+    for i, sl in enumerate(ndimage.find_objects(lab)):
+        if sizes[i] < 2:
+            continue  # a lone voxel is a vessel seen end-on
+        ext = np.array([(s.stop - s.start) for s in sl]) * c.sp
+        if ext.max() > 32 or ext.max() > 2.5 * max(ext.min(), c.sp.min()):
+            continue  # not round: band, plate or consolidation
+        score += 1.0 + max(float(peaks[i]), -250.0) / 250.0
+    return score
 
 
 def lung_opacity(c: _Ctx):
@@ -189,10 +205,10 @@ def fibrotic_sequela(c: _Ctx):
 
 
 def pleural_effusion(c: _Ctx):
-    lung = c.lung_core & ~c.m["abdomen"]
+    lung = c.m["lung"] & ~c.m["abdomen"]  # thin crescents live at the lung's edge: no erosion
     fluid = (c.smooth > -25) & (c.smooth < 24)
     post = (c.y > -0.1 * c.geo["cage_half_depth_mm"])[None, :, None]
-    return float((fluid & lung & post).sum() * c.vox / 1000.0)
+    return float((fluid & lung & post & c.clean).sum() * c.vox / 1000.0)
 
 
 def mosaic(c: _Ctx):
