@@ -342,7 +342,12 @@ def _example_picture(out: Path) -> None:
         print(f"    (example picture skipped: {getattr(e, 'stderr', '') or e})")
 
 
+def cli(**kwargs) -> None:
+    """Command line entry: like :func:`main`, without echoing the results dict (fire prints return values)."""
+    main(**kwargs)
+
+
 if __name__ == "__main__":  # pragma: no cover
     import fire
 
-    fire.Fire(main)
+    fire.Fire(cli)
