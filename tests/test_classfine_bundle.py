@@ -197,3 +197,14 @@ def test_progressive_unfreezing(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp
     assert not any(k.startswith("text_transformer.") for k in moved), "text encoder must stay frozen"
     assert not any("vq._codebook" in k for k in moved), "the VQ codebook must not drift"
     assert network.cache_size == 0  # nothing cached once the encoder trains
+
+
+def test_evaluate_without_zeroshot_baseline(trained, tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
+    _, out, _ = trained
+    w = workflow(["train.json", "evaluate.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
+                 pretrained=str(tiny_clip_checkpoint), ckpt_path=str(out / "models" / "model.pt"), n_bootstrap=0,
+                 skip_zeroshot=True, **TINY)
+    run(w)
+    assert (tmp_path / "eval" / "test" / "metrics.json").is_file()
+    assert not (tmp_path / "eval" / "zeroshot").exists()
+    assert set(json.loads((tmp_path / "eval" / "comparison.json").read_text())["test"]) == {"ClassFine"}
