@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from ..pathologies import CTRATE_PATHOLOGIES
 
-__all__ = ["DETECTORS", "detector_scores"]
+__all__ = ["DETECTORS", "detector_scores", "normal_reference"]
 
 
 def _ball(r_vox):
@@ -25,9 +25,16 @@ def _ball(r_vox):
     return (g**2).sum(0) <= r_vox**2 + 1e-6
 
 
+def c_free(c):
+    return ~c.vessels & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean
+
+
 class _Ctx:
-    def __init__(self, img, truth, grid):
+    def __init__(self, img, truth, grid, reference=None):
         self.img = img
+        self.ref = reference
+        # difference to the finding-free rendering of the same anatomy (zero without a reference)
+        self.D = img - reference if reference is not None else np.zeros_like(img)
         self.m = truth["masks"]
         self.geo = truth["geometry"]
         self.sp = np.asarray(grid["spacing_mm"], float)
@@ -48,6 +55,9 @@ class _Ctx:
         streak = (img > 800) & self.m["body"] & ~self.bone & ~calc
         bad = ndimage.binary_dilation(streak.sum(axis=(0, 1)) >= 3, iterations=1)
         self.clean = ~bad[None, None, :]
+        self.lung_roi = lung & c_free(self)
+        self.Ds = ndimage.uniform_filter(self.D, 3)
+        self.Dhp = self.D - ndimage.gaussian_filter(self.D, 1.0)
 
     def dilate_mm(self, mask, mm):
         it = max(int(round(mm / float(self.sp[:2].mean()))), 1)
@@ -67,27 +77,46 @@ class _Ctx:
         return ((self.z >= lo) & (self.z <= hi))[None, None, :]
 
 
+def _comp_stats(mask, c):
+    """Connected components of ``mask``: label volume, sizes (voxels) and bounding-box extents (mm)."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return lab, np.zeros(0), np.zeros((0, 3))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
+    ext = np.array([[(s_.stop - s_.start) for s_ in sl] for sl in ndimage.find_objects(lab)], float) * c.sp
+    return lab, sizes, ext
+
+
 def medical_material(c: _Ctx):
+    """Device voxels: metal (any bright excess outside calcified walls) and catheters in the veins."""
     body = c.m["body"]
-    return float(((c.img > 1500) & body & ~c.bone).sum() + 0.2 * ((c.img > 400) & body & ~c.bone).sum())
+    calc = c.dilate_mm(c.m["aorta_wall"] | c.m["coronary"], 4)
+    # bright excess outside the lungs (effusion and consolidation add +900 HU of water in the lung)
+    out = body & ~c.dilate_mm(c.m["lung"], 2) & ~calc
+    metal = float(((c.D > 150) & (c.img > 250) & out).sum())
+    cath = c.m["mediastinal_vessels"] & ~c.dilate_mm(c.m["aorta"], 4) & ~c.m["heart_region"] & ~c.m["lung"]
+    return metal + float(((c.D > 60) & (c.img > 100) & cath).sum())
 
 
 def arterial_calcification(c: _Ctx):
-    roi = c.m["aorta_wall"] & ~c.bone & c.clean
-    return float(np.clip(c.img[roi] - 130, 0, None).sum() * c.vox)
+    roi = c.m["aorta_wall"] & ~c.bone & c.clean & ~c.m["lung"] & (c.img > 130)
+    return float(np.clip(c.D[roi], 0, None).sum() * c.vox)
 
 
 def coronary_calcification(c: _Ctx):
-    roi = c.dilate_mm(c.m["coronary"], 3) & ~c.bone & ~c.dilate_mm(c.m["aorta"], 3) & c.clean
-    return float(np.clip(c.img[roi] - 130, 0, None).sum() * c.vox)
+    roi = c.dilate_mm(c.m["coronary"], 3) & ~c.bone & ~c.dilate_mm(c.m["aorta"], 3) & c.clean & ~c.m["lung"] & (c.img > 130)
+    return float(np.clip(c.D[roi], 0, None).sum() * c.vox)
 
 
 def cardiomegaly(c: _Ctx):
-    """Cardiothoracic ratio: widest soft-tissue run through the heart / internal thoracic width."""
+    """Cardiothoracic ratio: widest soft-tissue run through the heart / internal thoracic width.
+
+    Cardiomegaly is part of the anatomy (the heart itself is larger), so this one is absolute.
+    """
     A = c.geo["cage_half_width_mm"]
     B = c.geo["cage_half_depth_mm"]
     zc = c.geo["z_dome_left_mm"]
-    soft = c.smooth > -250  # cardiac silhouette: heart, pericardium and its fat; lung ends the run
+    soft = (c.ref if c.ref is not None else c.smooth) > -250  # silhouette without effusions around it
     ks = np.nonzero((c.z > zc) & (c.z < -25))[0]
     rows = np.nonzero((c.y > -B) & (c.y < 0.15 * B))[0]
     i0 = int(np.argmin(np.abs(c.x - 10.0)))
@@ -110,156 +139,151 @@ def cardiomegaly(c: _Ctx):
 
 
 def pericardial_effusion(c: _Ctx):
+    """Fluid replacing epicardial/pericardial fat around the heart (fat -100 -> fluid ~+10)."""
     heart = c.m["heart_region"]
-    roi = c.dilate_mm(heart, 24) & ~c.erode_mm(heart, 10) & ~c.bone
-    fluid = (c.smooth > -15) & (c.smooth < 24)
-    return float((fluid & roi).sum() * c.vox / 1000.0)
+    roi = c.dilate_mm(heart, 24) & ~c.erode_mm(heart, 10) & ~c.bone & ~c.m["lung"]
+    return float(((c.D > 40) & (c.img > -40) & (c.img < 60) & roi).sum() * c.vox / 1000.0)
 
 
 def hiatal_hernia(c: _Ctx):
+    """Changed tissue (sac wall, air, fluid) in the posterior mediastinum above the hiatus."""
     zh = c.geo["z_hiatus_mm"]
     eso = np.asarray(c.geo["esophagus_mm"])
-    yv = c.geo["vertebra_center_yx_mm"][0]
     sel = (eso[:, 2] > zh - 5) & (eso[:, 2] < zh + 80)
     roi = np.zeros(c.shape, bool)
     for p in eso[sel]:
-        roi |= c.sphere(p, 30.0)
-    roi &= (c.y < yv - 8)[None, :, None]
-    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 3) | c.m["heart_region"] | c.bone | c.m["abdomen"]
-    soft = (c.smooth > -60) & (c.smooth < 120)
-    air = c.smooth < -930
-    return float(((soft | air) & roi & ~excl).sum() * c.vox / 1000.0)
+        roi |= c.sphere(p, 35.0)
+    roi &= c.zmask(zh - 5, zh + 90) & ~c.m["lung"] & ~c.m["heart_region"] & ~c.bone
+    return float(((np.abs(c.D) > 60) & roi & c.clean).sum() * c.vox / 1000.0)
 
 
 def lymphadenopathy(c: _Ctx):
-    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.m["heart_region"] | c.bone
-    soft = (c.smooth > -20) & (c.smooth < 100)
+    """Node tissue replacing mediastinal fat at the stations (normal nodes are in the reference)."""
+    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.m["heart_region"] | c.bone | c.m["lung"]
+    gain = (c.D > 50) & (c.img > -30) & (c.img < 90)
     best = 0.0
     for name, p in c.geo["node_stations_mm"].items():
-        roi = c.sphere(p, 18.0) & ~excl & c.clean
-        best = max(best, float((soft & roi).sum() * c.vox))
+        roi = c.sphere(p, 22.0) & ~excl & c.clean
+        best = max(best, float((gain & roi).sum() * c.vox))
     return best
 
 
 def emphysema(c: _Ctx):
-    core = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean  # density mask, airways excluded
-    if not core.any():
-        return 0.0
-    # opening drops tubular air (dilated distal airways) and isolated noise voxels, keeps lucent areas
-    laa = ndimage.binary_opening((c.img < -950) & core)
-    return float(laa.sum() / core.sum() * 100.0)
+    """Lung darker than expected down to the -950 range (mosaic lucency stays above it)."""
+    roi = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean
+    laa = (c.D < -60) & (c.img < -930) & roi
+    return float(laa.sum() / max(roi.sum(), 1) * 100.0)
 
 
-def _free_lung(c: _Ctx):
-    return c.lung_core & ~c.vessels & ~c.dilate_mm(c.m["airway_roi"], 0)
+def _lung_gain(c: _Ctx, lo):
+    return (c.D > lo) & c.lung_roi
 
 
 def atelectasis(c: _Ctx):
-    """Dense (collapsed) lung at the bases: plate-like bands and compressed lung beside fluid."""
+    """Dense plate-like bands (thin, long) or collapsed lung in the lower zones."""
     zlo = c.geo["z_dome_right_mm"] - 80
-    basal = _free_lung(c) & c.zmask(zlo, -20)
-    dense = (c.smooth > 18) & (c.smooth < 80)
-    plate = (c.smooth > -550) & (c.smooth < -150)
-    return float((dense & basal).sum() + 0.5 * (plate & basal & c.erode_mm(c.m["lung"], 12)).sum()) * c.vox / 1000.0
+    basal = c.lung_roi & c.zmask(zlo, -10)
+    lab, sizes, ext = _comp_stats((c.D > 200) & basal, c)
+    score = 0.0
+    for i in range(len(sizes)):
+        e = np.sort(ext[i])
+        if sizes[i] >= 3 and e[2] >= 16 and e[2] >= 2.5 * e[0]:
+            score += sizes[i]  # band: long and thin
+    # passive: collapsed lung at soft-tissue density above the fluid (not fluid HU itself)
+    dense = (c.D > 500) & (c.smooth > 26) & (c.smooth < 90) & basal
+    return float(score + 0.5 * dense.sum()) * c.vox / 1000.0
 
 
 def lung_nodule(c: _Ctx):
-    """Compact soft-tissue blobs inside the lung, away from the pleura and the normal vessel tree.
-
-    Consolidations are too large and plate atelectasis or scars too elongated to count; small
-    distal vessels and fissures never reach soft-tissue density after partial volume.
-    """
-    central = c.m["mediastinal_vessels"] | c.m["aorta"] | c.m["heart_region"]
-    free = _free_lung(c) & c.erode_mm(c.m["lung"], 8) & ~c.dilate_mm(central, 10)
-    lab, n = ndimage.label((c.img > -250) & free)
-    if n == 0:
+    """Compact, round, dense new blobs inside the lung (5-30 mm)."""
+    # the whole lesion footprint (D > 100) must be compact: this drops bands, scars and the
+    # dense parts of consolidations, whose footprint continues into ground glass
+    lab, sizes, ext = _comp_stats((c.D > 100) & (c.lung_roi | c.vessels) & c.m["lung"] & c.clean, c)
+    if len(sizes) == 0:
         return 0.0
+    peaks = ndimage.maximum(c.D, lab, index=np.arange(1, len(sizes) + 1))
     score = 0.0
-    peaks = ndimage.maximum(c.img, lab, index=np.arange(1, n + 1))
-    sizes = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, index=np.arange(1, n + 1))
-    for i, sl in enumerate(ndimage.find_objects(lab)):
-        if sizes[i] < 2:
-            continue  # a lone voxel is a vessel seen end-on
-        ext = np.array([(s.stop - s.start) for s in sl]) * c.sp
-        if ext.max() > 32 or ext.max() > 2.5 * max(ext.min(), c.sp.min()):
-            continue  # not round: band, plate or consolidation
-        score += 1.0 + max(float(peaks[i]), -250.0) / 250.0
+    for i in range(len(sizes)):
+        e = np.sort(ext[i])
+        if e[2] <= 28 and e[2] <= 1.8 * max(e[0], c.sp.min()) and peaks[i] > 350:
+            score += 1.0 + float(peaks[i]) / 1000.0
     return score
 
 
 def lung_opacity(c: _Ctx):
-    free = _free_lung(c) & c.erode_mm(c.m["lung"], 8)
-    ggo = (c.smooth > -700) & (c.smooth < -300)
-    return float((ggo & free).sum() * c.vox / 1000.0)
+    """Hazy new density at ground-glass level (-750..-250 HU), not the rim of a dense lesion."""
+    dense = c.dilate_mm((c.D > 500) & c.lung_roi, 8)
+    ggo = (c.D > 150) & (c.smooth > -750) & (c.smooth < -250) & c.lung_roi & ~dense
+    return float(ggo.sum() * c.vox / 1000.0)
 
 
 def fibrotic_sequela(c: _Ctx):
+    """Apical scar bands (new dense strands in the upper 75 mm) or basal reticulation."""
     ztop = c.geo["z_lung_apex_mm"]
-    free = _free_lung(c)
-    apical = free & c.zmask(ztop - 75, ztop)
-    d_apex = ((c.img > -450) & apical).sum() / max(apical.sum(), 1)
-    base = free & c.zmask(-1e3, -40) & ~c.erode_mm(c.m["lung"], 14)
-    hp = c.img - ndimage.gaussian_filter(c.img, 1.0)
-    reticular = float(np.mean(np.abs(hp[base]))) if base.any() else 0.0
-    return float(100 * d_apex + 0.02 * reticular)
+    lab, sizes, ext = _comp_stats((c.D > 150) & c.m["lung"] & c.zmask(ztop - 90, ztop + 10) & c.clean, c)
+    band = 0.0
+    for i in range(len(sizes)):
+        e = np.sort(ext[i])
+        if sizes[i] >= 2 and e[2] >= 2.0 * max(e[0], c.sp.min()):
+            band += sizes[i]  # strand: elongated
+    base = c.lung_roi & c.zmask(-1e3, -40) & ~c.erode_mm(c.m["lung"], 20)
+    ret = (c.Dhp > 25) & (c.D > 40) & (c.D < 300) & base
+    return float(band + 0.3 * ret.sum()) * c.vox / 1000.0
 
 
 def pleural_effusion(c: _Ctx):
-    lung = c.m["lung"] & ~c.m["abdomen"]  # thin crescents live at the lung's edge: no erosion
-    fluid = (c.smooth > -25) & (c.smooth < 24)
+    """Fluid-HU voxels where the normal anatomy has dependent lung."""
+    fluid = (c.smooth > -25) & (c.smooth < 26) & (c.D > 500)
     post = (c.y > -0.1 * c.geo["cage_half_depth_mm"])[None, :, None]
-    return float((fluid & lung & post & c.clean).sum() * c.vox / 1000.0)
+    return float((fluid & c.m["lung"] & post & c.clean).sum() * c.vox / 1000.0)
 
 
 def mosaic(c: _Ctx):
-    free = _free_lung(c)
-    sm = ndimage.gaussian_filter(np.where(free, c.img, 0).astype(np.float32), 2.0)
-    wt = ndimage.gaussian_filter(free.astype(np.float32), 2.0)
-    sm = np.where(wt > 0.3, sm / np.maximum(wt, 1e-3), 0)
-    vals = sm[free & (wt > 0.3)]
-    ys = np.broadcast_to(c.y[None, :, None], c.shape)[free & (wt > 0.3)]
-    if vals.size < 50:
+    """Geographic patches both darker and brighter than expected by a few tens of HU."""
+    roi = c.lung_roi & c.erode_mm(c.m["lung"], 8)
+    if roi.sum() < 50:
         return 0.0
-    coef = np.polyfit(ys, vals, 1)
-    res = vals - np.polyval(coef, ys)
-    dark = np.mean((res < -35) & (res > -110))
-    bright = np.mean((res > 30) & (res < 150))
+    d = c.Ds[roi]
+    dark = np.mean((d < -25) & (d > -90))
+    bright = np.mean((d > 25) & (d < 90))
     return float(min(dark, bright))
 
 
 def peribronchial_thickening(c: _Ctx):
-    roi = c.m["airway_roi"] & c.m["lung"]
-    ref = _free_lung(c)
+    """Bronchial walls denser than expected around the normal airway tree."""
+    roi = c.m["airway_roi"] & c.m["lung"] & c.clean
+    ref = c.lung_roi & ~c.dilate_mm(c.m["airway_roi"], 8)
     if not roi.any() or not ref.any():
         return 0.0
-    return float(np.percentile(c.img[roi], 75) - np.median(c.img[ref]))
+    return float(np.mean((c.D[roi] > 80) & (c.D[roi] < 600)) - np.mean((c.D[ref] > 80) & (c.D[ref] < 600)))
 
 
 def consolidation(c: _Ctx):
-    inner = c.erode_mm(c.m["lung"], 12) & ~c.vessels
-    return float(((c.smooth > -120) & inner).sum() * c.vox / 1000.0)
+    """Large confluent soft-tissue-density lung regions (> 15 mm in two axes)."""
+    lab, sizes, ext = _comp_stats((c.D > 500) & (c.smooth > -150) & c.lung_roi & c.erode_mm(c.m["lung"], 4), c)
+    score = 0.0
+    for i in range(len(sizes)):
+        e = np.sort(ext[i])
+        if e[1] >= 14:
+            score += sizes[i]
+    return score * c.vox / 1000.0
 
 
 def bronchiectasis(c: _Ctx):
-    roi = c.m["airway_roi"] & c.m["lung"]
-    ref = _free_lung(c)
-    if not roi.any():
+    """Airway-region voxels darker than expected (widened lumens) relative to the rest of the lung."""
+    roi = c.m["airway_roi"] & c.m["lung"] & c.clean
+    ref = c.lung_roi & ~c.dilate_mm(c.m["airway_roi"], 8)
+    if not roi.any() or not ref.any():
         return 0.0
-    airy = lambda m: float((c.img[m] < -940).mean())  # noqa: E731
-    periph = ref & ~c.erode_mm(c.m["lung"], 15)
-    tub = (c.img < -940) & periph
-    return 100 * (airy(roi) - airy(ref)) + 100 * float(tub.sum()) / max(periph.sum(), 1)
+    return float(100 * (np.mean(c.D[roi] < -60) - np.mean(c.D[ref] < -60)))
 
 
 def septal_thickening(c: _Ctx):
-    free = _free_lung(c)
-    periph = free & ~c.erode_mm(c.m["lung"], 30)
-    lower = periph & c.zmask(-1e3, -30)
-    upper = free & c.zmask(20, 1e3)
-    if not lower.any() or not upper.any():
+    """Fine line network (high-pass of the difference) in the peripheral lung."""
+    periph = c.lung_roi & ~c.erode_mm(c.m["lung"], 30) & c.erode_mm(c.m["lung"], 4)
+    if not periph.any():
         return 0.0
-    hp = c.img - ndimage.gaussian_filter(c.img, 1.2)
-    return float(np.mean(np.abs(hp[lower])) - np.mean(np.abs(hp[upper]))) + 0.05 * float(np.median(c.img[lower]) - np.median(c.img[upper]))
+    return float(np.mean(np.abs(c.Dhp[periph])))
 
 
 DETECTORS = {
@@ -285,16 +309,43 @@ DETECTORS = {
 assert tuple(DETECTORS) == CTRATE_PATHOLOGIES
 
 
-def detector_scores(img: np.ndarray, truth: dict, grid: dict) -> dict:
+def normal_reference(record: dict, grid: dict, recon: dict, seed: int) -> np.ndarray:
+    """Expected normal image of a case: the same record rendered without findings, same scanner.
+
+    Cardiomegaly lives in the anatomy, so the reference keeps the patient's heart; every other
+    finding is absent. Same noise seed, so the difference image holds the findings (plus the
+    metal streaks and a small change of the noise level with the patient's attenuation).
+
+    Args:
+        record: the case record.
+        grid: the grid of the image.
+        recon: the reconstruction parameters of the image.
+        seed: the noise seed of the image.
+
+    Returns:
+        float32 HU volume of the grid's shape.
+    """
+    from .render import render_truth
+    from .scanner import apply_scanner
+
+    normal = dict(record, findings=[])
+    return apply_scanner(render_truth(normal, grid), grid, recon, seed=seed)
+
+
+def detector_scores(img: np.ndarray, truth: dict, grid: dict, reference: np.ndarray | None = None) -> dict:
     """Score of every finding detector on one reconstructed image.
 
     Args:
         img: reconstructed HU volume (grid layout, LPS).
         truth: the :func:`.render.render_truth` output of the same case (masks, geometry).
         grid: the grid.
+        reference: the expected normal image (:func:`normal_reference`); detectors score the
+            difference ``img - reference`` inside each finding's anatomical ROI. Without it the
+            difference is zero and only the absolute measurements (cardiomegaly) carry signal.
 
     Returns:
         {CT-RATE label: float score}, higher = more likely present.
     """
-    c = _Ctx(np.asarray(img, np.float32), truth, grid)
+    ref = None if reference is None else np.asarray(reference, np.float32)
+    c = _Ctx(np.asarray(img, np.float32), truth, grid, ref)
     return {name: float(fn(c)) for name, fn in DETECTORS.items()}
