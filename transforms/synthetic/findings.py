@@ -462,9 +462,10 @@ def arterial_calcification(cv: Canvas, anat: ChestAnatomy, f):
         i = int(rng.integers(n0, len(ap) - 2))
         tng = unit(ap[i + 1] - ap[i])
         R = rotation_from_axes(tng)
-        L = float(rng.uniform(3, 14))  # arc length around the wall
-        width = float(rng.uniform(2, 6))  # extent along the vessel
-        thick = float(rng.uniform(1.0, 2.0))
+        # conspicuous end of the spec (1-3 mm thick, 2-20 mm long) so plaques survive 3-4 mm voxels
+        L = float(rng.uniform(6, 18))  # arc length around the wall
+        width = float(rng.uniform(3, 8))  # extent along the vessel
+        thick = float(rng.uniform(1.5, 3.0))
         r = rad[i] - 0.5 * thick
         a0 = rng.uniform(0, 2 * np.pi)
         ang = a0 + np.arange(0, L / r, 0.4 / r)
@@ -482,7 +483,7 @@ def coronary_calcification(cv: Canvas, anat: ChestAnatomy, f):
     rng = _frng(f)
     pts, vols = [], []
     for c in f["centers_mm"]:
-        dmm = float(rng.uniform(2.0, 5.0))
+        dmm = float(rng.uniform(3.0, 6.0))  # spec 1-6 mm; smaller foci vanish at 3-4 mm voxels
         for k in range(int(rng.integers(1, 4))):
             pts.append(np.asarray(c) + rng.normal(0, 1.5, 3))
             vols.append(np.pi / 6 * dmm**3)

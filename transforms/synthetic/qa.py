@@ -53,7 +53,12 @@ class _Ctx:
         # as a reader would (streak voxels: very bright outside bone, aorta and coronary course)
         calc = ndimage.binary_dilation(self.m["aorta_wall"] | self.m["coronary"], iterations=2)
         streak = (img > 800) & self.m["body"] & ~self.bone & ~calc
-        bad = ndimage.binary_dilation(streak.sum(axis=(0, 1)) >= 3, iterations=1)
+        bad = streak.sum(axis=(0, 1)) >= 3
+        if reference is not None:
+            # streaks also show as dark/bright rays in the lateral chest wall, where no finding lives
+            wall = self.m["body"] & ~self.dilate_mm(self.m["lung"], 3) & (np.abs(self.x) > 70)[:, None, None]
+            bad |= ((np.abs(self.D) > 150) & wall).sum(axis=(0, 1)) >= 3
+        bad = ndimage.binary_dilation(bad, iterations=1)
         self.clean = ~bad[None, None, :]
         self.lung_roi = lung & c_free(self)
         self.Ds = ndimage.uniform_filter(self.D, 3)
@@ -98,14 +103,30 @@ def medical_material(c: _Ctx):
     return metal + float(((c.D > 60) & (c.img > 100) & cath).sum())
 
 
+def _calcium(c: _Ctx, roi):
+    """Calcium excess (HU x mm^3) of new bright foci that lie mostly inside ``roi``.
+
+    Devices (catheters, leads, wires) are long bright structures that only cross the ROI; a
+    plaque or coronary focus sits in it.
+    """
+    bright = (c.D > 80) & (c.img > 130) & ~c.m["lung"] & ~c.bone & c.clean
+    lab, n = ndimage.label(bright)
+    if n == 0:
+        return 0.0
+    idx = np.arange(1, n + 1)
+    inside = ndimage.sum_labels(roi.astype(np.float32), lab, idx) / ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, idx)
+    keep = np.concatenate([[False], inside >= 0.6])[lab] & roi
+    return float(np.clip(c.D[keep], 0, None).sum() * c.vox)
+
+
 def arterial_calcification(c: _Ctx):
-    roi = c.m["aorta_wall"] & ~c.bone & c.clean & ~c.m["lung"] & (c.img > 130)
-    return float(np.clip(c.D[roi], 0, None).sum() * c.vox)
+    # catheters and leads run in the SVC and brachiocephalic veins beside the aorta: not its wall
+    veins = c.dilate_mm(c.m["mediastinal_vessels"] & ~c.dilate_mm(c.m["aorta"], 5), 2)
+    return _calcium(c, c.m["aorta_wall"] & ~veins)
 
 
 def coronary_calcification(c: _Ctx):
-    roi = c.dilate_mm(c.m["coronary"], 3) & ~c.bone & ~c.dilate_mm(c.m["aorta"], 3) & c.clean & ~c.m["lung"] & (c.img > 130)
-    return float(np.clip(c.D[roi], 0, None).sum() * c.vox)
+    return _calcium(c, c.dilate_mm(c.m["coronary"], 3) & ~c.dilate_mm(c.m["aorta"], 3))
 
 
 def cardiomegaly(c: _Ctx):
