@@ -56,8 +56,8 @@ class _Ctx:
         bad = streak.sum(axis=(0, 1)) >= 3
         if reference is not None:
             # streaks also show as dark/bright rays in the lateral chest wall, where no finding lives
-            wall = self.m["body"] & ~self.dilate_mm(self.m["lung"], 3) & (np.abs(self.x) > 70)[:, None, None]
-            bad |= ((np.abs(self.D) > 150) & wall).sum(axis=(0, 1)) >= 3
+            wall = self.m["body"] & ~self.dilate_mm(self.m["lung"], 8) & (np.abs(self.x) > 70)[:, None, None]
+            bad |= ((np.abs(self.D) > 100) & wall).sum(axis=(0, 1)) >= 2
         bad = ndimage.binary_dilation(bad, iterations=1)
         self.clean = ~bad[None, None, :]
         self.lung_roi = lung & c_free(self)
@@ -175,12 +175,17 @@ def hiatal_hernia(c: _Ctx):
     for p in eso[sel]:
         roi |= c.sphere(p, 35.0)
     roi &= c.zmask(zh - 5, zh + 90) & ~c.m["lung"] & ~c.m["heart_region"] & ~c.bone
-    return float(((np.abs(c.D) > 60) & roi & c.clean).sum() * c.vox / 1000.0)
+    # the sac's gas (D << 0 outside the lung) is what no other finding there makes; pericardial
+    # fluid and nodes only add soft tissue
+    gas = (c.D < -300) & (c.img < -500) & roi & c.clean
+    soft = (np.abs(c.D) > 60) & roi & c.clean & ~c.dilate_mm(c.m["heart_region"], 12)
+    return float((gas.sum() + 0.2 * soft.sum()) * c.vox / 1000.0)
 
 
 def lymphadenopathy(c: _Ctx):
     """Node tissue replacing mediastinal fat at the stations (normal nodes are in the reference)."""
-    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.m["heart_region"] | c.bone | c.m["lung"]
+    # pericardial fluid collects around the heart and catheters run in the veins: both excluded
+    excl = c.dilate_mm(c.m["mediastinal_vessels"] | c.m["aorta"], 2) | c.dilate_mm(c.m["heart_region"], 8) | c.bone | c.m["lung"]
     gain = (c.D > 50) & (c.img > -30) & (c.img < 90)
     best = 0.0
     for name, p in c.geo["node_stations_mm"].items():
@@ -192,7 +197,7 @@ def lymphadenopathy(c: _Ctx):
 def emphysema(c: _Ctx):
     """Lung darker than expected down to the -950 range (mosaic lucency stays above it)."""
     roi = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean
-    laa = (c.D < -60) & (c.img < -930) & roi
+    laa = (c.D < -80) & (c.img < -930) & roi
     return float(laa.sum() / max(roi.sum(), 1) * 100.0)
 
 
