@@ -239,7 +239,8 @@ def lung_nodule(c: _Ctx):
 def lung_opacity(c: _Ctx):
     """Hazy new density at ground-glass level (-750..-250 HU), not the rim of a dense lesion."""
     dense = c.dilate_mm((c.D > 500) & c.lung_roi, 8)
-    ggo = (c.D > 150) & (c.smooth > -750) & (c.smooth < -250) & c.lung_roi & ~dense
+    # smoothed difference: a septal line network raises the mean far less than a hazy patch
+    ggo = (c.Ds > 220) & (c.smooth > -750) & (c.smooth < -250) & c.lung_roi & ~dense
     return float(ggo.sum() * c.vox / 1000.0)
 
 
@@ -250,8 +251,8 @@ def fibrotic_sequela(c: _Ctx):
     band = 0.0
     for i in range(len(sizes)):
         e = np.sort(ext[i])
-        if sizes[i] >= 2 and e[2] >= 2.0 * max(e[0], c.sp.min()):
-            band += sizes[i]  # strand: elongated
+        if 2 <= sizes[i] <= 40 and e[2] >= 2.0 * max(e[0], c.sp.min()):
+            band += sizes[i]  # strand: elongated and small (a septal network is one large mesh)
     base = c.lung_roi & c.zmask(-1e3, -40) & ~c.erode_mm(c.m["lung"], 20)
     ret = (c.Dhp > 25) & (c.D > 40) & (c.D < 300) & base
     return float(band + 0.3 * ret.sum()) * c.vox / 1000.0
