@@ -287,7 +287,9 @@ def peribronchial_thickening(c: _Ctx):
 
 def consolidation(c: _Ctx):
     """Large confluent soft-tissue-density lung regions (> 15 mm in two axes)."""
-    lab, sizes, ext = _comp_stats((c.D > 500) & (c.smooth > -150) & c.lung_roi & c.erode_mm(c.m["lung"], 4), c)
+    # consolidated lung is +25..+45 HU, a free effusion ~+10: the fluid's band is left out
+    dense = (c.D > 500) & (c.smooth > 20) & (c.smooth < 90) & c.lung_roi & c.erode_mm(c.m["lung"], 4)
+    lab, sizes, ext = _comp_stats(dense, c)
     score = 0.0
     for i in range(len(sizes)):
         e = np.sort(ext[i])
