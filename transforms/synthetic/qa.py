@@ -208,13 +208,14 @@ def _lung_gain(c: _Ctx, lo):
 def atelectasis(c: _Ctx):
     """Dense plate-like bands (thin, long) or collapsed lung in the lower zones."""
     zlo = c.geo["z_dome_right_mm"] - 80
-    basal = c.lung_roi & c.zmask(zlo, -10)
+    # lung beside the heart is left out: a pericardial effusion pushes the sac into the lung field
+    basal = c.lung_roi & c.zmask(zlo, -10) & ~c.dilate_mm(c.m["heart_region"], 28)
     lab, sizes, ext = _comp_stats((c.D > 200) & basal, c)
     score = 0.0
     for i in range(len(sizes)):
         e = np.sort(ext[i])
-        if sizes[i] >= 3 and e[2] >= 16 and e[2] >= 2.5 * e[0]:
-            score += sizes[i]  # band: long and thin
+        if 3 <= sizes[i] <= 80 and e[2] >= 16 and e[2] >= 2.5 * e[0] and e[0] <= 10:
+            score += sizes[i]  # band: long and thin, not part of a septal line network
     # passive: collapsed lung at soft-tissue density above the fluid (not fluid HU itself)
     dense = (c.D > 500) & (c.smooth > 26) & (c.smooth < 90) & basal
     return float(score + 0.5 * dense.sum()) * c.vox / 1000.0
