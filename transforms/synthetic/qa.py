@@ -283,7 +283,16 @@ def peribronchial_thickening(c: _Ctx):
     ref = c.lung_roi & ~c.dilate_mm(c.m["airway_roi"], 8)
     if not roi.any() or not ref.any():
         return 0.0
-    return float(np.mean((c.D[roi] > 80) & (c.D[roi] < 600)) - np.mean((c.D[ref] > 80) & (c.D[ref] < 600)))
+    wall = (c.D > 80) & (c.D < 600)
+    base = float(np.mean(wall[ref]))
+    # per lobe: thickening is often confined to a few lobes and would be diluted over the tree
+    best = float(np.mean(wall[roi])) - base
+    lobes = c.m["lobes"]
+    for k in np.unique(lobes[roi]):
+        r = roi & (lobes == k)
+        if r.sum() >= 20:
+            best = max(best, float(np.mean(wall[r])) - base)
+    return best
 
 
 def consolidation(c: _Ctx):
@@ -305,7 +314,15 @@ def bronchiectasis(c: _Ctx):
     ref = c.lung_roi & ~c.dilate_mm(c.m["airway_roi"], 8)
     if not roi.any() or not ref.any():
         return 0.0
-    return float(100 * (np.mean(c.D[roi] < -60) - np.mean(c.D[ref] < -60)))
+    wide = c.D < -60
+    base = float(np.mean(wide[ref]))
+    best = float(np.mean(wide[roi])) - base
+    lobes = c.m["lobes"]
+    for k in np.unique(lobes[roi]):  # per lobe, as for peribronchial thickening
+        r = roi & (lobes == k)
+        if r.sum() >= 20:
+            best = max(best, float(np.mean(wide[r])) - base)
+    return 100 * best
 
 
 def septal_thickening(c: _Ctx):
