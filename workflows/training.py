@@ -428,6 +428,14 @@ class ResumeFromLatest:
                                "config?")
             if isinstance(obj, nn.Module):
                 unwrap(obj).load_state_dict(state[name], strict=self.strict)
+            elif isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                # the schedule length comes from this run's config (--epochs may extend a finished run); only the
+                # position in the schedule comes from the checkpoint
+                keep = {k: getattr(obj, k) for k in ("t_total", "warmup_steps", "T_max", "total_steps")
+                        if hasattr(obj, k)}
+                obj.load_state_dict(state[name])
+                for k, v in keep.items():
+                    setattr(obj, k, v)
             else:
                 obj.load_state_dict(state[name])
         engine.state.max_epochs = max_epochs
