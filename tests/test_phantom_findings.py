@@ -16,8 +16,8 @@ from transforms.synthetic import apply_scanner, default_grid, render_truth, samp
 from transforms.synthetic.qa import detector_scores, normal_reference
 
 N_CASES = 40
-MIN_PASSING = 9  # labels with AUROC >= 0.9 (of 18; 11 reached on this cohort); the issue targets 14
-MIN_VISIBLE = 13  # labels with AUROC >= 0.75 (15 reached)
+MIN_PASSING = 11  # labels with AUROC >= 0.9 (of 18; 13 reached on this cohort); the issue targets 14
+MIN_VISIBLE = 14  # labels with AUROC >= 0.75 (16-17 reached)
 
 
 def _auroc(score, y):
@@ -52,7 +52,7 @@ def test_detectors_recover_the_labels(cohort_scores):
     assert len(passing) >= MIN_PASSING, f"only {len(passing)} labels reach AUROC 0.9 ({table})"
     visible = [n for n, a in aurocs.items() if a >= 0.75]
     assert len(visible) >= MIN_VISIBLE, f"only {len(visible)} labels reach AUROC 0.75 ({table})"
-    assert min(aurocs.values()) >= 0.55, table  # worst reached: 0.68 (atelectasis)
+    assert min(aurocs.values()) >= 0.6, table  # worst reached: 0.72 (atelectasis)
 
 
 def _scores_for(labels, seed=77):
