@@ -1,12 +1,12 @@
 """Rule-based finding detectors: QA evidence that every rendered label is visible in the image.
 
-Each detector returns a score computed from the reconstructed image (HU) and what a reader knows
-without the findings: the *normal* anatomy masks and geometry returned by
-:func:`.render.render_truth` (lung field, lobes, bronchovascular tree, aorta, coronary course,
-heart outline, node stations, hiatus). None of them reads the case record's findings. Classic
-measurements where they exist (LAA%-950, cardiothoracic ratio, calcium >= 130 HU in the aortic
-wall and coronary course, fluid-HU volume in the dependent pleural space, dense-lung volume);
-simple intensity/texture rules otherwise. PHANTOM_SPEC.md §7 asks AUROC > 0.9 per label.
+Each detector scores the difference ``D = image - expected normal`` inside its finding's anatomical
+ROI, with its own HU/shape signature. The expected normal (:func:`normal_reference`) is the same
+record rendered without findings through the same scanner and noise seed, so ``D`` holds what the
+findings changed (and metal streaks, whose slices are skipped); co-occurring findings then only
+interfere where their own signatures overlap. Detectors also use the *normal* anatomy masks and
+geometry of :func:`.render.render_truth`; none reads the findings' parameters. Cardiomegaly is
+part of the anatomy and keeps its absolute cardiothoracic ratio. PHANTOM_SPEC.md §7 asks AUROC > 0.9.
 """
 
 from __future__ import annotations
