@@ -33,6 +33,7 @@ from torch import nn
 from custom_nets import ClassFineClassifier
 from custom_nets.ctvit import CosineSimCodebook, param_versions
 
+from .datalist import load_datalist  # noqa: F401  (re-exported: bundle configs call it here)
 from .metrics import fit_thresholds_youden
 from .writers import atomic_write_text, read_predictions_csv, write_json, write_predictions_csv
 
@@ -353,44 +354,6 @@ class ProgressiveUnfreezing:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "datalist.json",
-                  require_labels: bool = True) -> list[dict[str, Any]]:
-    """One split of a ct_preprocess ``datalist.json``, with absolute image paths.
-
-    Args:
-        dataset_dir: the preprocessed folder (``datalist.json`` and ``volumes/``).
-        split: ``"training"``, ``"validation"`` or ``"test"``.
-        datalist: file name (or absolute path) of the datalist.
-        require_labels: fail when an entry has no 18-label vector.
-
-    Raises:
-        FileNotFoundError / KeyError / ValueError: naming the file and what is wrong.
-    """
-    path = Path(datalist) if os.path.isabs(datalist) else Path(dataset_dir) / datalist
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path} (run the ct_preprocess bundle first, or pass "
-                                "--dataset_dir)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if split not in data:
-        raise KeyError(f"{path}: no {split!r} split (splits: {sorted(data)})")
-    root = path.parent
-    items = []
-    for entry in data[split]:
-        item = dict(entry)
-        item["image"] = str((root / item["image"]).resolve()) if not os.path.isabs(item["image"]) else item["image"]
-        if not os.path.exists(item["image"]):
-            raise FileNotFoundError(f"{path}: volume {item['image']} of {item.get('name')!r} does not exist")
-        if require_labels and item.get("label") is None:
-            raise ValueError(f"{path}: {item.get('name')!r} in split {split!r} has no label vector")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: split {split!r} is empty")
-    return items
-
-
 def datalist_labels(items: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """``(N, C)`` label matrix of datalist items."""
     return np.asarray([it["label"] for it in items], dtype=np.float64)

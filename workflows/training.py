@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
 
+from .datalist import load_datalist  # noqa: F401  (re-exported: bundle configs call it here)
+
 __all__ = [
     "PretrainingNetwork", "ZeroShotValidationNetwork", "PromptRefresher", "probs_and_labels",
     "atomic_torch_save", "TrainingStateSaver", "latest_checkpoint", "list_checkpoints", "ResumeFromLatest",
@@ -735,43 +737,6 @@ def make_dataset(data: Sequence[Mapping[str, Any]], transform: Callable, cache: 
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data, transform, cache_dir=cache_dir)
     raise ValueError(f"cache must be 'none', 'memory', 'disk' or 'auto', got {cache!r}")
-
-
-def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "datalist.json",
-                  max_items: Optional[int] = None) -> list[dict[str, Any]]:
-    """One split of a ct_preprocess ``datalist.json`` with absolute image paths.
-
-    Args:
-        dataset_dir: the preprocessed folder.
-        split: ``"training"``, ``"validation"`` or ``"test"``.
-        datalist: file name inside ``dataset_dir`` (or an absolute path).
-        max_items: keep only the first items (quick runs).
-
-    Raises:
-        FileNotFoundError, KeyError, ValueError: naming the file and the reason.
-    """
-    path = Path(datalist) if os.path.isabs(str(datalist)) else Path(dataset_dir) / datalist
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path} (run bundles/ct_preprocess first or pass --dataset_dir)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if split not in data:
-        raise KeyError(f"{path}: no {split!r} split (has {sorted(data)})")
-    items = []
-    for entry in data[split][: max_items if max_items else None]:
-        item = dict(entry)
-        if "image" not in item:
-            raise ValueError(f"{path}: an item of split {split!r} has no 'image' entry: {entry}")
-        image = Path(item["image"])
-        item["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
-        if not os.path.exists(item["image"]):
-            raise FileNotFoundError(f"{path}: volume {item['image']} of {item.get('name')!r} does not exist")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: split {split!r} is empty")
-    return items
 
 
 def view_transforms(enabled: bool = True, source: str = "image", key: str = "image_view", prob: float = 1.0,

@@ -38,22 +38,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..pathologies import CTRATE_PATHOLOGIES
+from ..ctrate import METADATA_COLUMNS  # the one definition of the CT-RATE metadata header
 from .encoding import ENCODINGS, ORIENTATIONS, atomic_write_bytes, encoding_facts, orient, quantise, write_nifti
 from .reports import REPORT_COLUMNS, generate_report
 
 __all__ = ["generate_cohort", "plan_cases", "case_seed", "METADATA_COLUMNS", "LABEL_COLUMNS", "DEFAULT_ENCODINGS",
            "DEFAULT_ORIENTATIONS", "CohortConfigError"]
 
-METADATA_COLUMNS = (
-    "VolumeName,Manufacturer,SeriesDescription,ManufacturerModelName,PatientSex,PatientAge,"
-    "ReconstructionDiameter,DistanceSourceToDetector,DistanceSourceToPatient,GantryDetectorTilt,"
-    "TableHeight,RotationDirection,ExposureTime,XRayTubeCurrent,Exposure,FilterType,GeneratorPower,"
-    "FocalSpots,ConvolutionKernel,PatientPosition,RevolutionTime,SingleCollimationWidth,"
-    "TotalCollimationWidth,TableSpeed,TableFeedPerRotation,SpiralPitchFactor,DataCollectionCenterPatient,"
-    "ReconstructionTargetCenterPatient,ExposureModulationType,CTDIvol,ImagePositionPatient,"
-    "ImageOrientationPatient,SliceLocation,SamplesPerPixel,PhotometricInterpretation,Rows,Columns,"
-    "XYSpacing,RescaleIntercept,RescaleSlope,RescaleType,NumberofSlices,ZSpacing,StudyDate"
-).split(",")
 LABEL_COLUMNS = ["VolumeName", *CTRATE_PATHOLOGIES]
 
 #: Default storage mix (weights): mostly int16 + intercept, a share of every trap.
