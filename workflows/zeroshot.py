@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch import nn
 
+from .datalist import load_datalist
 from .handlers import ClassificationEvaluationHandler
 
 __all__ = [
@@ -275,24 +276,8 @@ def build_datalist(dataset_dir: str | os.PathLike | None = None, input: str | os
         return [_clean(dict(it, image=it["path"])) for it in items]
     if not dataset_dir:
         raise ValueError("give --dataset_dir (a ct_preprocess output folder) or --input (raw NIfTI/DICOM)")
-    root = Path(dataset_dir).resolve()
-    path = root / datalist_file
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path} (run the ct_preprocess bundle first)")
-    data = json.loads(path.read_text(encoding="utf-8"))
     splits = ["training", "validation", "test"] if split == "all" else [split]
-    unknown = [s for s in splits if s not in data]
-    if unknown:
-        raise ValueError(f"{path}: no split {unknown[0]!r} (has {sorted(data)})")
-    out = []
-    for s in splits:
-        for item in data[s]:
-            img = Path(item["image"])
-            img = img if img.is_absolute() else root / img
-            if not img.is_file():
-                raise FileNotFoundError(f"{path}: volume {img} of {item.get('name')!r} does not exist")
-            out.append(_clean(dict(item, image=str(img))))
-    return out
+    return [_clean(item) for s in splits for item in load_datalist(dataset_dir, s, datalist_file)]
 
 
 class CheckInputd(MapTransform):
