@@ -145,6 +145,21 @@ class Canvas:
             self.paint(sl, occ, value)
         return sl, occ
 
+    def _segment_distance(self, sl, p0, p1):
+        """Distance of the voxel centres in ``sl`` to the segment ``p0``-``p1``.
+
+        Returns:
+            ``(t, dist, width)``: position along the segment (0..1), distance (mm), and the partial-volume
+            ramp width of the voxel seen along the direction to the segment.
+        """
+        x, y, z = self.coords(sl)
+        ax = p1 - p0
+        L2 = float(ax @ ax) + 1e-9
+        t = np.clip(((x - p0[0]) * ax[0] + (y - p0[1]) * ax[1] + (z - p0[2]) * ax[2]) / L2, 0, 1)
+        ex, ey, ez = x - (p0[0] + t * ax[0]), y - (p0[1] + t * ax[1]), z - (p0[2] + t * ax[2])
+        dist = np.sqrt(ex * ex + ey * ey + ez * ez) + 1e-6
+        return t, dist, self.normal_width(ex / dist, ey / dist, ez / dist)
+
     def tube(self, p0, p1, r0, r1=None, sl=None):
         """Occupancy of a capsule from ``p0`` to ``p1`` with radius varying from ``r0`` to ``r1``."""
         r1 = r0 if r1 is None else r1
@@ -155,16 +170,10 @@ class Canvas:
             sl = self.box(np.minimum(p0, p1) - rmax - 1, np.maximum(p0, p1) + rmax + 1)
         if sl is None:
             return None, None
-        x, y, z = self.coords(sl)
-        ax = p1 - p0
-        L2 = float(ax @ ax) + 1e-9
-        t = np.clip(((x - p0[0]) * ax[0] + (y - p0[1]) * ax[1] + (z - p0[2]) * ax[2]) / L2, 0, 1)
-        ex, ey, ez = x - (p0[0] + t * ax[0]), y - (p0[1] + t * ax[1]), z - (p0[2] + t * ax[2])
-        dist = np.sqrt(ex * ex + ey * ey + ez * ez) + 1e-6
+        t, dist, w = self._segment_distance(sl, p0, p1)
         r = r0 + (r1 - r0) * t
         h_min = float(self.spacing.min())
         r_eff = np.maximum(r, 0.5 * h_min)
-        w = self.normal_width(ex / dist, ey / dist, ez / dist)
         occ = ramp(dist - r_eff, w)
         if min(r0, r1) < 0.5 * h_min:
             occ *= ((r / r_eff) ** 2).astype(np.float32)  # keep the cross-section area
@@ -194,13 +203,7 @@ class Canvas:
             sl = self.box(np.minimum(p0, p1) - rmax - 1, np.maximum(p0, p1) + rmax + 1)
             if sl is None:
                 continue
-            x, y, z = self.coords(sl)
-            ax = p1 - p0
-            L2 = float(ax @ ax) + 1e-9
-            t = np.clip(((x - p0[0]) * ax[0] + (y - p0[1]) * ax[1] + (z - p0[2]) * ax[2]) / L2, 0, 1)
-            ex, ey, ez = x - (p0[0] + t * ax[0]), y - (p0[1] + t * ax[1]), z - (p0[2] + t * ax[2])
-            dist = np.sqrt(ex * ex + ey * ey + ez * ez) + 1e-6
-            w = self.normal_width(ex / dist, ey / dist, ez / dist)
+            _, dist, w = self._segment_distance(sl, p0, p1)
             for value, r in layers:
                 r_eff = max(r, 0.5 * h_min)
                 occ = ramp(dist - r_eff, w)
