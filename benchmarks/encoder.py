@@ -31,13 +31,7 @@ import sys
 import tempfile
 import time
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from memory import rss_mb  # benchmarks/ is on sys.path when a script runs
 
 
 def build(path: str, config: str):

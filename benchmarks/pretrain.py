@@ -23,13 +23,7 @@ import subprocess
 import sys
 import time
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from memory import rss_mb  # benchmarks/ is on sys.path when a script runs
 
 
 def child(args) -> dict:
