@@ -303,8 +303,9 @@ def _ground_glass(lung: LungContext, f):
         semi = np.array([size, size, size]) / 2 * rng.uniform(0.7, 1.2, 3)
         o = lung.local_ellipsoid(c, semi, rotation_from_axes(rng.normal(size=3)))
         n = _local_noise(lung, rng, 8.0)
-        o = np.clip(o * (1.0 + 0.6 * n), 0, 1)
-        hu = float(rng.uniform(-620, -420))
+        # irregular margins, but a confluent hazy core (noise holes made small patches vanish)
+        o = np.clip(o * (1.3 + 0.5 * n), 0, 1)
+        hu = float(rng.uniform(-520, -380))  # upper, clearly hazy part of the spec's -700..-300
         lung.par += o * (hu - lung.par)
 
 
@@ -317,7 +318,7 @@ def _consolidation(lung: LungContext, f):
         core = lung.local_ellipsoid(c, semi, rot) * lobe
         rim = lung.local_ellipsoid(c, semi, rot, grow=7.0) * lobe
         lung.par += np.clip(rim - core, 0, 1) * (-480.0 - lung.par)
-        lung.par += core * (float(rng.uniform(25, 45)) - lung.par)
+        lung.par += core * (float(rng.uniform(35, 50)) - lung.par)  # soft tissue, well above fluid
 
 
 def _septal(lung: LungContext, f):
@@ -334,11 +335,14 @@ def _septal(lung: LungContext, f):
 def _reticular(lung: LungContext, f):
     rng = _frng(f, "fibrosis_seed")
     anat = lung.anat
-    _, wall = lung.voronoi(rng.uniform(6, 9), int(rng.integers(1 << 30)))
+    # coarse subpleural reticulation: small (5-8 mm) cells with thick (2.5 mm) walls over
+    # ground-glass background, confined to a 10-19 mm subpleural rim of the bases. Septal
+    # thickening, by contrast, is a sparser 12-18 mm mesh of thin walls reaching 30-60 mm deep.
+    _, wall = lung.voronoi(rng.uniform(5, 8), int(rng.integers(1 << 30)))
     d_cage = anat.cage_distance(lung.x, lung.y, lung.z)
-    region = lung.in_lobes(f["sites"]) & (d_cage > -(12 + 4 * _sev(f))) & (lung.z < -40)
-    lung.soft += lung.sheet(wall, 1.5) * region
-    lung.par += region * 60.0
+    region = lung.in_lobes(f["sites"]) & (d_cage > -(10 + 3 * _sev(f))) & (lung.z < -30)
+    lung.soft += lung.sheet(wall, 2.5) * region
+    lung.par += region * 150.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ def lung_lesions(lung: LungContext, fnd: dict):
             semi = dmm / 2 * np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)])
             rot = rotation_from_axes(rng.normal(size=3))
             sub = f["subtype"]
-            hu = {"solid": 38.0, "ground-glass": -480.0, "calcified": 650.0}[sub]
+            hu = {"solid": 38.0, "ground-glass": -360.0, "calcified": 650.0}[sub]
             if sub == "calcified" and dmm > 10:
                 hu = 38.0  # large nodules of a 'calcified' record: solid with a dense core
                 cv.paint_ellipsoid(hu, c, semi, rot)
@@ -364,6 +368,17 @@ def lung_lesions(lung: LungContext, fnd: dict):
         rng = _frng(f, "fibrosis_seed")
         for c in f["centers_mm"]:
             _fibrotic_band(lung, np.asarray(c, float), rng, _sev(f))
+        # apical cap: pleuroparenchymal thickening over the apex of the affected lung(s)
+        anat = lung.anat
+        top = lung.z > anat.z_apex - 25
+        if top.any():
+            k0 = int(np.argmax(top))
+            sub = (slice(None), slice(None), slice(k0, None))
+            d = anat.lung_distance(lung.x, lung.y, lung.z[..., k0:])
+            cap = ramp(-(d + 3.0 + 1.0 * _sev(f)), lung.cv.h_iso) * lung.in_lobes(f["sites"])[sub]
+            occ = np.zeros(lung.shape, np.float32)
+            occ[sub] = cap
+            lung.paint_local(occ, 30.0)
     if "Atelectasis" in fnd and fnd["Atelectasis"]["subtype"] == "subsegmental":
         f = fnd["Atelectasis"]
         rng = _frng(f)
@@ -373,8 +388,9 @@ def lung_lesions(lung: LungContext, fnd: dict):
             w = unit(np.array([0, 0, 1.0]) + rng.normal(0, 0.25, 3))
             v = unit(np.cross(w, u))
             rot = np.stack([u, v, unit(np.cross(u, v))])
-            o = lung.local_ellipsoid(c, [L / 2, 8.0 + 2 * _sev(f), 1.5 + 0.5 * _sev(f)], rot)
-            lung.paint_local(o, 30.0)
+            # plate-like collapse: 5-8 mm thick, 20-30 mm tall, at collapsed-lung density
+            o = lung.local_ellipsoid(c, [L / 2, 10.0 + 2 * _sev(f), 2.5 + 0.5 * _sev(f)], rot)
+            lung.paint_local(o, 45.0)
 
 
 def _fibrotic_band(lung: LungContext, c, rng, sev):
@@ -387,7 +403,7 @@ def _fibrotic_band(lung: LungContext, c, rng, sev):
         d = unit(d + rng.normal(0, 0.35, 3))
         p = p + d * rng.uniform(4, 9)
         pts.append(p)
-    r = 1.4 + 0.35 * sev  # fibroatelectatic bands 3–5 mm thick
+    r = 1.7 + 0.3 * sev  # fibroatelectatic bands 3.5–5 mm thick
     for a in range(len(pts) - 1):
         sl, occ = lung.cv.tube(pts[a], pts[a + 1], r * rng.uniform(0.8, 1.3))
         if sl is not None:
@@ -417,7 +433,7 @@ def pleural_effusion(lung: LungContext, fnd: dict):
         lung.paint_local(fluid, FLUID_HU)
         if passive and (f["side"] == "bilateral" or any(st.startswith("right" if s < 0 else "left") for st in fnd["Atelectasis"]["sites"])):
             comp = np.clip(ramp(depth - t - band, lung.cv.spacing[1]) - fluid, 0, 1) * side * (t > 2)
-            lung.paint_local(comp, 32.0)
+            lung.paint_local(comp, 50.0)  # collapsed lung: ~40 HU denser than the fluid beside it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,12 +499,12 @@ def coronary_calcification(cv: Canvas, anat: ChestAnatomy, f):
     rng = _frng(f)
     pts, vols = [], []
     for c in f["centers_mm"]:
-        dmm = float(rng.uniform(3.0, 6.0))  # spec 1-6 mm; smaller foci vanish at 3-4 mm voxels
-        for k in range(int(rng.integers(1, 4))):
+        dmm = float(rng.uniform(4.5, 6.0))  # spec 1-6 mm; smaller foci vanish at 3-4 mm voxels
+        for k in range(int(rng.integers(2, 4))):  # a plaque: a short cluster along the artery
             pts.append(np.asarray(c) + rng.normal(0, 1.5, 3))
             vols.append(np.pi / 6 * dmm**3)
     frac = cv.splat(np.array(pts), np.array(vols))
-    cv.paint_fraction(frac, float(rng.uniform(500, 1000)))
+    cv.paint_fraction(frac, float(rng.uniform(650, 900)))  # spec +200..+900: the dense end
 
 
 def devices(cv: Canvas, anat: ChestAnatomy, fnd: dict):

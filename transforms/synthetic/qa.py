@@ -56,13 +56,20 @@ class _Ctx:
         bad = streak.sum(axis=(0, 1)) >= 3
         if reference is not None:
             # streaks also show as dark/bright rays in the lateral chest wall, where no finding lives
-            wall = self.m["body"] & ~self.dilate_mm(self.m["lung"], 8) & (np.abs(self.x) > 70)[:, None, None]
+            # (its muscle and fat, away from the pericardium, which an effusion of an enlarged heart
+            # pushes to the wall)
+            wall = (self.m["muscle"] | self.m["subcutaneous_fat"]) & ~self.dilate_mm(self.m["lung"], 8)
+            wall &= (np.abs(self.x) > 70)[:, None, None] & ~self.dilate_mm(self.m["heart_region"], 30)
             bad |= ((np.abs(self.D) > 100) & wall).sum(axis=(0, 1)) >= 2
         bad = ndimage.binary_dilation(bad, iterations=1)
         self.clean = ~bad[None, None, :]
         self.lung_roi = lung & c_free(self)
         self.Ds = ndimage.uniform_filter(self.D, 3)
         self.Dhp = self.D - ndimage.gaussian_filter(self.D, 1.0)
+        # depth below the pleura (mm, in-plane steps) of every lung voxel
+        self.depth = ndimage.distance_transform_edt(lung, sampling=self.sp)
+        fl = (self.smooth > -25) & (self.smooth < 26) & (self.D > 500) & lung & self.clean
+        self.fluid = fl & (self.y > -0.1 * self.geo["cage_half_depth_mm"])[None, :, None]
 
     def dilate_mm(self, mask, mm):
         it = max(int(round(mm / float(self.sp[:2].mean()))), 1)
@@ -195,10 +202,12 @@ def lymphadenopathy(c: _Ctx):
 
 
 def emphysema(c: _Ctx):
-    """Lung darker than expected down to the -950 range (mosaic lucency stays above it)."""
+    """Low-attenuation areas: lung newly below -950 HU in clusters (mosaic lucency stays above it)."""
     roi = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean
-    laa = (c.D < -80) & (c.img < -930) & roi
-    return float(laa.sum() / max(roi.sum(), 1) * 100.0)
+    laa = (c.D < -90) & (c.smooth < -940) & roi
+    # well-defined areas, not isolated noise voxels: at least 3 connected voxels
+    lab, sizes, _ = _comp_stats(laa, c)
+    return float(sizes[sizes >= 3].sum() / max(roi.sum(), 1) * 100.0)
 
 
 def _lung_gain(c: _Ctx, lo):
@@ -206,19 +215,22 @@ def _lung_gain(c: _Ctx, lo):
 
 
 def atelectasis(c: _Ctx):
-    """Dense plate-like bands (thin, long) or collapsed lung in the lower zones."""
+    """Dense plate-like bands (flat, long) or collapsed lung lying on a pleural effusion."""
     zlo = c.geo["z_dome_right_mm"] - 80
     # lung beside the heart is left out: a pericardial effusion pushes the sac into the lung field
     basal = c.lung_roi & c.zmask(zlo, -10) & ~c.dilate_mm(c.m["heart_region"], 28)
-    lab, sizes, ext = _comp_stats((c.D > 200) & basal, c)
+    # plates: components of soft-tissue-like gain, flat (thin) but long, outside the pleural rim
+    # (the rim holds basal reticulation and fluid) and not a large confluent consolidation
+    lab, sizes, ext = _comp_stats((c.D > 300) & basal & (c.depth > 6), c)
     score = 0.0
     for i in range(len(sizes)):
         e = np.sort(ext[i])
-        if 3 <= sizes[i] <= 80 and e[2] >= 16 and e[2] >= 2.5 * e[0] and e[0] <= 10:
-            score += sizes[i]  # band: long and thin, not part of a septal line network
-    # passive: collapsed lung at soft-tissue density above the fluid (not fluid HU itself)
-    dense = (c.D > 500) & (c.smooth > 26) & (c.smooth < 90) & basal
-    return float(score + 0.5 * dense.sum()) * c.vox / 1000.0
+        if 3 <= sizes[i] <= 120 and e[2] >= 20 and e[2] >= 2.0 * e[0] and e[0] <= 13:
+            score += sizes[i]
+    # passive: lung at collapsed-lung density (denser than the fluid) touching the effusion
+    near = c.dilate_mm(c.fluid, 5) & ~c.fluid
+    dense = (c.D > 500) & (c.smooth > 30) & (c.smooth < 100) & near & c.m["lung"] & c.clean
+    return float(score + dense.sum()) * c.vox / 1000.0
 
 
 def lung_nodule(c: _Ctx):
@@ -228,11 +240,16 @@ def lung_nodule(c: _Ctx):
     lab, sizes, ext = _comp_stats((c.D > 100) & (c.lung_roi | c.vessels) & c.m["lung"] & c.clean, c)
     if len(sizes) == 0:
         return 0.0
-    peaks = ndimage.maximum(c.D, lab, index=np.arange(1, len(sizes) + 1))
+    idx = np.arange(1, len(sizes) + 1)
+    peaks = ndimage.maximum(c.D, lab, index=idx)
+    # thickened bronchial walls and cuffs are short dense pieces lying along the airway tree
+    aw = ndimage.mean(c.dilate_mm(c.m["airway_roi"], 3).astype(np.float32), lab, index=idx)
+    # pleural-based dense tissue (scars, caps, plates on the pleura) is not a nodule either
+    rim = ndimage.mean((c.depth <= 5).astype(np.float32), lab, index=idx)
     score = 0.0
     for i in range(len(sizes)):
         e = np.sort(ext[i])
-        if e[2] <= 28 and e[2] <= 1.8 * max(e[0], c.sp.min()) and peaks[i] > 350:
+        if e[2] <= 28 and e[2] <= 1.8 * max(e[0], c.sp.min()) and peaks[i] > 350 and aw[i] < 0.5 and rim[i] < 0.5:
             score += 1.0 + float(peaks[i]) / 1000.0
     return score
 
@@ -240,23 +257,35 @@ def lung_nodule(c: _Ctx):
 def lung_opacity(c: _Ctx):
     """Hazy new density at ground-glass level (-750..-250 HU), not the rim of a dense lesion."""
     dense = c.dilate_mm((c.D > 500) & c.lung_roi, 8)
-    # smoothed difference: a septal line network raises the mean far less than a hazy patch
-    ggo = (c.Ds > 220) & (c.smooth > -750) & (c.smooth < -250) & c.lung_roi & ~dense
+    # hazy = smooth: a septal or reticular line network raises the local mean too, but with a
+    # strong high-pass texture, which ground glass lacks
+    tex = ndimage.uniform_filter(np.abs(c.Dhp), 3)
+    ggo = (c.Ds > 220) & (tex < 0.3 * c.Ds) & (c.smooth > -750) & (c.smooth < -250) & c.lung_roi & ~dense
     return float(ggo.sum() * c.vox / 1000.0)
 
 
 def fibrotic_sequela(c: _Ctx):
     """Apical scar bands (new dense strands in the upper 75 mm) or basal reticulation."""
     ztop = c.geo["z_lung_apex_mm"]
-    lab, sizes, ext = _comp_stats((c.D > 150) & c.m["lung"] & c.zmask(ztop - 90, ztop + 10) & c.clean, c)
-    band = 0.0
-    for i in range(len(sizes)):
-        e = np.sort(ext[i])
-        if 2 <= sizes[i] <= 40 and e[2] >= 2.0 * max(e[0], c.sp.min()):
-            band += sizes[i]  # strand: elongated and small (a septal network is one large mesh)
-    base = c.lung_roi & c.zmask(-1e3, -40) & ~c.erode_mm(c.m["lung"], 20)
-    ret = (c.Dhp > 25) & (c.D > 40) & (c.D < 300) & base
-    return float(band + 0.3 * ret.sum()) * c.vox / 1000.0
+    # apical: new dense tissue on the apical pleura (cap, pleural tags and the bands reaching them)
+    apex = c.m["lung"] & c.zmask(ztop - 60, ztop + 10) & c.clean & ~c.dilate_mm(c.m["airway_roi"], 0)
+    lab, sizes, ext = _comp_stats((c.D > 150) & apex, c)
+    idx = np.arange(1, len(sizes) + 1)
+    rim = ndimage.mean((c.depth <= 9).astype(np.float32), lab, idx) if len(sizes) else np.zeros(0)
+    # pleural-based (mostly subpleural), not a deep patch (a consolidation or ground-glass area)
+    band = float(sum(sizes[i] for i in range(len(sizes)) if rim[i] >= 0.6 and sizes[i] >= 2))
+    # basal: a dense reticular subpleural rim (septal lines are sparser and reach deeper)
+    lat = (c.y < 0.3 * c.geo["cage_half_depth_mm"])[None, :, None]  # dependent opacity is posterior
+    rim_b = c.lung_roi & c.zmask(-1e3, -35) & (c.depth <= 9) & lat & (c.img < -150)
+    if rim_b.sum() < 30:
+        return band * c.vox / 1000.0
+    lobes = c.m["lobes"]
+    basal = 0.0
+    for k in np.unique(lobes[rim_b]):
+        r = rim_b & (lobes == k)
+        if r.sum() >= 30:
+            basal = max(basal, float(np.mean(c.D[r] > 250)))
+    return float(band * c.vox / 1000.0 + 20.0 * basal)
 
 
 def pleural_effusion(c: _Ctx):
@@ -298,7 +327,9 @@ def peribronchial_thickening(c: _Ctx):
 def consolidation(c: _Ctx):
     """Large confluent soft-tissue-density lung regions (> 15 mm in two axes)."""
     # consolidated lung is +25..+45 HU, a free effusion ~+10: the fluid's band is left out
+    # ... and collapsed lung lying on an effusion is atelectasis
     dense = (c.D > 500) & (c.smooth > 20) & (c.smooth < 90) & c.lung_roi & c.erode_mm(c.m["lung"], 4)
+    dense &= ~c.dilate_mm(c.fluid, 12)
     lab, sizes, ext = _comp_stats(dense, c)
     score = 0.0
     for i in range(len(sizes)):
@@ -327,7 +358,8 @@ def bronchiectasis(c: _Ctx):
 
 def septal_thickening(c: _Ctx):
     """Fine line network (high-pass of the difference) in the peripheral lung."""
-    periph = c.lung_roi & ~c.erode_mm(c.m["lung"], 30) & c.erode_mm(c.m["lung"], 4)
+    # below the subpleural rim (where basal reticulation sits), within the septal region
+    periph = c.lung_roi & (c.depth > 12) & (c.depth < 40)
     if not periph.any():
         return 0.0
     return float(np.mean(np.abs(c.Dhp[periph])))

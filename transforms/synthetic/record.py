@@ -398,7 +398,8 @@ def _sample_finding(name, rng, anat: ChestAnatomy, age, labels) -> dict:
         side, sites = _side_lobes(rng, pool, 0.7)
         f.update(severity=sev, subtype=sub, side=side, sites=sites)
         f["centers_mm"] = _pts([anat.lobe_centroid(s) for s in sites])
-        f["laa_fraction"] = float([0.06, 0.10, 0.17, 0.28][_sev_index(sev)])
+        # LAA%-950 of the affected lobes (spec 5-30 %), from the clearly visible end upwards
+        f["laa_fraction"] = float([0.12, 0.16, 0.22, 0.30][_sev_index(sev)])
         f["emphysema_seed"] = int(rng.integers(0, 2**31 - 1))
         if sub == "bullous":
             f["size_mm"] = round(float(rng.uniform(15, 45)), 1)
@@ -409,20 +410,23 @@ def _sample_finding(name, rng, anat: ChestAnatomy, age, labels) -> dict:
         if sub == "passive":
             side, sites = _side_lobes(rng, LOWER, 0.4)
             f.update(centers_mm=_pts([anat.sample_points_in_lobe(rng, s, 1, periphery_mm=20)[0] for s in sites]))
-            f["band_mm"] = float(rng.uniform(*[(8, 12), (10, 16), (14, 22), (20, 30)][_sev_index(sev)]))
+            f["band_mm"] = float(rng.uniform(*[(10, 14), (12, 18), (16, 24), (22, 30)][_sev_index(sev)]))
         else:
             side, sites = _side_lobes(rng, LOWER + ("right middle lobe", "lingula"), 0.4)
             n = int([1, 2, 3, 4][_sev_index(sev)] + rng.integers(0, 2))
             pts = np.concatenate([anat.sample_points_in_lobe(rng, sites[i % len(sites)], 1, periphery_mm=35) for i in range(n)])
             f["count"] = n
             f["centers_mm"] = _pts(pts)
-            f["band_lengths_mm"] = [round(float(v), 1) for v in rng.uniform(18, 50, n)]
+            f["band_lengths_mm"] = [round(float(v), 1) for v in rng.uniform(25, 50, n)]
         f.update(severity=sev, subtype=sub, side=side, sites=sites)
     elif name == "Lung nodule":
         sub = str(rng.choice(SUBTYPES[name], p=[0.75, 0.15, 0.10]))
         n = int(rng.choice([1, 1, 2, 2, 3, 4, 6, 8]))
-        sizes = np.exp(rng.uniform(np.log(4.0), np.log(18.0), n))
-        sizes[0] = max(sizes[0], rng.uniform(7.0, 16.0))  # at least one reportable (> 6 mm) nodule
+        # the visible part of the spec's 3-20 mm: every nodule >= 5 mm and the index nodule 8-20 mm
+        # (a reportable nodule with a solid core; at 3-4 mm voxels smaller ones vanish in the noise),
+        # ground-glass ones >= 10 mm (their contrast to lung is half that of solid tissue)
+        sizes = np.exp(rng.uniform(np.log(5.0), np.log(16.0), n))
+        sizes[0] = max(sizes[0], rng.uniform(8.0, 18.0), 10.0 if sub == "ground-glass" else 0.0)
         if rng.random() < 0.05:
             sizes[0] = rng.uniform(20, 28)
         lobes = [str(l) for l in rng.choice(ALL_LOBES, size=n, p=[0.25, 0.08, 0.17, 0.22, 0.08, 0.2])]
