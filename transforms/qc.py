@@ -22,7 +22,7 @@ from monai.transforms import MapTransform, Transform
 from .hu import _plausible, _sample, hu_evidence
 
 __all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "check_input", "check_dicom_series",
-           "is_dicom_file", "NIFTI_SUFFIXES"]
+           "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -77,7 +77,8 @@ def check_dicom_series(
 
     Returns:
         ``{"n_slices", "slice_spacing", "rows", "columns", "slope", "intercept", "padding_value",
-        "pixel_representation", "modality"}``.
+        "padding_range_limit", "pixel_representation", "modality"}`` (padding values as stored,
+        signedness following PixelRepresentation; None when absent).
 
     Raises:
         QualityCheckError: naming the folder and the reason.
@@ -138,7 +139,9 @@ def check_dicom_series(
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     if max_voxels is not None and rows * cols * len(files) > max_voxels:
         raise QualityCheckError(f"{folder}: {rows}x{cols}x{len(files)} voxels exceeds the limit {max_voxels}")
-    pad = getattr(headers[0], "PixelPaddingValue", None)
+    pixel_rep = int(getattr(headers[0], "PixelRepresentation", 0))
+    pad = _padding_value(getattr(headers[0], "PixelPaddingValue", None), pixel_rep)
+    pad_limit = _padding_value(getattr(headers[0], "PixelPaddingRangeLimit", None), pixel_rep)
     return {
         "n_slices": len(files),
         "slice_spacing": med,
@@ -146,10 +149,38 @@ def check_dicom_series(
         "columns": cols,
         "slope": float(getattr(headers[0], "RescaleSlope", 1) or 1),
         "intercept": float(getattr(headers[0], "RescaleIntercept", 0) or 0),
-        "padding_value": None if pad is None else int(pad),
-        "pixel_representation": int(getattr(headers[0], "PixelRepresentation", 0)),
+        "padding_value": pad,
+        "padding_range_limit": pad_limit,
+        "pixel_representation": pixel_rep,
         "modality": modality,
     }
+
+
+def _padding_value(value, pixel_representation: int) -> int | None:
+    """A stored padding value as the pixel data reads it: US/SS is ambiguous in implicit-VR files
+    (63536 in a signed series is -2000, -2000 in an unsigned one 63536)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (bytes, bytearray)):  # undecoded US/SS
+        value = int.from_bytes(bytes(value[:2]), "little", signed=bool(pixel_representation))
+    v = int(value)
+    if pixel_representation == 1 and v > 32767:
+        v -= 65536
+    elif pixel_representation == 0 and v < 0:
+        v += 65536
+    return v
+
+
+def padding_range(header: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The DICOM padding range of :func:`check_dicom_series` facts in reader units (stored values
+    after RescaleSlope/RescaleIntercept, as ITK returns them), or None without PixelPaddingValue."""
+    pad = header.get("padding_value")
+    if pad is None:
+        return None
+    limit = header.get("padding_range_limit")
+    slope, inter = float(header.get("slope", 1.0)), float(header.get("intercept", 0.0))
+    ends = [pad * slope + inter, (pad if limit is None else limit) * slope + inter]
+    return float(min(ends)), float(max(ends))
 
 
 def _check_complete(path: Path, expected: int) -> None:
@@ -188,13 +219,17 @@ def _check_complete(path: Path, expected: int) -> None:
         raise QualityCheckError(f"{path}: truncated or corrupt gzip stream ({total} of {expected} bytes)")
 
 
-def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_tolerance: float = 0.01) -> dict:
+def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_tolerance: float = 0.01,
+                check_finite: bool = True) -> dict:
     """Header-only checks before the voxels are read.
 
     Args:
         path: a NIfTI file or a DICOM series folder.
         max_voxels: reject inputs with more voxels than this (before reading them).
         spacing_tolerance: see :func:`check_dicom_series`.
+        check_finite: scan float NIfTI files for NaN/inf here (needed before an ITK read, which
+            turns NaN into 0; a reader that keeps NaN, like :class:`transforms.io.CTVolumeReader`,
+            leaves it to :class:`CTQualityCheck` and saves a second read of the file).
 
     Returns:
         ``{"kind": "nifti" | "dicom", ...}`` with header facts (shape, DICOM rescale, padding value).
@@ -217,8 +252,11 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     if max_voxels is not None and int(np.prod(shape)) > max_voxels:
         raise QualityCheckError(f"{path}: {'x'.join(map(str, shape))} voxels exceeds the limit {max_voxels}")
     hdr = img.header
-    _check_complete(path, int(hdr["vox_offset"]) + int(np.prod(shape)) * hdr.get_data_dtype().itemsize)
-    if hdr.get_data_dtype().kind == "f":
+    # the data offset from the image proxy: nibabel's header["vox_offset"] reads 0 after loading, which
+    # made every check of an intact .nii.gz miss the trailer test and decompress the whole file
+    offset = int(getattr(img.dataobj, "offset", hdr["vox_offset"]))
+    _check_complete(path, offset + int(np.prod(shape)) * hdr.get_data_dtype().itemsize)
+    if check_finite and hdr.get_data_dtype().kind == "f":
         # ITK turns NaN into 0 when it reads float NIfTI, so non-finite voxels must be found here.
         n_bad = int((~np.isfinite(np.asarray(img.dataobj))).sum())
         if n_bad:
