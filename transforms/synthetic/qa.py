@@ -68,7 +68,12 @@ class _Ctx:
         self.Dhp = self.D - ndimage.gaussian_filter(self.D, 1.0)
         # depth below the pleura (mm, in-plane steps) of every lung voxel
         self.depth = ndimage.distance_transform_edt(lung, sampling=self.sp)
-        fl = (self.smooth > -25) & (self.smooth < 26) & (self.D > 500) & lung & self.clean
+        # density of the new dense tissue itself (mean over its own voxels in a 3-voxel window), so
+        # that fluid (~+10) and collapsed or consolidated lung (+35..+50) separate despite the noise
+        # and the aerated lung around them
+        dm = (self.D > 500).astype(np.float32)
+        self.dense_hu = ndimage.uniform_filter(self.img * dm, 3) / np.maximum(ndimage.uniform_filter(dm, 3), 1e-3)
+        fl = (self.dense_hu > -25) & (self.dense_hu < 24) & (self.D > 500) & lung & self.clean
         self.fluid = fl & (self.y > -0.1 * self.geo["cage_half_depth_mm"])[None, :, None]
 
     def dilate_mm(self, mask, mm):
@@ -202,34 +207,55 @@ def lymphadenopathy(c: _Ctx):
 
 
 def emphysema(c: _Ctx):
-    """Low-attenuation areas: lung newly below -950 HU in clusters (mosaic lucency stays above it)."""
+    """LAA%-950 of the worst lobe: lung newly below -950 HU in clusters (mosaic lucency stays above)."""
     roi = c.lung_core & ~c.dilate_mm(c.m["airway_roi"], 0) & c.clean
-    laa = (c.D < -90) & (c.smooth < -940) & roi
-    # well-defined areas, not isolated noise voxels: at least 3 connected voxels
+    # lightly smoothed (the lucencies are 8-40 mm; single noise voxels are not areas)
+    laa = (c.D < -90) & (ndimage.gaussian_filter(c.img, 0.6) < -950) & roi
     lab, sizes, _ = _comp_stats(laa, c)
-    return float(sizes[sizes >= 3].sum() / max(roi.sum(), 1) * 100.0)
+    keep = np.concatenate([[False], sizes >= 2])[lab]
+    best = float(keep.sum() / max(roi.sum(), 1))
+    lobes = c.m["lobes"]
+    for k in np.unique(lobes[roi]):  # emphysema sits in one or two lobes
+        r = roi & (lobes == k)
+        if r.sum() >= 50:
+            best = max(best, float(keep[r].sum() / r.sum()))
+    return 100.0 * best
 
 
 def _lung_gain(c: _Ctx, lo):
     return (c.D > lo) & c.lung_roi
 
 
+def _soft_dense(c: _Ctx):
+    """New lung tissue at soft-tissue density (collapsed or consolidated lung, not fluid)."""
+    return (c.D > 500) & (c.dense_hu > 27) & (c.dense_hu < 110) & c.m["lung"] & c.clean & (c.depth > 4)
+
+
+def _fluid_distance(c: _Ctx):
+    if not c.fluid.any():
+        return np.full(c.shape, 1e3, np.float32)
+    return ndimage.distance_transform_edt(~c.fluid, sampling=c.sp)
+
+
 def atelectasis(c: _Ctx):
     """Dense plate-like bands (flat, long) or collapsed lung lying on a pleural effusion."""
     zlo = c.geo["z_dome_right_mm"] - 80
     # lung beside the heart is left out: a pericardial effusion pushes the sac into the lung field
-    basal = c.lung_roi & c.zmask(zlo, -10) & ~c.dilate_mm(c.m["heart_region"], 28)
-    # plates: components of soft-tissue-like gain, flat (thin) but long, outside the pleural rim
-    # (the rim holds basal reticulation and fluid) and not a large confluent consolidation
-    lab, sizes, ext = _comp_stats((c.D > 300) & basal & (c.depth > 6), c)
+    basal = c.m["lung"] & c.clean & c.zmask(zlo, 0) & ~c.dilate_mm(c.m["heart_region"], 28) & ~c.dilate_mm(c.m["airway_roi"], 0)
+    # plates: components of new soft tissue below the pleural rim (where reticulation and fluid
+    # lie) that are flat and long by their principal axes (oblique plates fill their boxes)
+    lab, sizes, _ = _comp_stats((c.D > 300) & basal & (c.depth > 5), c)
     score = 0.0
     for i in range(len(sizes)):
-        e = np.sort(ext[i])
-        if 3 <= sizes[i] <= 120 and e[2] >= 20 and e[2] >= 2.0 * e[0] and e[0] <= 13:
+        if not 4 <= sizes[i] <= 200:
+            continue
+        pts = np.argwhere(lab == i + 1) * c.sp
+        sd = np.sqrt(np.maximum(np.linalg.eigvalsh(np.cov(pts.T)), 0))  # ascending
+        thick, length = 3.46 * sd[0], 3.46 * sd[2]  # a uniform slab spans sd * sqrt(12)
+        if length >= 20 and thick <= 9 and length >= 2.5 * thick:
             score += sizes[i]
-    # passive: lung at collapsed-lung density (denser than the fluid) touching the effusion
-    near = c.dilate_mm(c.fluid, 5) & ~c.fluid
-    dense = (c.D > 500) & (c.smooth > 30) & (c.smooth < 100) & near & c.m["lung"] & c.clean
+    # passive: lung at collapsed-lung density (denser than the fluid) lying on the effusion
+    dense = _soft_dense(c) & (_fluid_distance(c) <= 6)
     return float(score + dense.sum()) * c.vox / 1000.0
 
 
@@ -290,9 +316,7 @@ def fibrotic_sequela(c: _Ctx):
 
 def pleural_effusion(c: _Ctx):
     """Fluid-HU voxels where the normal anatomy has dependent lung."""
-    fluid = (c.smooth > -25) & (c.smooth < 26) & (c.D > 500)
-    post = (c.y > -0.1 * c.geo["cage_half_depth_mm"])[None, :, None]
-    return float((fluid & c.m["lung"] & post & c.clean).sum() * c.vox / 1000.0)
+    return float(c.fluid.sum() * c.vox / 1000.0)
 
 
 def mosaic(c: _Ctx):
@@ -312,7 +336,8 @@ def peribronchial_thickening(c: _Ctx):
     ref = c.lung_roi & ~c.dilate_mm(c.m["airway_roi"], 8)
     if not roi.any() or not ref.any():
         return 0.0
-    wall = (c.D > 80) & (c.D < 600)
+    # walls are fine structures (high-pass), ground-glass haze over the airways is not
+    wall = (c.D > 80) & (c.D < 600) & (c.Dhp > 30)
     base = float(np.mean(wall[ref]))
     # per lobe: thickening is often confined to a few lobes and would be diluted over the tree
     best = float(np.mean(wall[roi])) - base
@@ -326,10 +351,9 @@ def peribronchial_thickening(c: _Ctx):
 
 def consolidation(c: _Ctx):
     """Large confluent soft-tissue-density lung regions (> 15 mm in two axes)."""
-    # consolidated lung is +25..+45 HU, a free effusion ~+10: the fluid's band is left out
-    # ... and collapsed lung lying on an effusion is atelectasis
-    dense = (c.D > 500) & (c.smooth > 20) & (c.smooth < 90) & c.lung_roi & c.erode_mm(c.m["lung"], 4)
-    dense &= ~c.dilate_mm(c.fluid, 12)
+    # consolidated lung is +35..+50 HU, a free effusion ~+10: the fluid is left out, and so is the
+    # collapsed lung lying on it (atelectasis)
+    dense = _soft_dense(c) & (_fluid_distance(c) > 12)  # vessels vanish in it: whole lung
     lab, sizes, ext = _comp_stats(dense, c)
     score = 0.0
     for i in range(len(sizes)):
@@ -359,7 +383,8 @@ def bronchiectasis(c: _Ctx):
 def septal_thickening(c: _Ctx):
     """Fine line network (high-pass of the difference) in the peripheral lung."""
     # below the subpleural rim (where basal reticulation sits), within the septal region
-    periph = c.lung_roi & (c.depth > 12) & (c.depth < 40)
+    # (away from dense lesions and fluid, whose edges are strong high-pass structures too)
+    periph = c.lung_roi & (c.depth > 12) & (c.depth < 40) & ~c.dilate_mm(c.D > 500, 8)
     if not periph.any():
         return 0.0
     return float(np.mean(np.abs(c.Dhp[periph])))
