@@ -118,6 +118,10 @@ class RescaleToHU(Transform):
         min_margin: in ``auto`` mode, the best candidate must beat the runner-up by this score margin
             when both are plausible, otherwise the decision is refused as ambiguous.
         check_plausible: also refuse ``header``/``metadata`` results whose histogram is not a CT.
+        padding_hu: HU given to voxels marked as padding (DICOM ``PixelPaddingValue``, see
+            ``__call__``): air by default, whatever the stored padding value would rescale to.
+        inplace: map, pad and floor the input tensor itself (no full-size copy; for pipelines that
+            own the freshly loaded volume). Integer volumes stay int16 when the result fits.
     """
 
     def __init__(
@@ -126,6 +130,8 @@ class RescaleToHU(Transform):
         floor_hu: float | None = -1024.0,
         min_margin: float = 0.05,
         check_plausible: bool = False,
+        padding_hu: float = -1000.0,
+        inplace: bool = False,
     ) -> None:
         if source not in HU_SOURCES:
             raise ValueError(f"source must be one of {HU_SOURCES}, got {source!r}")
@@ -133,21 +139,31 @@ class RescaleToHU(Transform):
         self.floor_hu = floor_hu
         self.min_margin = min_margin
         self.check_plausible = check_plausible
+        self.padding_hu = float(padding_hu)
+        self.inplace = bool(inplace)
 
     @staticmethod
-    def _apply(img: torch.Tensor, slope: float, intercept: float) -> torch.Tensor:
-        if slope == 1.0 and intercept == 0.0:
-            return img
+    def _apply(img: torch.Tensor, slope: float, intercept: float, inplace: bool = False) -> torch.Tensor:
+        """``slope * img + intercept`` as a plain tensor: int16 stays int16 when the result fits (no
+        int32/float copy), other integer input becomes int16 or float32, float input float32; in
+        place when allowed. Identity mappings return the input itself."""
         t = img.as_tensor() if isinstance(img, MetaTensor) else img
+        if slope == 1.0 and intercept == 0.0:
+            return t
         integral = not torch.is_floating_point(t) and float(slope).is_integer() and float(intercept).is_integer()
-        if integral:
-            out = t.to(torch.int32) * int(slope) + int(intercept)
-            if out.min() >= -32768 and out.max() <= 32767:
-                out = out.to(torch.int16)
-        else:
-            out = t.to(torch.float32) * float(slope) + float(intercept)
-        if isinstance(img, MetaTensor):
-            out = MetaTensor(out, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"})
+        out = None
+        if integral and t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t))
+            ends = sorted((lo * slope + intercept, hi * slope + intercept))
+            if -32768 <= ends[0] and ends[1] <= 32767 and abs(slope) <= 32767:
+                # int16 arithmetic wraps modulo 2**16; the final values fit int16, so they are exact
+                out = t if (inplace and t.dtype == torch.int16) else t.to(torch.int16, copy=True)
+                if slope != 1.0:
+                    out.mul_(int(slope))
+                out.add_(int(intercept))
+        if out is None:
+            out = t if (inplace and t.dtype == torch.float32) else t.to(torch.float32, copy=True)
+            out.mul_(float(slope)).add_(float(intercept))
         return out
 
     def candidates(self, slope: float | None, intercept: float | None) -> list[tuple[str, float, float]]:
@@ -160,18 +176,36 @@ class RescaleToHU(Transform):
         return cands
 
     def __call__(  # type: ignore[override]
-        self, img: torch.Tensor, slope: float | None = None, intercept: float | None = None, name: str = "volume"
+        self,
+        img: torch.Tensor,
+        slope: float | None = None,
+        intercept: float | None = None,
+        name: str = "volume",
+        padding: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Args:
         img: stored values as the reader returned them.
         slope, intercept: from a metadata row (needed for ``source="metadata"``).
         name: used in error messages.
+        padding: ``(low, high)``: voxels whose value (as the reader returned it) lies in this closed
+            range are outside-field-of-view padding (DICOM ``PixelPaddingValue`` and
+            ``PixelPaddingRangeLimit`` after the reader's rescale). They are left out of the HU
+            decision and set to ``padding_hu`` whatever the chosen mapping, instead of being
+            rescaled into bogus values (e.g. unsigned 63536 + intercept -1024 = 62512 "HU").
 
         Raises:
             HUDecisionError: ``auto`` found no plausible candidate (or two equally plausible ones);
                 ``metadata`` without slope/intercept; an implausible result with ``check_plausible``.
         """
+        pad_mask, pad_range = None, None
         sample = _sample(img)
+        if padding is not None:
+            pad_range = (float(min(padding)), float(max(padding)))
+            t_in = img.as_tensor() if isinstance(img, MetaTensor) else img
+            lo, hi = (pad_range if torch.is_floating_point(t_in) else
+                      (float(np.ceil(pad_range[0])), float(np.floor(pad_range[1]))))
+            pad_mask = (t_in >= lo) & (t_in <= hi)  # before the mapping, which may work in place
+            sample = sample[~((sample >= pad_range[0]) & (sample <= pad_range[1]))]
         if self.source == "header":
             chosen = ("header", 1.0, 0.0)
             ev = hu_evidence(sample)
@@ -203,19 +237,36 @@ class RescaleToHU(Transform):
             ok, why = _plausible(evidence[chosen[0]])
             if not ok:
                 raise HUDecisionError(f"{name}: implausible HU after {chosen[0]} rescale: {why}")
-        out = self._apply(img, chosen[1], chosen[2])
+        t_in = img.as_tensor() if isinstance(img, MetaTensor) else img
+        t = self._apply(t_in, chosen[1], chosen[2], inplace=self.inplace)
+        # without ``inplace`` the input is never modified: copy before the first in-place write
+        shared = [t.untyped_storage().data_ptr() == t_in.untyped_storage().data_ptr() and not self.inplace]
+
+        def writable(x: torch.Tensor) -> torch.Tensor:
+            if shared[0]:
+                shared[0] = False
+                return x.clone()
+            return x
+
+        padded = 0.0
+        if pad_mask is not None:
+            n_pad = int(torch.count_nonzero(pad_mask))
+            padded = n_pad / max(pad_mask.numel(), 1)
+            if n_pad:
+                if not torch.is_floating_point(t) and not float(self.padding_hu).is_integer():
+                    t, shared[0] = t.to(torch.float32), False
+                t = writable(t).masked_fill_(pad_mask, self.padding_hu)
+            del pad_mask
         floored = 0.0
         if self.floor_hu is not None:
-            t = out.as_tensor() if isinstance(out, MetaTensor) else out
             # an int floor for int tensors: comparing int16 with a float scalar makes a float32 copy
             floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
-            below = t < floor
-            floored = int(torch.count_nonzero(below)) / below.numel()  # (bool.sum() makes an int64 copy)
-            del below
-            if floored:
-                t = torch.clamp(t, min=floor)  # a new tensor: the input is not modified
-                out = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"}) \
-                    if isinstance(img, MetaTensor) else t
+            n_below = int(torch.count_nonzero(t < floor))  # (bool.sum() makes an int64 copy)
+            floored = n_below / max(t.numel(), 1)
+            if n_below:
+                t = writable(t).clamp_(min=floor)
+        out = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"}) \
+            if isinstance(img, MetaTensor) else t
         provenance = {
             "source": self.source,
             "decision": chosen[0],
@@ -224,6 +275,8 @@ class RescaleToHU(Transform):
             "floored_fraction": floored,
             "evidence": evidence,
         }
+        if pad_range is not None:
+            provenance["padding"] = {"range": list(pad_range), "fraction": padded, "hu": self.padding_hu}
         if isinstance(out, MetaTensor):
             out.meta["hu_provenance"] = provenance
         return out, provenance
@@ -240,7 +293,9 @@ class RescaleToHUd(MapTransform):
         provenance_key: where the decision is written (``{"source", "decision", "slope",
             "intercept", "floored_fraction", "evidence"}``); also in the image's ``meta``.
         name_key: entry used to name the volume in errors.
-        floor_hu, min_margin, check_plausible: see :class:`RescaleToHU`.
+        padding_key: entry holding the ``(low, high)`` padding range in reader units (DICOM
+            ``PixelPaddingValue`` after rescale); missing or None: no padding mask.
+        floor_hu, min_margin, check_plausible, padding_hu, inplace: see :class:`RescaleToHU`.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -255,12 +310,16 @@ class RescaleToHUd(MapTransform):
         floor_hu: float | None = -1024.0,
         min_margin: float = 0.05,
         check_plausible: bool = False,
+        padding_key: str = "pixel_padding",
+        padding_hu: float = -1000.0,
+        inplace: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.rescaler = RescaleToHU(source, floor_hu, min_margin, check_plausible)
+        self.rescaler = RescaleToHU(source, floor_hu, min_margin, check_plausible, padding_hu, inplace)
         self.slope_key, self.intercept_key = slope_key, intercept_key
         self.provenance_key, self.name_key = provenance_key, name_key
+        self.padding_key = padding_key
 
     @staticmethod
     def _number(value) -> float | None:
@@ -276,7 +335,8 @@ class RescaleToHUd(MapTransform):
         d = dict(data)
         slope, intercept = self._number(d.get(self.slope_key)), self._number(d.get(self.intercept_key))
         for key in self.key_iterator(d):
-            d[key], prov = self.rescaler(d[key], slope, intercept, name=str(d.get(self.name_key, key)))
+            d[key], prov = self.rescaler(d[key], slope, intercept, name=str(d.get(self.name_key, key)),
+                                         padding=d.get(self.padding_key))
             d[self.provenance_key] = prov
         return d
 
