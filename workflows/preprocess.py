@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import ITKReader, MetaTensor
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -50,12 +50,19 @@ from transforms.ctrate import (
     write_json_atomic,
 )
 from transforms.hu import RescaleToHUd
-from transforms.io import ITKVolumeReader, CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
-from transforms.qc import NIFTI_SUFFIXES, CTQualityCheckd, QualityCheckError, check_input, is_dicom_file
+from transforms.io import CTVolumeReader, CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
+from transforms.qc import (
+    NIFTI_SUFFIXES,
+    CTQualityCheckd,
+    QualityCheckError,
+    check_input,
+    is_dicom_file,
+    padding_range,
+)
 
 __all__ = ["discover_inputs", "build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: nibabel NIfTI reader, DICOM padding masked to pad_hu, grid_sample in-plane
 logger = logging.getLogger("ct_preprocess")
 
 QC_COLUMNS = (
@@ -177,9 +184,12 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
     return items, rejected
 
 
-def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray | None:
-    """RAS affine from a CT-RATE metadata row (voxel i along the IOP row direction, j along the
-    column direction, k along their cross product), for NIfTI files written without orientation."""
+def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int] | None = None) -> np.ndarray | None:
+    """RAS affine of voxel ``(i, j, k)`` from a CT-RATE metadata row, for NIfTI files written without
+    orientation (sform_code and qform_code 0, as the original CT-RATE release): voxel i along the
+    ImageOrientationPatient row direction (spacing ``XYSpacing[1]``, between columns), j along the
+    column direction (``XYSpacing[0]``, between rows), k along their cross product (``ZSpacing``),
+    voxel (0, 0, 0) at ImagePositionPatient. None when the row lacks any of these."""
     try:
         xy = [float(v) for v in geom["XYSpacing"]]
         z = float(geom["ZSpacing"])
@@ -187,10 +197,14 @@ def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int]) -> np
         ipp = np.asarray(geom["ImagePositionPatient"], dtype=np.float64)
     except (KeyError, TypeError, ValueError):
         return None
+    if not xy or iop.shape != (6,) or ipp.shape != (3,) or not (np.all(np.isfinite(iop)) and np.all(np.isfinite(ipp))):
+        return None
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
+    if np.linalg.norm(normal) < 0.5:
+        return None
     lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * xy[1 % len(xy)], col * xy[0], normal * z
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * xy[1 % len(xy)], col * xy[0], normal / np.linalg.norm(normal) * z
     lps[:3, 3] = ipp
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
@@ -206,27 +220,34 @@ def build_preprocessing(
     """The MONAI transform chains (before and after the geometry fix-up point).
 
     Returns:
-        ``(load, process)``: ``load`` reads the volume (ITK, NIfTI or DICOM folder) channel-first;
-        ``process`` maps to HU, checks quality, reorients to RAS, resamples to ``spacing_mm``
-        (trilinear), crops/pads to ``spatial_size`` with ``pad_hu`` and stores int16.
+        ``(load, process)``: ``load`` reads the volume (:class:`transforms.io.CTVolumeReader`: NIfTI with
+        nibabel in its stored dtype, DICOM folders with ITK) channel-first, voxel axes ``(k, j, i)``;
+        ``process`` maps to HU (in place; DICOM padding from a ``pixel_padding`` entry becomes
+        ``pad_hu``), checks quality, resamples to ``spacing_mm`` in RAS (trilinear; the reorientation
+        folded into the sampling plan), crops/pads to ``spatial_size`` with ``pad_hu`` (folded into the
+        resampling too) and stores int16. ``resampler="monai"`` uses ``Orientationd`` + ``Spacingd`` +
+        ``ResizeWithPadOrCropd`` instead (same grid and affine).
     """
     qc = dict(qc or {})
     load = Compose([
-        LoadImaged(keys="image", reader=ITKVolumeReader(), image_only=True, dtype=None),
+        LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
         EnsureChannelFirstd(keys="image"),
     ])
     if resampler == "monai":
-        resample = Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border")
-    else:
-        resample = ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16")
+        resample = [
+            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border"),
+            ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
+        ]
+    else:  # the same grid, affine and crop/pad in one pass
+        resample = [ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16", axcodes="RAS",
+                                       spatial_size=tuple(spatial_size), pad_value=pad_hu)]
     check_hu = qc.pop("check_hu", True)
     process = Compose([
         CTQualityCheckd(keys="image", check_hu=False, **qc),  # structure first: a 2-D image is "not 3-D"
-        RescaleToHUd(keys="image", source=hu_source),
+        RescaleToHUd(keys="image", source=hu_source, padding_hu=pad_hu, inplace=True),
         CTQualityCheckd(keys="image", check_hu=check_hu, check_structure=False),
-        Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        resample,
-        ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
+        *resample,
         CastToHUInt16d(keys="image"),
     ])
     return load, process
@@ -241,6 +262,8 @@ def _compact_hu(prov: Mapping[str, Any]) -> dict[str, Any]:
                      for k, v in prov["evidence"].items()},
         "air_lung_fraction": round(float(ev.get("air_lung", float("nan"))), 4),
         "soft_tissue_fraction": round(float(ev.get("soft_tissue", float("nan"))), 4),
+        **({"padding": {"range": prov["padding"]["range"], "fraction": round(float(prov["padding"]["fraction"]), 6),
+                        "hu": prov["padding"]["hu"]}} if "padding" in prov else {}),
     }
 
 
@@ -357,6 +380,50 @@ class CTPreprocessor:
             return None
         return record
 
+    def preprocess_volume(self, item: dict) -> tuple[MetaTensor, dict]:
+        """Read, check and preprocess one volume (no file written).
+
+        Returns:
+            ``(volume, facts)``: the int16 ``(1, X, Y, Z)`` RAS volume and the record fields
+            (``input_shape``, ``input_spacing_mm``, ``input_orientation``, ``hu``, ``warning``).
+
+        Raises:
+            Exception: any failure of this input (header checks, reading, QC, HU decision).
+        """
+        from monai.data.utils import affine_to_spacing
+        from nibabel.orientations import aff2axcodes
+
+        facts: dict[str, Any] = {}
+        warnings = [item.get("warning", "")]
+        # the reader keeps NaN (ITK turned it into 0), so the structural QC finds it: no second read here
+        header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"), check_finite=False)
+        load, process = self.chains
+        data = load({"image": item["path"], "name": item["name"],
+                     "rescale_slope": item.get("rescale_slope"),
+                     "rescale_intercept": item.get("rescale_intercept"),
+                     "pixel_padding": padding_range(header) if header["kind"] == "dicom" else None})
+        img = data["image"]
+        if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
+            affine = _geometry_from_metadata(item.get("meta_geometry") or {})
+            if affine is None:
+                raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
+                                        "(sform_code and qform_code 0) and no metadata row to restore it")
+            affine[:, :3] = affine[:, :3][:, ::-1]  # the reader's arrays are (k, j, i)
+            img.affine = torch.as_tensor(affine.copy())
+            warnings.append("geometry restored from metadata")
+        # reported in the file's own voxel order (the reader hands out (k, j, i))
+        facts["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
+        if isinstance(img, MetaTensor) and img.ndim == 4:
+            aff = np.asarray(img.affine, dtype=np.float64)
+            facts["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3)[::-1])
+            codes = aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+            facts["input_orientation"] = "".join(str(c) for c in codes[::-1])
+        del img
+        data = process(data)
+        facts["hu"] = _compact_hu(data["hu_provenance"])
+        facts["warning"] = "; ".join(filter(None, warnings))
+        return data["image"], facts
+
     def process_item(self, item: dict) -> dict:
         """Preprocess one volume and write its outputs; never raises for bad input (status in record)."""
         record = self._finished(item)
@@ -367,33 +434,8 @@ class CTPreprocessor:
                   "warning": item.get("warning", ""), "rank": self.rank}
         try:
             vol, rec = self._paths(item["name"])
-            header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"))
-            load, process = self.chains
-            data = load({"image": item["path"], "name": item["name"],
-                         "rescale_slope": item.get("rescale_slope"),
-                         "rescale_intercept": item.get("rescale_intercept")})
-            img = data["image"]
-            if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
-                affine = _geometry_from_metadata(item.get("meta_geometry") or {}, img.shape[1:][::-1])
-                if affine is None:
-                    raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
-                                            "(sform_code and qform_code 0) and no metadata row to restore it")
-                affine[:, :3] = affine[:, :3][:, ::-1]  # ITKVolumeReader's arrays are (k, j, i)
-                img.affine = torch.as_tensor(affine.copy())
-                record["warning"] = "; ".join(filter(None, [record["warning"], "geometry restored from metadata"]))
-            # reported in the file's own voxel order (ITKVolumeReader hands out (k, j, i))
-            record["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
-            if isinstance(img, MetaTensor) and img.ndim == 4:
-                from monai.data.utils import affine_to_spacing
-                from nibabel.orientations import aff2axcodes
-
-                aff = np.asarray(img.affine, dtype=np.float64)
-                record["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3)[::-1])
-                codes = aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-                record["input_orientation"] = "".join(str(c) for c in codes[::-1])
-            data = process(data)
-            out = data["image"]
-            record["hu"] = _compact_hu(data["hu_provenance"])
+            out, facts = self.preprocess_volume(item)
+            record.update(facts)
             vol.parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(out, np.asarray(out.affine, dtype=np.float64), vol)
             record.update(status="ok", reason="", output=f"volumes/{vol.name}",
