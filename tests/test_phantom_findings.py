@@ -5,7 +5,12 @@ detector (transforms.synthetic.qa) scores the difference between the image and t
 image of the same anatomy (the record rendered without findings, same scanner and noise seed)
 inside the finding's anatomical ROI and HU signature, and is scored by AUROC. Labels whose detector
 stays below 0.9 are listed in the failure message; PHANTOM_SPEC.md §7 calls a label "not rendered"
-below 0.7. The thresholds below record what is reached with margin (the issue targets 14 at 0.9).
+below 0.7. The issue's target, 14 labels at 0.9, is reached on this cohort (seeds 5000+i) and on a
+second, independent 40-case cohort (14 each; all labels >= 0.71 / 0.76). Below 0.9 on both: atelectasis
+(0.71 / 0.76: plates merge with co-located consolidation or opacity, lingular plates lie beside the
+heart, passive collapse hides under large effusions), lung nodule (0.89 / 0.82: nodules inside
+consolidation, effusion or metal-streak slices), consolidation (0.88 / 0.84: overlapped by large
+effusions); lung opacity (0.94 / 0.88) and bronchiectasis (0.86 / 0.92) each miss on one cohort.
 """
 
 import numpy as np
@@ -16,8 +21,8 @@ from transforms.synthetic import apply_scanner, default_grid, render_truth, samp
 from transforms.synthetic.qa import detector_scores, normal_reference
 
 N_CASES = 40
-MIN_PASSING = 11  # labels with AUROC >= 0.9 (of 18; 13 reached on this cohort); the issue targets 14
-MIN_VISIBLE = 14  # labels with AUROC >= 0.75 (16-17 reached)
+MIN_PASSING = 14  # labels with AUROC >= 0.9 (of 18; 14 reached here and on a second cohort): the issue's target
+MIN_VISIBLE = 17  # labels with AUROC >= 0.75 (17 reached here, 18 on the second cohort)
 
 
 def _auroc(score, y):
@@ -52,7 +57,7 @@ def test_detectors_recover_the_labels(cohort_scores):
     assert len(passing) >= MIN_PASSING, f"only {len(passing)} labels reach AUROC 0.9 ({table})"
     visible = [n for n, a in aurocs.items() if a >= 0.75]
     assert len(visible) >= MIN_VISIBLE, f"only {len(visible)} labels reach AUROC 0.75 ({table})"
-    assert min(aurocs.values()) >= 0.6, table  # worst reached: 0.72 (atelectasis)
+    assert min(aurocs.values()) >= 0.65, table  # worst reached: 0.71 (atelectasis)
 
 
 def _scores_for(labels, seed=77):
