@@ -261,7 +261,10 @@ class RescaleToHU(Transform):
         if self.floor_hu is not None:
             # an int floor for int tensors: comparing int16 with a float scalar makes a float32 copy
             floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
-            n_below = int(torch.count_nonzero(t < floor))  # (bool.sum() makes an int64 copy)
+            # the minimum first (one read, no allocation): volumes already clipped at -1024 HU, like
+            # CT-RATE's, skip the full-size boolean mask
+            n_below = 0 if not t.numel() or float(t.min()) >= floor else \
+                int(torch.count_nonzero(t < floor))  # (bool.sum() makes an int64 copy)
             floored = n_below / max(t.numel(), 1)
             if n_below:
                 t = writable(t).clamp_(min=floor)
