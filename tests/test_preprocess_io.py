@@ -274,3 +274,21 @@ def test_bogus_unsigned_padding_value_is_masked(tmp_path):
     assert rec["status"] == "ok", rec["reason"]
     arr = np.asarray(nib.load(str(out / "volumes" / "ge_1_a_1.nii.gz")).dataobj)
     assert int(arr.max()) <= 3071 and int((arr == -1000).sum()) >= int(outside.sum())
+
+
+def test_integral_rescale_edge_cases_stay_exact():
+    from transforms.io import _apply_scaling
+
+    raw = np.asfortranarray(np.full((4, 5, 6), 20000, np.int16))
+    raw[0, 0, 0] = 30000
+    # the product overflows int16 in place but the result fits: exact through wrap-around
+    out = _apply_scaling(raw.copy(order="F"), 2.0, -40000.0)
+    assert out.dtype == np.int16 and (out.min(), out.max()) == (0, 20000)
+    # an intercept outside int16: slab path, still int16 and exact
+    out = _apply_scaling(raw.copy(order="F"), 1.0, -40000.0)
+    assert out.dtype == np.int16 and (out.min(), out.max()) == (-20000, -10000)
+    # a result outside int16: float32, exact for integers
+    out = _apply_scaling(raw.copy(order="F"), 3.0, 0.0)
+    assert out.dtype == np.float32 and out.max() == 90000.0
+    hu = RescaleToHU._apply(torch.from_numpy(raw.copy()), 1.0, -40000.0, inplace=True)
+    assert int(hu.min()) == -20000 and int(hu.max()) == -10000

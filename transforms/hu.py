@@ -155,7 +155,7 @@ class RescaleToHU(Transform):
         if integral and t.numel():
             lo, hi = (int(v) for v in torch.aminmax(t))
             ends = sorted((lo * slope + intercept, hi * slope + intercept))
-            if -32768 <= ends[0] and ends[1] <= 32767 and abs(slope) <= 32767:
+            if -32768 <= ends[0] and ends[1] <= 32767 and abs(slope) <= 32767 and abs(intercept) <= 32767:
                 # int16 arithmetic wraps modulo 2**16; the final values fit int16, so they are exact
                 out = t if (inplace and t.dtype == torch.int16) else t.to(torch.int16, copy=True)
                 if slope != 1.0:

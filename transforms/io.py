@@ -45,8 +45,8 @@ class ITKVolumeReader(ITKReader):
     keeps ITK's memory order, as an owned copy (``reverse_indexing=True`` in MONAI 1.6.1 returns a
     view of a buffer ITK frees: use-after-free), and reverses the voxel axes of the affine to
     match, so the array is (z, y, x) with a correct affine; ``Orientationd`` then makes it RAS by a
-    permutation view. Single-channel images only (CT). :class:`CTVolumeReader` wraps it for DICOM
-    and hands out the (x, y, z) view instead.
+    permutation view. Single-channel images only (CT). :class:`CTVolumeReader` uses it for DICOM
+    series (and nibabel for NIfTI).
     """
 
     def _get_array_data(self, img):
@@ -134,7 +134,7 @@ def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     integral = raw.dtype.kind in "iu" and slope.is_integer() and inter.is_integer()
     if integral and raw.size:
         ends = sorted((int(raw.min()) * slope + inter, int(raw.max()) * slope + inter))
-        if _fits_int16(*ends) and raw.dtype == np.int16 and abs(slope) <= _INT16[1]:
+        if _fits_int16(*ends) and raw.dtype == np.int16 and abs(slope) <= _INT16[1] and _fits_int16(inter, inter):
             # int16 arithmetic wraps modulo 2**16; the final values fit int16, so they are exact
             if slope != 1.0:
                 np.multiply(raw, np.int16(int(slope)), out=raw, casting="unsafe")
