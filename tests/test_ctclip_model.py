@@ -295,3 +295,16 @@ def test_fused_attention_gradients_equal_plain_attention(tiny):
     assert grads[0][0].abs().max() > 1e-4  # the first bias layer really receives gradient
     for fused, explicit in zip(*grads):
         torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-4)
+
+
+def test_frozen_text_encoder_option_trains_only_the_projection(tiny):
+    """``text_encoder.freeze``: the encoder gets no gradient and stays in eval mode; the latent projection learns."""
+    cfg = cn.merge_config(cn.load_model_config("ctclip_tiny"), {"text_encoder": {"freeze": True}})
+    torch.manual_seed(0)
+    model = cn.create_model(cfg).train()
+    assert not any(p.requires_grad for p in model.text_transformer.parameters())
+    assert not model.text_transformer.training and model.visual_transformer.training
+    ids, mask = tokens(cn.build_tokenizer(cfg), ["No pleural effusion.", "Emphysema in both lungs."])
+    cn.clip_loss(model(torch.randn(2, *IMAGE), ids, mask)).backward()
+    assert model.to_text_latent.weight.grad is not None
+    assert all(p.grad is None for p in model.text_transformer.parameters())
