@@ -63,6 +63,8 @@ def test_one_epoch_run_writes_every_output(tiny_preprocessed_dir, tmp_path, tiny
     rows = json.loads((out / "eval" / "metrics_per_epoch.json").read_text())
     assert [r["epoch"] for r in rows] == [1]
     assert 0.0 <= rows[0]["macro_auroc"] <= 1.0 and "report_to_volume_recall@5" in rows[0]
+    assert 0.0 <= rows[0]["report_prompt_macro_auroc"] <= 1.0  # the text-side ceiling, logged next to it
+    assert (out / "eval" / "validation_report_prompts" / "per_class_auroc.csv").exists()
     assert rows[0]["train_loss"] > 0 and (out / "eval" / "learning_curve.png").stat().st_size > 0
     # initialised from the checkpoint: its temperature (1.0, CT-CLIP v2) is kept, not CLIP's log(1/0.07)
     assert abs(rows[0]["logit_scale"] - 2.718) < 0.05
@@ -163,3 +165,25 @@ def test_evaluate_config_on_test_split(tiny_preprocessed_dir, tmp_path, tiny_cli
     assert metrics["auroc"]["macro"] is None or 0 <= metrics["auroc"]["macro"] <= 1
     assert (out / "eval" / "test" / "retrieval.json").exists()
     assert len((out / "eval" / "test" / "predictions.csv").read_text().strip().splitlines()) == n_test + 1
+
+
+def test_report_prompt_probabilities_score_reports_like_images():
+    """A report that *is* a class's "present" prompt scores above 0.5 for that class: the text-side ceiling
+    uses the same prompt-pair softmax as the image zero-shot, with the report latent in the image's place."""
+    from custom_nets import ZeroShotClassifier, build_tokenizer, create_model, image_input_shape
+    from workflows.training import ZeroShotValidationNetwork
+
+    torch.manual_seed(0)
+    model = create_model("ctclip_tiny").eval()
+    tokenizer = build_tokenizer("ctclip_tiny")
+    zero_shot = ZeroShotClassifier.from_config(model, "ctclip_tiny", tokenizer=tokenizer)
+    net = ZeroShotValidationNetwork(zero_shot)
+    reports = [zero_shot.templates[0][0].format(name) for name in zero_shot.class_names[:3]]
+    tokens = tokenizer(reports, padding="longest", return_tensors="pt")
+    image = torch.zeros((3, *image_input_shape("ctclip_tiny")))
+    with torch.no_grad():
+        out = net(image, tokens["input_ids"], tokens["attention_mask"])
+        expected = zero_shot.probabilities(model.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+    torch.testing.assert_close(out["report_probs"], expected)
+    assert (out["report_probs"][range(3), range(3)] > 0.5).all()
+    assert "report_probs" not in net(image)

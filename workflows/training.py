@@ -220,7 +220,12 @@ class ZeroShotValidationNetwork(nn.Module):
     """Evaluator network: zero-shot probabilities plus image and report latents in one forward.
 
     ``forward(image, text_input_ids=None, text_attention_mask=None)`` returns ``{"probs": (B, C),
-    "image_latents": (B, D)[, "text_latents": (B, D)]}``; each volume is encoded once.
+    "image_latents": (B, D)[, "text_latents": (B, D), "report_probs": (B, C)]}``; each volume is encoded once.
+
+    ``report_probs`` scores each volume's own report latent against the prompt pairs, as if the report were
+    the image: the zero-shot AUROC a perfectly aligned image encoder would reach with this text encoder and
+    these prompts. It tells a text-side failure (prompts that do not separate the reports) from an
+    image-side one.
 
     Args:
         zero_shot: a :class:`~custom_nets.ZeroShotClassifier` on the model being trained.
@@ -237,15 +242,21 @@ class ZeroShotValidationNetwork(nn.Module):
         out = {"probs": self.zero_shot.probabilities(image_latents), "image_latents": image_latents}
         if text_input_ids is not None:
             out["text_latents"] = model.encode_text(text_input_ids, text_attention_mask)
+            out["report_probs"] = self.zero_shot.probabilities(out["text_latents"])
         return out
 
 
-def probs_and_labels(output: Any) -> tuple[list, list]:
+def probs_and_labels(output: Any, key: str = "probs") -> tuple[list, list]:
     """``output_transform`` for :class:`~workflows.handlers.ClassificationEvaluationHandler` on the output of
-    :class:`ZeroShotValidationNetwork` (decollated list of per-sample dicts, or one batch dict)."""
+    :class:`ZeroShotValidationNetwork` (decollated list of per-sample dicts, or one batch dict).
+
+    Args:
+        output: the evaluator's ``engine.state.output``.
+        key: ``"probs"`` (image zero-shot) or ``"report_probs"`` (reports scored by the prompts).
+    """
     if isinstance(output, Mapping):
-        return output["pred"]["probs"], output["label"]
-    return [o["pred"]["probs"] for o in output], [o["label"] for o in output]
+        return output["pred"][key], output["label"]
+    return [o["pred"][key] for o in output], [o["label"] for o in output]
 
 
 class PromptRefresher:
