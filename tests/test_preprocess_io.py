@@ -274,6 +274,18 @@ def test_bogus_unsigned_padding_value_is_masked(tmp_path):
     assert rec["status"] == "ok", rec["reason"]
     arr = np.asarray(nib.load(str(out / "volumes" / "ge_1_a_1.nii.gz")).dataobj)
     assert int(arr.max()) <= 3071 and int((arr == -1000).sum()) >= int(outside.sum())
+    # inference on the raw series (ClassFine/zero-shot "one scan in") masks the padding the same way
+    from monai.transforms import Compose
+
+    from transforms import ToModelInputd, raw_to_model_input_transforms
+
+    model_out = tmp_path / "out_model_geometry"
+    CTPreprocessor(str(tmp_path / "in"), str(model_out), "ctclip_tiny", progress=False).run()
+    stored = LoadImage(image_only=True, ensure_channel_first=True)(str(model_out / "volumes" / "ge_1_a_1.nii.gz"))
+    stored = ToModelInputd.from_model_config("image", "ctclip_tiny")({"image": stored.float()})["image"]
+    raw = Compose(raw_to_model_input_transforms("ctclip_tiny"))({"image": str(folder)})["image"]
+    assert raw.shape == stored.shape
+    assert float((raw - stored).abs().max()) <= 0.5 / 1000 + 1e-6  # int16 rounding of the stored volume, in model units
 
 
 def test_integral_rescale_edge_cases_stay_exact():

@@ -2,7 +2,7 @@
 
 from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
 from .hu import HUDecisionError, RescaleToHU, RescaleToHUd
-from .qc import CTQualityCheck, CTQualityCheckd, QualityCheckError, check_dicom_series, check_input
+from .qc import CheckInputd, CTQualityCheck, CTQualityCheckd, QualityCheckError, check_dicom_series, check_input
 from .model_input import ToModelInput, ToModelInputd, raw_to_model_input_transforms
 from .io import CastToHUInt16d, ITKVolumeReader, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
 from .ctrate import NOT_GIVEN, build_datalist, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients

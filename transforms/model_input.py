@@ -116,10 +116,11 @@ def raw_to_model_input_transforms(
 ) -> list:
     """Transforms that take a raw volume (NIfTI path or DICOM folder) straight to a model's input.
 
-    The same chain as the ct_preprocess bundle (ITK read, structural QC, HU decision, HU QC, RAS,
-    trilinear resampling to the config's spacing, crop/pad with ``pad_hu``) without the int16
-    storage round trip, followed by :class:`ToModelInputd`. For inference bundles that accept raw
-    scans ("one scan in, probabilities out").
+    The same steps as the ct_preprocess bundle (header checks, :class:`transforms.io.CTVolumeReader`,
+    structural QC, HU decision with DICOM padding as air, HU QC, one resampling pass to RAS at the
+    config's spacing and size padded with ``pad_hu``) without the int16 storage round trip, followed
+    by :class:`ToModelInputd`. For inference bundles that accept raw scans ("one scan in,
+    probabilities out").
 
     Args:
         config: model config (dict, shipped name or JSON path).
@@ -127,24 +128,24 @@ def raw_to_model_input_transforms(
         hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
         qc: keyword arguments of :class:`transforms.CTQualityCheckd`.
     """
-    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
 
     from .hu import RescaleToHUd
-    from .io import ITKVolumeReader, ResampleToSpacingd
-    from .qc import CTQualityCheckd
+    from .io import CTVolumeReader, ResampleToSpacingd
+    from .qc import CheckInputd, CTQualityCheckd
 
     inp = _input_section(config)
+    pad_hu = inp.get("pad_hu", -1000)
     qc = dict(qc or {})
     check_hu = qc.pop("check_hu", True)
     return [
-        LoadImaged(keys=keys, reader=ITKVolumeReader(), image_only=True, dtype=None),
+        CheckInputd(keys=keys, max_voxels=qc.get("max_voxels")),
+        LoadImaged(keys=keys, reader=CTVolumeReader(), image_only=True, dtype=None),
         EnsureChannelFirstd(keys=keys),
         CTQualityCheckd(keys=keys, check_hu=False, **qc),
-        RescaleToHUd(keys=keys, source=hu_source),
+        RescaleToHUd(keys=keys, source=hu_source, padding_hu=pad_hu),
         CTQualityCheckd(keys=keys, check_hu=check_hu, check_structure=False),
-        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        ResampleToSpacingd(keys=keys, pixdim=inp["spacing_mm"], out_dtype="float32"),
-        ResizeWithPadOrCropd(keys=keys, spatial_size=inp["spatial_size"], mode="constant",
-                             value=inp.get("pad_hu", -1000)),
+        ResampleToSpacingd(keys=keys, pixdim=inp["spacing_mm"], out_dtype="float32", axcodes="RAS",
+                           spatial_size=inp["spatial_size"], pad_value=pad_hu),
         ToModelInputd.from_model_config(keys, config),
     ]

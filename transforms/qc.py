@@ -21,7 +21,7 @@ from monai.transforms import MapTransform, Transform
 
 from .hu import _plausible, _sample, hu_evidence
 
-__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "check_input", "check_dicom_series",
+__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input", "check_dicom_series",
            "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -350,3 +350,28 @@ class CTQualityCheckd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.checker(d[key], name=str(d.get(self.name_key, key)))
         return d
+
+
+class CheckInputd(MapTransform):
+    """Header-only checks of a path entry before its voxels are read (:func:`check_input`), and the DICOM
+    padding range for :class:`transforms.RescaleToHUd` (``PixelPaddingValue`` voxels become air).
+
+    Args:
+        keys: entries holding a NIfTI path or a DICOM series folder (before ``LoadImaged``).
+        padding_key: entry receiving the ``(low, high)`` padding range in reader units, or None.
+        max_voxels: reject inputs with more voxels than this (before reading them).
+        check_finite: see :func:`check_input`.
+    """
+
+    def __init__(self, keys: KeysCollection, padding_key: str = "pixel_padding", max_voxels: int | None = None,
+                 check_finite: bool = False, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.padding_key, self.max_voxels, self.check_finite = padding_key, max_voxels, check_finite
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            header = check_input(d[key], max_voxels=self.max_voxels, check_finite=self.check_finite)
+            d[self.padding_key] = padding_range(header) if header["kind"] == "dicom" else None
+        return d
+
