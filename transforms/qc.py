@@ -353,8 +353,12 @@ class CTQualityCheckd(MapTransform):
 
 
 class CheckInputd(MapTransform):
-    """Header-only checks of a path entry before its voxels are read (:func:`check_input`), and the DICOM
-    padding range for :class:`transforms.RescaleToHUd` (``PixelPaddingValue`` voxels become air).
+    """Header-only checks of a raw input before its voxels are read (:func:`check_input`: DICOM series with a
+    slice gap, gantry tilt or several series, files that are not images, too many voxels; NIfTI without any
+    orientation, whose axis layout would be a guess), and the DICOM padding range for
+    :class:`transforms.RescaleToHUd` (``PixelPaddingValue`` voxels become air). The raw-scan inference
+    chains use it; the ct_preprocess bundle runs the same checks itself (and can restore a missing
+    orientation from a CT-RATE metadata row).
 
     Args:
         keys: entries holding a NIfTI path or a DICOM series folder (before ``LoadImaged``).
@@ -372,6 +376,9 @@ class CheckInputd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             header = check_input(d[key], max_voxels=self.max_voxels, check_finite=self.check_finite)
+            if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
+                raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
+                                        "0); preprocess it with the ct_preprocess bundle and its metadata table")
             d[self.padding_key] = padding_range(header) if header["kind"] == "dicom" else None
         return d
 

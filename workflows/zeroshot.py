@@ -41,7 +41,6 @@ __all__ = [
     "find_clip_model",
     "label_indices",
     "build_datalist",
-    "CheckInputd",
     "SelectLabelsd",
     "ImageReportLatents",
     "ImageLatentsWriter",
@@ -278,34 +277,6 @@ def build_datalist(dataset_dir: str | os.PathLike | None = None, input: str | os
         raise ValueError("give --dataset_dir (a ct_preprocess output folder) or --input (raw NIfTI/DICOM)")
     splits = ["training", "validation", "test"] if split == "all" else [split]
     return [_clean(item) for s in splits for item in load_datalist(dataset_dir, s, datalist_file)]
-
-
-class CheckInputd(MapTransform):
-    """Header checks of a raw input before it is read (the ``ct_preprocess`` checks): DICOM series with a
-    slice gap, gantry tilt or several series, files that are not images, NIfTI without orientation.
-
-    Args:
-        keys: entries holding a path (NIfTI file or DICOM folder).
-        max_voxels: reject inputs larger than this before reading them.
-        name_key: entry naming the volume in errors.
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    def __init__(self, keys: KeysCollection, max_voxels: int | None = None, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.max_voxels = max_voxels
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from transforms.qc import QualityCheckError, check_input
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            header = check_input(d[key], max_voxels=self.max_voxels)
-            if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
-                # ITK would read an identity orientation: the axis layout fed to the model would be a guess
-                raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
-                                        "0); preprocess it with the ct_preprocess bundle and its metadata table")
-        return d
 
 
 class SelectLabelsd(MapTransform):
