@@ -64,7 +64,7 @@ def test_one_epoch_run_writes_every_output(tiny_preprocessed_dir, tmp_path, tiny
     assert [r["epoch"] for r in rows] == [1]
     assert 0.0 <= rows[0]["macro_auroc"] <= 1.0 and "report_to_volume_recall@5" in rows[0]
     assert 0.0 <= rows[0]["report_prompt_macro_auroc"] <= 1.0  # the text-side ceiling, logged next to it
-    assert (out / "eval" / "validation_report_prompts" / "per_class_auroc.csv").exists()
+    assert (out / "eval" / "validation_report_prompts" / "per_class.csv").exists()
     assert rows[0]["train_loss"] > 0 and (out / "eval" / "learning_curve.png").stat().st_size > 0
     # initialised from the checkpoint: its temperature (1.0, CT-CLIP v2) is kept, not CLIP's log(1/0.07)
     assert abs(rows[0]["logit_scale"] - 2.718) < 0.05
