@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, Transform
 
-__all__ = ["ToModelInput", "ToModelInputd", "raw_to_model_input_transforms"]
+__all__ = ["ToModelInput", "ToModelInputd"]
 
 
 def _input_section(config: Mapping | str) -> Mapping:
@@ -109,43 +109,3 @@ class ToModelInputd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
-
-
-def raw_to_model_input_transforms(
-    config: Mapping | str, keys: str = "image", hu_source: str = "auto", qc: Mapping | None = None
-) -> list:
-    """Transforms that take a raw volume (NIfTI path or DICOM folder) straight to a model's input.
-
-    The same steps as the ct_preprocess bundle (header checks, :class:`transforms.io.CTVolumeReader`,
-    structural QC, HU decision with DICOM padding as air, HU QC, one resampling pass to RAS at the
-    config's spacing and size padded with ``pad_hu``) without the int16 storage round trip, followed
-    by :class:`ToModelInputd`. For inference bundles that accept raw scans ("one scan in,
-    probabilities out").
-
-    Args:
-        config: model config (dict, shipped name or JSON path).
-        keys: the image key (holding a path before, a ``(1, D, H, W)`` float32 tensor after).
-        hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
-        qc: keyword arguments of :class:`transforms.CTQualityCheckd`.
-    """
-    from monai.transforms import EnsureChannelFirstd, LoadImaged
-
-    from .hu import RescaleToHUd
-    from .io import CTVolumeReader, ResampleToSpacingd
-    from .qc import CheckInputd, CTQualityCheckd
-
-    inp = _input_section(config)
-    pad_hu = inp.get("pad_hu", -1000)
-    qc = dict(qc or {})
-    check_hu = qc.pop("check_hu", True)
-    return [
-        CheckInputd(keys=keys, max_voxels=qc.get("max_voxels")),
-        LoadImaged(keys=keys, reader=CTVolumeReader(), image_only=True, dtype=None),
-        EnsureChannelFirstd(keys=keys),
-        CTQualityCheckd(keys=keys, check_hu=False, **qc),
-        RescaleToHUd(keys=keys, source=hu_source, padding_hu=pad_hu),
-        CTQualityCheckd(keys=keys, check_hu=check_hu, check_structure=False),
-        ResampleToSpacingd(keys=keys, pixdim=inp["spacing_mm"], out_dtype="float32", axcodes="RAS",
-                           spatial_size=inp["spatial_size"], pad_value=pad_hu),
-        ToModelInputd.from_model_config(keys, config),
-    ]

@@ -173,7 +173,8 @@ def _padding_value(value, pixel_representation: int) -> int | None:
 
 def padding_range(header: Mapping[str, Any]) -> tuple[float, float] | None:
     """The DICOM padding range of :func:`check_dicom_series` facts in reader units (stored values
-    after RescaleSlope/RescaleIntercept, as ITK returns them), or None without PixelPaddingValue."""
+    after RescaleSlope/RescaleIntercept, as ITK returns them), or None without PixelPaddingValue
+    (always for NIfTI facts)."""
     pad = header.get("padding_value")
     if pad is None:
         return None
@@ -379,6 +380,6 @@ class CheckInputd(MapTransform):
             if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
                 raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
                                         "0); preprocess it with the ct_preprocess bundle and its metadata table")
-            d[self.padding_key] = padding_range(header) if header["kind"] == "dicom" else None
+            d[self.padding_key] = padding_range(header)
         return d
 

@@ -411,9 +411,8 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
                          qc: Optional[Mapping[str, Any]] = None, resampler: str = "separable"):
     """The transform chain of "one scan in, probabilities out".
 
-    ``raw=True``: the ct_preprocess chain (:func:`workflows.preprocess.build_preprocessing`: ITK reader,
-    channel first, RescaleToHUd, CTQualityCheckd, RAS, spacing, crop/pad, int16) at the model config's
-    spacing and size, then :class:`~transforms.ToModelInputd`. ``raw=False``: for volumes already written by
+    ``raw=True``: :func:`transforms.raw_to_model_input_transforms` (header checks, then the ct_preprocess chain
+    at the model config's spacing and size, then :class:`~transforms.ToModelInputd`). ``raw=False``: for volumes already written by
     ct_preprocess at this model's geometry (loader, channel first, ToModelInputd only). Both end with a
     plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and ``label`` when present).
 
@@ -427,20 +426,15 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
     from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, SelectItemsd
 
     from custom_nets import load_model_config
-    from transforms import ToModelInputd
-
-    from .preprocess import build_preprocessing
+    from transforms import ToModelInputd, raw_to_model_input_transforms
 
     cfg = load_model_config(model_config) if not isinstance(model_config, Mapping) else model_config
-    inp = cfg["input"]
     if raw:
-        load, process = build_preprocessing(inp["spacing_mm"], inp["spatial_size"], inp.get("pad_hu", -1000),
-                                            hu_source, qc, resampler)
-        head = [load, process]
+        head = raw_to_model_input_transforms(cfg, hu_source, qc, resampler)
     else:
-        head = [LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image")]
+        head = [LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image"),
+                ToModelInputd.from_model_config("image", cfg)]
     return Compose(head + [
-        ToModelInputd.from_model_config("image", cfg),
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         SelectItemsd(keys=["image", "name", "label"], allow_missing_keys=True),
     ])

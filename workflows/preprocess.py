@@ -26,14 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
-    Orientationd,
-    ResizeWithPadOrCropd,
-    Spacingd,
-)
 
 from transforms.ctrate import (
     NOT_GIVEN,
@@ -49,16 +41,9 @@ from transforms.ctrate import (
     volume_stem,
     write_json_atomic,
 )
-from transforms.hu import RescaleToHUd
-from transforms.io import CTVolumeReader, CastToHUInt16d, ResampleToSpacingd, save_nifti_atomic
-from transforms.qc import (
-    NIFTI_SUFFIXES,
-    CTQualityCheckd,
-    QualityCheckError,
-    check_input,
-    is_dicom_file,
-    padding_range,
-)
+from transforms.io import save_nifti_atomic
+from transforms.preprocessing import build_preprocessing
+from transforms.qc import NIFTI_SUFFIXES, QualityCheckError, check_input, is_dicom_file, padding_range
 
 __all__ = ["discover_inputs", "build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
 
@@ -209,50 +194,6 @@ def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int] | None
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def build_preprocessing(
-    spacing_mm: Sequence[float],
-    spatial_size: Sequence[int],
-    pad_hu: float = -1000.0,
-    hu_source: str = "auto",
-    qc: Mapping[str, Any] | None = None,
-    resampler: str = "separable",
-) -> tuple[Compose, Compose]:
-    """The MONAI transform chains (before and after the geometry fix-up point).
-
-    Returns:
-        ``(load, process)``: ``load`` reads the volume (:class:`transforms.io.CTVolumeReader`: NIfTI with
-        nibabel in its stored dtype, DICOM folders with ITK) channel-first, voxel axes ``(k, j, i)``;
-        ``process`` maps to HU (in place; DICOM padding from a ``pixel_padding`` entry becomes
-        ``pad_hu``), checks quality, resamples to ``spacing_mm`` in RAS (trilinear; the reorientation
-        folded into the sampling plan), crops/pads to ``spatial_size`` with ``pad_hu`` (folded into the
-        resampling too) and stores int16. ``resampler="monai"`` uses ``Orientationd`` + ``Spacingd`` +
-        ``ResizeWithPadOrCropd`` instead (same grid and affine).
-    """
-    qc = dict(qc or {})
-    load = Compose([
-        LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
-        EnsureChannelFirstd(keys="image"),
-    ])
-    if resampler == "monai":
-        resample = [
-            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border"),
-            ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
-        ]
-    else:  # the same grid, affine and crop/pad in one pass
-        resample = [ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16", axcodes="RAS",
-                                       spatial_size=tuple(spatial_size), pad_value=pad_hu)]
-    check_hu = qc.pop("check_hu", True)
-    process = Compose([
-        CTQualityCheckd(keys="image", check_hu=False, **qc),  # structure first: a 2-D image is "not 3-D"
-        RescaleToHUd(keys="image", source=hu_source, padding_hu=pad_hu, inplace=True),
-        CTQualityCheckd(keys="image", check_hu=check_hu, check_structure=False),
-        *resample,
-        CastToHUInt16d(keys="image"),
-    ])
-    return load, process
-
-
 def _compact_hu(prov: Mapping[str, Any]) -> dict[str, Any]:
     ev = prov["evidence"].get(prov["decision"], {})
     return {
@@ -401,7 +342,7 @@ class CTPreprocessor:
         data = load({"image": item["path"], "name": item["name"],
                      "rescale_slope": item.get("rescale_slope"),
                      "rescale_intercept": item.get("rescale_intercept"),
-                     "pixel_padding": padding_range(header) if header["kind"] == "dicom" else None})
+                     "pixel_padding": padding_range(header)})
         img = data["image"]
         if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
             affine = _geometry_from_metadata(item.get("meta_geometry") or {})

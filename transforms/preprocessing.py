@@ -1,0 +1,92 @@
+"""The one preprocessing definition: raw chest CT (NIfTI file or DICOM folder) to int16 HU in RAS at a
+target spacing and size, used by the ct_preprocess bundle and by every "one scan in" inference path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+from .hu import RescaleToHUd
+from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
+from .qc import CheckInputd, CTQualityCheckd
+
+__all__ = ["build_preprocessing", "raw_to_model_input_transforms"]
+
+
+def build_preprocessing(
+    spacing_mm: Sequence[float],
+    spatial_size: Sequence[int],
+    pad_hu: float = -1000.0,
+    hu_source: str = "auto",
+    qc: Mapping[str, Any] | None = None,
+    resampler: str = "separable",
+) -> tuple[Compose, Compose]:
+    """The MONAI transform chains (before and after the geometry fix-up point).
+
+    Returns:
+        ``(load, process)``: ``load`` reads the volume (:class:`transforms.io.CTVolumeReader`: NIfTI with
+        nibabel in its stored dtype, DICOM folders with ITK) channel-first, voxel axes ``(k, j, i)``;
+        ``process`` maps to HU (in place; DICOM padding from a ``pixel_padding`` entry becomes
+        ``pad_hu``), checks quality, resamples to ``spacing_mm`` in RAS (trilinear; the reorientation
+        folded into the sampling plan), crops/pads to ``spatial_size`` with ``pad_hu`` (folded into the
+        resampling too) and stores int16. ``resampler="monai"`` uses ``Orientationd`` + ``Spacingd`` +
+        ``ResizeWithPadOrCropd`` instead (same grid and affine).
+    """
+    qc = dict(qc or {})
+    load = Compose([
+        LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
+        EnsureChannelFirstd(keys="image"),
+    ])
+    if resampler == "monai":
+        resample = [
+            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border"),
+            ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
+        ]
+    else:  # the same grid, affine and crop/pad in one pass
+        resample = [ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16", axcodes="RAS",
+                                       spatial_size=tuple(spatial_size), pad_value=pad_hu)]
+    check_hu = qc.pop("check_hu", True)
+    process = Compose([
+        CTQualityCheckd(keys="image", check_hu=False, **qc),  # structure first: a 2-D image is "not 3-D"
+        RescaleToHUd(keys="image", source=hu_source, padding_hu=pad_hu, inplace=True),
+        CTQualityCheckd(keys="image", check_hu=check_hu, check_structure=False),
+        *resample,
+        CastToHUInt16d(keys="image"),
+    ])
+    return load, process
+
+
+def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto", qc: Mapping[str, Any] | None = None,
+                                  resampler: str = "separable", model_input: bool = True) -> list:
+    """Transforms that take a raw volume (``"image"``: NIfTI path or DICOM folder) to a model's input.
+
+    :class:`~transforms.qc.CheckInputd` (header checks, DICOM padding range, orientation-less NIfTI refused)
+    then :func:`build_preprocessing` at the model config's spacing, size and ``pad_hu`` — the int16 volume the
+    ct_preprocess bundle would store — then :class:`~transforms.ToModelInputd` (unless ``model_input`` is
+    False). For inference bundles that accept raw scans ("one scan in, probabilities out").
+
+    Args:
+        config: model config (dict, shipped name or JSON path).
+        hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
+        qc: keyword arguments of :class:`transforms.CTQualityCheckd` (``max_voxels`` also applies before the read).
+        resampler: ``"separable"`` or ``"monai"`` (see :func:`build_preprocessing`).
+        model_input: end with the model's :class:`~transforms.ToModelInputd`.
+    """
+    from .model_input import ToModelInputd, _input_section
+
+    inp = _input_section(config)
+    load, process = build_preprocessing(inp["spacing_mm"], inp["spatial_size"], inp.get("pad_hu", -1000.0),
+                                        hu_source, qc, resampler)
+    chain = [CheckInputd(keys="image", max_voxels=dict(qc or {}).get("max_voxels")), load, process]
+    return chain + [ToModelInputd.from_model_config("image", config)] if model_input else chain
