@@ -30,16 +30,10 @@ import time
 import numpy as np
 
 
-def auroc(y: np.ndarray, s: np.ndarray) -> float:
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
-                 / (len(pos) * len(neg)))
-
-
 def macro(y: np.ndarray, s: np.ndarray) -> float:
-    return float(np.nanmean([auroc(y[:, j], s[:, j]) for j in range(y.shape[1])]))
+    from workflows.metrics import macro_auroc
+
+    return macro_auroc(y, s)[0]
 
 
 def load_split(dataset_dir: str, split: str, config: str):
@@ -61,11 +55,12 @@ def load_split(dataset_dir: str, split: str, config: str):
     return torch.stack(images), labels, texts
 
 
-def text_ceiling(config: str, texts: list[str], labels: np.ndarray) -> float:
+def text_ceiling(config: str, texts: list[str], labels: np.ndarray, seed: int) -> float:
     import torch
 
     import custom_nets as cn
 
+    torch.manual_seed(seed)  # the latent projection is freshly initialised
     model = cn.create_model(config).eval()
     zero_shot = cn.ZeroShotClassifier.from_config(model, config)
     tokenizer = zero_shot.tokenizer
@@ -160,7 +155,7 @@ def main() -> None:
     xtr, ytr, _ = load_split(args.dataset_dir, "training", args.config)
     xva, yva, texts = load_split(args.dataset_dir, "validation", args.config)
     print(f"{len(xtr)} training and {len(xva)} validation volumes of shape {tuple(xtr.shape[1:])}")
-    results = {"text_ceiling": text_ceiling(args.config, texts, yva.numpy())}
+    results = {"text_ceiling": text_ceiling(args.config, texts, yva.numpy(), args.seed)}
     print(f"text ceiling (reports scored by the prompts, untrained text encoder): {results['text_ceiling']:.3f}")
     results["histogram_baseline"] = histogram_baseline(xtr, ytr, xva, yva)
     print(f"baseline, octant HU histograms + logistic regression: {results['histogram_baseline']:.3f}")
