@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CTViT", "LayerNorm", "PEG", "Attention", "FeedForward", "Transformer", "ContinuousPositionBias",
+__all__ = ["CTViT", "HUBandPatchEmbedding", "LayerNorm", "PEG", "Attention", "FeedForward", "Transformer", "ContinuousPositionBias",
            "CosineSimCodebook", "VectorQuantize", "param_versions"]
 
 
@@ -64,6 +64,50 @@ class Patchify(nn.Module):
         x = x.reshape(b, c, d // pt, pt, h // p, p, w // p, p)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
         return x.reshape(b, d // pt, h // p, w // p, c * pt * p * p)
+
+
+class HUBandPatchEmbedding(nn.Module):
+    """Patch tokens from how much of each patch lies in fixed intensity (HU) bands.
+
+    ``(B, 1, D, H, W) -> (B, D/pt, H/p, W/p, dim)``: for each patch the fraction of its voxels in each band
+    ``(-inf, e0), [e0, e1), ..., [e_last, inf)``, on a log scale (``log1p(100 * fraction)``, so that a few
+    calcified or metal voxels in a patch still count), through ``Linear(bands, dim)`` and ``LayerNorm(dim)``.
+
+    The published patch embedding (LayerNorm over the patch's voxels, then ``Linear``) removes each patch's mean
+    and spread, which is where effusion, consolidation, emphysema, ground glass and calcification differ from
+    normal tissue, and its ``Linear(c * pt * p * p, dim)`` has to learn that from data. With a few hundred
+    training volumes it memorises instead; band fractions give the same regional evidence with
+    ``bands * dim`` weights. Not key-compatible with published CT-CLIP weights (small-data option).
+
+    Args:
+        band_edges: increasing band edges in model-input units (the factory converts the model config's
+            ``hu_band_edges`` with the config's ``hu_offset`` / ``hu_scale``).
+        patch_size: in-plane patch size.
+        temporal_patch_size: patch size along D.
+        dim: token width.
+    """
+
+    def __init__(self, band_edges: Sequence[float], patch_size: int, temporal_patch_size: int, dim: int):
+        super().__init__()
+        edges = torch.as_tensor(list(band_edges), dtype=torch.float32)
+        if edges.ndim != 1 or len(edges) < 1 or bool((edges[1:] <= edges[:-1]).any()):
+            raise ValueError(f"band_edges must be a non-empty increasing list, got {list(band_edges)}")
+        self.register_buffer("band_edges", edges, persistent=False)
+        self.kernel = (temporal_patch_size, patch_size, patch_size)
+        self.proj = nn.Linear(len(edges) + 1, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def band_fractions(self, video: torch.Tensor) -> torch.Tensor:
+        """Fraction of each patch's voxels per band ``(B, t, h, w, bands)`` (sums to 1 over bands)."""
+        x = video[:, :1].float()
+        # fraction of voxels at or above each edge, one edge at a time (no (bands x volume) one-hot in memory)
+        above = [F.avg_pool3d((x >= e).to(x.dtype), self.kernel) for e in self.band_edges.tolist()]
+        ones = torch.ones_like(above[0])
+        cum = torch.cat([ones] + above + [torch.zeros_like(ones)], dim=1)
+        return (cum[:, :-1] - cum[:, 1:]).clamp(min=0).permute(0, 2, 3, 4, 1)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(torch.log1p(100.0 * self.band_fractions(video))))
 
 
 class Unpatchify(nn.Module):
@@ -345,13 +389,15 @@ class CTViT(nn.Module):
         reference_semantics: plain attention, position bias recomputed for every token pair on every call,
             whole-volume patch embedding, unchunked feed-forward and codebook lookup: the reference's
             computation, used as a benchmark baseline.
+        band_edges: use :class:`HUBandPatchEmbedding` with these edges (model-input units) as ``to_patch_emb``
+            instead of the published voxel embedding (small-data option; None: the published embedding).
     """
 
     def __init__(self, *, dim: int, codebook_size: int, image_size: int, patch_size: int, temporal_patch_size: int,
                  spatial_depth: int, temporal_depth: int, dim_head: int = 64, heads: int = 8, channels: int = 1,
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, vq_decay: float = 0.8,
                  use_fused_attention: bool = True, gradient_checkpointing: bool = False,
-                 reference_semantics: bool = False):
+                 reference_semantics: bool = False, band_edges: Optional[Sequence[float]] = None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"CTViT: image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -367,8 +413,13 @@ class CTViT(nn.Module):
         # first-frame embedding and the two decoder heads are unused by CT-CLIP; kept for key compatibility
         self.to_patch_emb_first_frame = nn.Sequential(Patchify(p, 1), nn.LayerNorm(c * p * p), nn.Linear(c * p * p, dim),
                                                       nn.LayerNorm(dim))
-        self.to_patch_emb = nn.Sequential(Patchify(p, pt), nn.LayerNorm(c * pt * p * p), nn.Linear(c * pt * p * p, dim),
-                                          nn.LayerNorm(dim))
+        if band_edges is None:
+            self.to_patch_emb = nn.Sequential(Patchify(p, pt), nn.LayerNorm(c * pt * p * p),
+                                              nn.Linear(c * pt * p * p, dim), nn.LayerNorm(dim))
+        else:
+            if channels != 1:
+                raise ValueError(f"CTViT: band_edges needs a single-channel input, got channels={channels}")
+            self.to_patch_emb = HUBandPatchEmbedding(band_edges, p, pt, dim)
         kwargs = dict(dim=dim, dim_head=dim_head, heads=heads, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
                       peg_causal=True)
         self.enc_spatial_transformer = Transformer(depth=spatial_depth, **kwargs)

@@ -66,6 +66,18 @@ def _check(cfg: Mapping[str, Any], name: str) -> None:
                          f"gives (image_size/patch_size)^2 * dim = {expected}")
 
 
+def ctvit_kwargs(cfg: Mapping[str, Any]) -> dict:
+    """CTViT constructor kwargs of a model config: its ``ctvit`` section, with ``hu_band_edges`` (in HU) turned
+    into ``band_edges`` in model-input units by the ``input`` section's ``hu_offset`` / ``hu_scale``."""
+    kwargs = dict(cfg["ctvit"])
+    edges = kwargs.pop("hu_band_edges", None)
+    if edges is not None:
+        inp = cfg.get("input", {})
+        offset, scale = float(inp.get("hu_offset", 0.0)), float(inp.get("hu_scale", 1000.0))
+        kwargs["band_edges"] = [(float(e) - offset) / scale for e in edges]  # as ToModelInput scales HU
+    return kwargs
+
+
 def create_model(name_or_path: str | os.PathLike | Mapping[str, Any], checkpoint: Optional[str] = None,
                  **overrides) -> CTCLIP:
     """Build a :class:`~custom_nets.CTCLIP` from an architecture config.
@@ -82,7 +94,7 @@ def create_model(name_or_path: str | os.PathLike | Mapping[str, Any], checkpoint
     cfg = merge_config(load_model_config(name_or_path), overrides)
     name = cfg.get("name", str(name_or_path))
     _check(cfg, name)
-    image_encoder = CTViT(**cfg["ctvit"])
+    image_encoder = CTViT(**ctvit_kwargs(cfg))
     text_encoder = build_text_encoder(cfg["text_encoder"])
     hidden = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
     if hidden is not None and hidden != cfg["ctclip"]["dim_text"]:

