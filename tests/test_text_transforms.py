@@ -28,7 +28,8 @@ def test_sections_and_not_given():
 
 def test_word_truncation_and_model_config_sections():
     assert ReportTextd("findings", max_words=3)(ITEM)["text"] == "Heart size is"
-    assert report_sections_from_config("ctclip_small") == ("findings", "impressions")
+    assert report_sections_from_config("ctclip_v2") == ("findings",)
+    assert report_sections_from_config("ctclip_small") == ("impressions",)
     assert ReportTextd.from_model_config("ctclip_tiny", sections="findings").keys == ("findings",)
 
 
