@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CTViT", "HUBandPatchEmbedding", "LayerNorm", "PEG", "Attention", "FeedForward", "Transformer", "ContinuousPositionBias",
-           "CosineSimCodebook", "VectorQuantize", "param_versions"]
+__all__ = ["CTViT", "HUBandPatchEmbedding", "LayerNorm", "PEG", "Attention", "FeedForward", "Transformer",
+           "ContinuousPositionBias", "CosineSimCodebook", "VectorQuantize", "param_versions"]
 
 
 def param_versions(module: nn.Module) -> tuple:
