@@ -466,7 +466,7 @@ class CTViT(nn.Module):
                 "(spatial_size and axis_codes).")
 
     def patch_embed(self, video: torch.Tensor) -> torch.Tensor:
-        """``to_patch_emb`` (patchify, LayerNorm, Linear, LayerNorm) -> ``(b, t, h, w, dim)``.
+        """``to_patch_emb`` (patchify, LayerNorm, Linear, LayerNorm; or the HU-band embedding) -> ``(b, t, h, w, dim)``.
 
         Without autograd it runs one temporal slab at a time: the same numbers, without materialising the
         patchified copy and its normed copy of the whole volume (2 x 221 MB at 240x480x480).
