@@ -55,6 +55,9 @@ class CTCLIP(nn.Module):
             CTViT tokens through a new ``to_visual_token_latent``) and text tokens (through ``to_text_latent``)
             are l2-normalised and the pair score is the mean of the two directions' token-wise max similarity.
             :meth:`forward` then returns these scores (scaled), so :class:`~custom_nets.losses.ClipLoss` is unchanged.
+        fixed_text_projection: ``to_text_latent`` is the identity and is not trained (needs ``dim_latent ==
+            dim_text``): the latent space is the text encoder's own. Small-data option for a frozen sentence
+            encoder: a projection learned from a few hundred reports drifts away from what the prompts mean.
         autocast_dtype: e.g. ``"bfloat16"``: run both encoders under ``torch.autocast`` (training option).
         gradient_checkpointing: activation checkpointing in both encoders (training option).
     """
@@ -63,7 +66,8 @@ class CTCLIP(nn.Module):
                  dim_latent: int, extra_latent_projection: bool = False, use_mlm: bool = False,
                  downsample_image_embeds: bool = False, use_all_token_embeds: bool = False, text_pooling: str = "cls",
                  keep_reference_extras: bool = False, token_level_similarity: bool = False,
-                 autocast_dtype: Optional[str] = None, gradient_checkpointing: bool = False):
+                 fixed_text_projection: bool = False, autocast_dtype: Optional[str] = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         for name, value in (("use_mlm", use_mlm), ("downsample_image_embeds", downsample_image_embeds),
                             ("use_all_token_embeds", use_all_token_embeds)):
@@ -82,6 +86,12 @@ class CTCLIP(nn.Module):
         self.visual_transformer = image_encoder
         self.to_text_latent = nn.Linear(dim_text, dim_latent, bias=False)
         self.to_visual_latent = nn.Linear(dim_image, dim_latent, bias=False)
+        if fixed_text_projection:
+            if dim_latent != dim_text:
+                raise ValueError(f"fixed_text_projection needs dim_latent == dim_text, got {dim_latent} and {dim_text}")
+            with torch.no_grad():
+                self.to_text_latent.weight.copy_(torch.eye(dim_text))
+            self.to_text_latent.requires_grad_(False)
         self.token_level_similarity = token_level_similarity
         if token_level_similarity:
             self.to_visual_token_latent = nn.Linear(image_encoder.dim, dim_latent, bias=False)

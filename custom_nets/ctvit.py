@@ -391,17 +391,22 @@ class CTViT(nn.Module):
             computation, used as a benchmark baseline.
         band_edges: use :class:`HUBandPatchEmbedding` with these edges (model-input units) as ``to_patch_emb``
             instead of the published voxel embedding (small-data option; None: the published embedding).
+        quantize: return the VQ-quantised tokens (the published model). False returns the encoded tokens
+            themselves (small-data option: 512 codes for every token are a bottleneck a few hundred volumes
+            cannot train through); the codebook is then neither used nor updated, its keys stay.
     """
 
     def __init__(self, *, dim: int, codebook_size: int, image_size: int, patch_size: int, temporal_patch_size: int,
                  spatial_depth: int, temporal_depth: int, dim_head: int = 64, heads: int = 8, channels: int = 1,
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, vq_decay: float = 0.8,
                  use_fused_attention: bool = True, gradient_checkpointing: bool = False,
-                 reference_semantics: bool = False, band_edges: Optional[Sequence[float]] = None):
+                 reference_semantics: bool = False, band_edges: Optional[Sequence[float]] = None,
+                 quantize: bool = True):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"CTViT: image_size {image_size} is not divisible by patch_size {patch_size}")
         self.dim = dim
+        self.quantize = quantize
         self.image_size = image_size
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
@@ -492,7 +497,8 @@ class CTViT(nn.Module):
 
         Args:
             video: ``(B, C, D, H, W)`` tensor.
-            return_encoded_tokens: return the quantised tokens ``(B, t, h, w, dim)`` (the only mode CT-CLIP uses).
+            return_encoded_tokens: return the quantised tokens ``(B, t, h, w, dim)`` (the only mode CT-CLIP uses;
+                with ``quantize=False`` the tokens before quantisation).
             return_only_codebook_ids: return the codebook indices ``(B, t, h, w)`` instead.
         """
         if not (return_encoded_tokens or return_only_codebook_ids):
@@ -500,6 +506,8 @@ class CTViT(nn.Module):
         self.check_input(video)
         tokens = self.patch_embed(video)
         tokens = self.encode(tokens)
+        if not self.quantize and not return_only_codebook_ids:
+            return tokens
         quantized, indices = self.vq(tokens)
         if return_only_codebook_ids:
             return indices

@@ -344,3 +344,45 @@ def test_hu_band_edges_follow_the_input_scaling():
         assert torch.allclose(model.visual_transformer.patch_embed(image),
                               model.visual_transformer.to_patch_emb(image), atol=1e-6)
     assert model.encode_image(image).shape == (2, 32)
+
+
+def test_unquantised_tokens_option_leaves_the_codebook_alone(tiny):
+    """``ctvit.quantize: false`` returns the encoded tokens themselves: not codebook rows, codebook not updated."""
+    cfg = cn.merge_config(cn.load_model_config("ctclip_tiny"), {"ctvit": {"quantize": False}})
+    torch.manual_seed(0)
+    model = cn.create_model(cfg).train()
+    enc = model.visual_transformer
+    codebook = enc.vq._codebook.embed.clone()
+    image = torch.randn(2, *IMAGE)
+    tokens = enc(image)
+    assert torch.allclose(tokens, enc.encode(enc.patch_embed(image)))
+    rows = torch.cat([codebook[0], enc.vq._codebook.embed[0]])
+    assert torch.cdist(tokens.reshape(-1, tokens.shape[-1]), rows).min() > 1e-3  # not a codebook row
+    ids, mask = tokens_of(cfg, ["Emphysema is present.", "Atelectasis."])
+    cn.clip_loss(model(image, ids, mask)).backward()
+    assert torch.equal(enc.vq._codebook.embed, codebook)
+    assert enc.to_patch_emb[2].weight.grad is not None
+    assert enc(image, return_only_codebook_ids=True).shape == tokens.shape[:-1]  # codebook ids still available
+    assert set(model.state_dict()) == set(tiny.state_dict())  # same keys as the published layout
+
+
+def test_fixed_text_projection_keeps_the_text_encoders_space(tiny):
+    """``ctclip.fixed_text_projection``: the text latents are the (normalised) pooled text embeddings, untrained."""
+    cfg = cn.load_model_config("ctclip_tiny")
+    dim_text = cfg["ctclip"]["dim_text"]
+    cfg = cn.merge_config(cfg, {"ctclip": {"dim_latent": dim_text, "fixed_text_projection": True},
+                                "text_encoder": {"freeze": True}})
+    model = cn.create_model(cfg).train()
+    ids, mask = tokens_of(cfg, ["No pleural effusion.", "Emphysema in both lungs."])
+    expected = torch.nn.functional.normalize(model.text_embedding(ids, mask), dim=-1)
+    assert torch.allclose(model.encode_text(ids, mask), expected, atol=1e-6)
+    cn.clip_loss(model(torch.randn(2, *IMAGE), ids, mask)).backward()
+    assert model.to_text_latent.weight.grad is None and model.to_visual_latent.weight.grad is not None
+    assert not any(p.requires_grad for p in model.text_transformer.parameters())
+    with pytest.raises(ValueError, match="dim_latent == dim_text"):
+        cn.create_model(cn.merge_config(cn.load_model_config("ctclip_tiny"),
+                                        {"ctclip": {"dim_latent": 16, "fixed_text_projection": True}}))
+
+
+def tokens_of(cfg, texts):
+    return tokens(cn.build_tokenizer(cfg), texts)
