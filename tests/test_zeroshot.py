@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets import CTCLIP, ZeroShotClassifier, build_tokenizer, create_model
+from custom_nets import CTCLIP, ZeroShotClassifier, build_tokenizer, create_model, load_model_config
 from transforms import CTRATE_PATHOLOGIES
 from workflows import zeroshot
 
@@ -76,16 +76,18 @@ def test_classifier_gives_the_reference_procedures_probabilities(parity):
 
     prompts = zeroshot.load_prompt_file(CONFIGS / "prompts.json")
     assert prompts["classes"] == list(CTRATE_PATHOLOGIES)
-    assert prompts["templates"] == [("{} is present.", "{} is not present.")]
+    assert prompts["templates"] is None  # the shipped file takes the model config's templates
+    templates = [tuple(t) for t in load_model_config("ctclip_v2")["prompts"]["templates"]]
+    assert templates == [("{} is present.", "{} is not present.")]
     max_length = fx["configs"]["bert"]["max_position_embeddings"]  # the reference pads to 512; this BERT has 64
-    clf = ZeroShotClassifier(model, tokenizer, prompts["prompt_names"], prompts["templates"], max_length=max_length)
+    clf = ZeroShotClassifier(model, tokenizer, prompts["prompt_names"], templates, max_length=max_length)
     volumes = torch.cat([i["volume"], i["volume_pair"]])  # three volumes in one batch
     ours = clf(volumes)
     assert ours.shape == (3, 18)
     for b in range(3):
         names = CTRATE_PATHOLOGIES if b == 0 else CTRATE_PATHOLOGIES[b::6]  # all 18 once, then a sample (time)
         cols = [CTRATE_PATHOLOGIES.index(n) for n in names]
-        ref = reference_procedure(model, tokenizer, volumes[b:b + 1], names, prompts["templates"][0], max_length)
+        ref = reference_procedure(model, tokenizer, volumes[b:b + 1], names, templates[0], max_length)
         err = float((ours[b, cols] - ref).abs().max())
         assert err <= TOL, f"volume {b}: max |ours - reference| = {err:.2e}"
     # the volumes differ, so equal rows would mean the image did not reach the probabilities

@@ -61,15 +61,17 @@ def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
         {"templates": [["{} is present.", "{} is not present."], ...],   # (present, absent) pairs, averaged
          "classes": ["Medical material", ..., {"name": "Pneumothorax", "prompt": "pneumothorax"}]}
 
-    A class is a name (used in the prompts and as the output column) or ``{"name", "prompt"}`` when the
-    wording inside the prompts differs from the column name. Adding a class adds an output column; no
-    training is involved.
+    ``"templates": null`` (or left out) means the model config's ``prompts.templates``: the prompts the model
+    was validated with during pretraining. A class is a name (used in the prompts and as the output column) or
+    ``{"name", "prompt"}`` when the wording inside the prompts differs from the column name. Adding a class adds
+    an output column; no training is involved.
 
     Args:
         path: the JSON file.
 
     Returns:
-        ``{"path", "classes" (column names), "prompt_names" (text put into the templates), "templates"}``.
+        ``{"path", "classes" (column names), "prompt_names" (text put into the templates), "templates"}``
+        (``templates`` None: the model config's).
 
     Raises:
         FileNotFoundError / ValueError: naming the file and what is wrong.
@@ -82,9 +84,10 @@ def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"prompt file {path}: not valid JSON ({e})") from None
     templates = spec.get("templates")
-    if not templates or not isinstance(templates, list):
-        raise ValueError(f"prompt file {path}: 'templates' must be a non-empty list of [present, absent] pairs")
-    for t in templates:
+    if templates is not None and (not templates or not isinstance(templates, list)):
+        raise ValueError(f"prompt file {path}: 'templates' must be null (the model config's) or a non-empty list "
+                         "of [present, absent] pairs")
+    for t in templates or []:
         if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(s, str) and s.count("{}") == 1 for s in t)):
             raise ValueError(f"prompt file {path}: template {t!r} is not a [present, absent] pair with one '{{}}' each")
     classes, prompt_names = [], []
@@ -105,7 +108,7 @@ def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
     if dup:
         raise ValueError(f"prompt file {path}: duplicate class names {dup}")
     return {"path": str(path), "classes": classes, "prompt_names": prompt_names,
-            "templates": [tuple(t) for t in templates]}
+            "templates": None if templates is None else [tuple(t) for t in templates]}
 
 
 def default_model_config(bundle_root: str | os.PathLike, fallback: str = "ctclip_v2") -> str:
@@ -125,7 +128,7 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
 
     Args:
         model_config: shipped name, JSON path or dict (``custom_nets/configs``).
-        prompt_file: see :func:`load_prompt_file`.
+        prompt_file: see :func:`load_prompt_file`; without templates of its own, the model config's are used.
         model_overrides: merged into the model config (e.g. a local CXR-BERT tokenizer folder).
         pad_to_max_length: tokenise prompts to the model's max length like the reference (same result).
 
@@ -137,7 +140,7 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
     model = create_model(model_config, **dict(model_overrides or {}))
     prompts = load_prompt_file(prompt_file)
     net = ZeroShotClassifier(model, build_tokenizer(model.config), class_names=prompts["prompt_names"],
-                             templates=prompts["templates"],
+                             templates=prompts["templates"] or model.config.get("prompts", {}).get("templates"),
                              max_length=model.config.get("text", {}).get("max_length", 512),
                              pad_to_max_length=pad_to_max_length)
     net.column_names = prompts["classes"]
