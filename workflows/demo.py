@@ -16,6 +16,7 @@ leaves a marker when it finished, so running the demo again resumes after the la
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -354,6 +355,7 @@ def _example_picture(out: Path) -> None:
         print(f"    (example picture skipped: {getattr(e, 'stderr', '') or e})")
 
 
+@functools.wraps(main)  # main's signature and docstring, so that ``--help`` lists the options
 def cli(**kwargs) -> None:
     """Command line entry: like :func:`main`, without echoing the results dict (fire prints return values)."""
     main(**kwargs)
