@@ -356,9 +356,9 @@ def _example_picture(out: Path) -> None:
 
 
 @functools.wraps(main)  # main's signature and docstring, so that ``--help`` lists the options
-def cli(**kwargs) -> None:
+def cli(*args, **kwargs) -> None:
     """Command line entry: like :func:`main`, without echoing the results dict (fire prints return values)."""
-    main(**kwargs)
+    main(*args, **kwargs)
 
 
 if __name__ == "__main__":  # pragma: no cover

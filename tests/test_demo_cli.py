@@ -1,0 +1,37 @@
+"""The demo's command line: options reach ``main``, and the generate stage gets the cohort options."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+
+from workflows import demo
+
+
+def test_command_line_options_reach_main(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(demo, "main", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    fire.Fire(demo.cli, command=["--output_dir", str(tmp_path), "--num_cases", "5", "--balanced", "False"])
+    call = dict(zip(["output_dir", "num_cases", "seed", "model_config", "pretrain_epochs", "classfine_epochs",
+                     "num_workers", "balanced", "two_recon_fraction", "force"], seen["args"]), **seen["kwargs"])
+    assert call["output_dir"] == str(tmp_path) and call["num_cases"] == 5 and call["balanced"] is False
+
+
+def test_help_lists_the_options():
+    out = subprocess.run([sys.executable, "-m", "workflows.demo", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--num_cases" in out.stderr + out.stdout and "--balanced" in out.stderr + out.stdout  # fire: stderr
+
+
+def test_generate_stage_gets_the_cohort_options(tmp_path):
+    def generate(**kw):
+        stages = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, **kw)
+        return stages[0].overrides
+
+    assert generate(balanced=0.4, two_recon_fraction=0.0) == {
+        "output_dir": str(tmp_path / "cohort"), "num_cases": 10, "seed": 0, "num_workers": 1, "balanced": 0.4,
+        "two_recon_fraction": 0.0}
+    assert generate(balanced=True)["balanced"] == 0.4  # the generator's meaning of True
+    assert "balanced" not in generate(balanced=False)  # CT-RATE prevalences: the generator's default
