@@ -21,8 +21,8 @@ from monai.transforms import MapTransform, Transform
 
 from .hu import _plausible, _sample, hu_evidence
 
-__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input", "check_dicom_series",
-           "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
+__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input",
+           "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -382,4 +382,3 @@ class CheckInputd(MapTransform):
                                         "0); preprocess it with the ct_preprocess bundle and its metadata table")
             d[self.padding_key] = padding_range(header)
         return d
-

@@ -412,9 +412,9 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
     """The transform chain of "one scan in, probabilities out".
 
     ``raw=True``: :func:`transforms.raw_to_model_input_transforms` (header checks, then the ct_preprocess chain
-    at the model config's spacing and size, then :class:`~transforms.ToModelInputd`). ``raw=False``: for volumes already written by
-    ct_preprocess at this model's geometry (loader, channel first, ToModelInputd only). Both end with a
-    plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and ``label`` when present).
+    at the model config's spacing and size, then :class:`~transforms.ToModelInputd`). ``raw=False``: for volumes
+    already written by ct_preprocess at this model's geometry (loader, channel first, ToModelInputd only). Both
+    end with a plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and ``label`` when present).
 
     Args:
         model_config: model config name, path or dict (its ``input`` section is the contract).
