@@ -26,8 +26,8 @@ def test_help_lists_the_options():
 
 
 def test_generate_stage_gets_the_cohort_options(tmp_path):
-    def generate(**kw):
-        stages = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, **kw)
+    def generate(balanced, two_recon_fraction=0.0):
+        stages = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, balanced, two_recon_fraction)
         return stages[0].overrides
 
     assert generate(balanced=0.4, two_recon_fraction=0.0) == {

@@ -66,9 +66,9 @@ class Stage:
 
 
 def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrain_epochs: int,
-                classfine_epochs: int, num_workers: int, balanced: float | bool = False,
-                two_recon_fraction: float = 0.5) -> list[Stage]:
-    """The demo pipeline as a list of bundle runs (paths relative to ``out``)."""
+                classfine_epochs: int, num_workers: int, balanced: float | bool,
+                two_recon_fraction: float) -> list[Stage]:
+    """The demo pipeline as a list of bundle runs (paths relative to ``out``; arguments as :func:`main`)."""
     cohort, pre = out / "cohort", out / "preprocessed"
     pretrain, classfine, zeroshot = out / "pretrain", out / "classfine", out / "zeroshot"
     pretrained = pretrain / "models" / "model.pt"
