@@ -29,6 +29,12 @@ EXTRA_KEYS = ("to_text_latent_extra.weight", "to_visual_latent_extra.weight")
 POSITION_IDS_KEY = "text_transformer.embeddings.position_ids"
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` ``(N, L, C)`` over the tokens where ``mask`` ``(N, L)`` is 1."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def _has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
@@ -48,7 +54,12 @@ class CTCLIP(nn.Module):
         use_mlm: reference option, not supported (must be False).
         downsample_image_embeds: reference option, not supported (must be False).
         use_all_token_embeds: reference option, not supported (must be False).
-        text_pooling: ``"cls"`` (reference: ``last_hidden_state[:, 0]``) or ``"mean"`` (masked mean).
+        text_pooling: ``"cls"`` (reference: ``last_hidden_state[:, 0]``), ``"mean"`` (masked mean) or
+            ``"sentence_mean"``: a report comes as ``(S, L)`` token ids, one row per sentence (see
+            :class:`transforms.TokenizeReportd`'s ``max_sentences``); each sentence is encoded on its own, mean
+            pooled and l2-normalised, and the report is the mean of its sentences. A sentence encoder sees
+            sentences like the prompts, and a finding's sentence counts the same in a short or a long report.
+            ``(B, L)`` ids are one sentence each (the prompts): the same direction as ``"mean"``.
         keep_reference_extras: hold the ``*_extra`` copies as modules like the reference does (benchmark
             baseline only; costs 605 MB at full size).
         token_level_similarity: FILIP-style late interaction (off by default): image tokens (depth-averaged
@@ -74,8 +85,8 @@ class CTCLIP(nn.Module):
             if value:
                 raise NotImplementedError(f"CTCLIP option {name}=True is not implemented (the published v2 model has it "
                                           "False)")
-        if text_pooling not in ("cls", "mean"):
-            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {text_pooling!r}")
+        if text_pooling not in ("cls", "mean", "sentence_mean"):
+            raise ValueError(f"text_pooling must be 'cls', 'mean' or 'sentence_mean', got {text_pooling!r}")
         self.dim_image, self.dim_text, self.dim_latent = dim_image, dim_text, dim_latent
         self.extra_latent_projection = extra_latent_projection
         self.text_pooling = text_pooling
@@ -210,13 +221,30 @@ class CTCLIP(nn.Module):
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                        token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Pooled text embedding before the latent projection ``(B, dim_text)``."""
+        """Pooled text embedding before the latent projection ``(B, dim_text)``; ``input_ids`` is ``(B, L)``,
+        or ``(B, S, L)`` sentences with ``text_pooling="sentence_mean"``."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if input_ids.ndim == 3:
+            if self.text_pooling != "sentence_mean":
+                raise ValueError(f"(B, S, L) sentence token ids need text_pooling='sentence_mean', this model pools "
+                                 f"{self.text_pooling!r}")
+            return self._sentence_mean(input_ids, mask)
         hidden = self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float()
         if self.text_pooling == "cls":
             return hidden[:, 0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        mask = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = masked_mean(hidden, mask)
+        return F.normalize(pooled, dim=-1) if self.text_pooling == "sentence_mean" else pooled
+
+    def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, length = input_ids.shape
+        ids, mask = input_ids.reshape(b * s, length), mask.reshape(b * s, length)
+        present = mask.sum(-1) > 0  # padding sentences are all-zero rows: not encoded
+        keep = int(mask.sum(-1).max().clamp(min=1))
+        hidden = self.encode_text_tokens(ids[present, :keep], mask[present, :keep]).float()
+        sentences = hidden.new_zeros(b * s, hidden.shape[-1])
+        sentences[present] = F.normalize(masked_mean(hidden, mask[present, :keep]), dim=-1)
+        counts = present.reshape(b, s).sum(-1, keepdim=True).clamp(min=1)
+        return sentences.reshape(b, s, -1).sum(1) / counts
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     token_type_ids: Optional[torch.Tensor] = None, extra: bool = False) -> torch.Tensor:

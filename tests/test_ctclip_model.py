@@ -386,3 +386,35 @@ def test_fixed_text_projection_keeps_the_text_encoders_space(tiny):
 
 def tokens_of(cfg, texts):
     return tokens(cn.build_tokenizer(cfg), texts)
+
+
+def test_sentence_mean_pooling_encodes_each_sentence_on_its_own():
+    """``text.pooling = "sentence_mean"``: a report is the mean of its sentences' normalised mean-pooled
+    embeddings, each sentence encoded alone; padding rows do not count; a single sentence (a prompt) points where
+    ``"mean"`` pooling does."""
+    import torch.nn.functional as F
+
+    from transforms import TokenizeReportd
+
+    cfg = cn.merge_config(cn.load_model_config("ctclip_tiny"), {"text": {"pooling": "sentence_mean"}})
+    torch.manual_seed(0)
+    model = cn.create_model(cfg).eval()
+    tok = TokenizeReportd.from_model_config(cfg, max_length=16)
+    reports = ["Emphysema in both lungs.\nHiatal hernia", "No pleural effusion."]
+    batch = [tok({"text": r}) for r in reports]
+    ids, mask = torch.stack([b["input_ids"] for b in batch]), torch.stack([b["attention_mask"] for b in batch])
+    assert ids.shape == (2, 16, 16)
+    with torch.no_grad():
+        got = model.text_embedding(ids, mask)
+        sentences = [["Emphysema in both lungs.", "Hiatal hernia"], ["No pleural effusion."]]
+        expected = torch.stack([F.normalize(model.text_embedding(*tokens_of(cfg, s)), dim=-1).mean(0)
+                                for s in sentences])
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(model.encode_text(ids, mask), F.normalize(model.to_text_latent(expected), dim=-1),
+                              atol=1e-5)
+        mean_model = cn.create_model(cn.merge_config(cfg, {"text": {"pooling": "mean"}})).eval()
+        mean_model.load_state_dict(model.state_dict())
+        prompt = tokens_of(cfg, ["Emphysema is observed."])
+        assert torch.allclose(model.encode_text(*prompt), mean_model.encode_text(*prompt), atol=1e-5)
+        with pytest.raises(ValueError, match="sentence_mean"):
+            mean_model.text_embedding(ids, mask)

@@ -175,3 +175,25 @@ def test_global_negatives_under_gloo_ddp_give_the_full_batch_gradient():
     ref = torch.cat([p.grad.reshape(-1) for p in (*enc_i.parameters(), *enc_t.parameters())] + [loss.detach().reshape(1)])
     torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out[1], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sentence_rows_train_the_image_side_and_refuse_token_losses():
+    """With ``text.pooling = "sentence_mean"`` the network takes ``(B, S, L)`` reports: latents as the model's,
+    padding rows and columns change nothing, and FILIP / MLM (one sequence per report) are refused by name."""
+    torch.manual_seed(0)
+    model = create_model("ctclip_tiny", text={"pooling": "sentence_mean"})
+    net = PretrainingNetwork(model, PretrainingLoss()).eval()
+    image, ids, mask, _ = _batch(model)
+    rows_ids = torch.stack([ids, torch.zeros_like(ids)], 1)  # (B, 2, L): one sentence and an empty row each
+    rows_mask = torch.stack([mask, torch.zeros_like(mask)], 1)
+    with torch.no_grad():
+        out = net(image, rows_ids, rows_mask)
+        torch.testing.assert_close(out["text_latents"], model.encode_text(rows_ids, rows_mask), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["text_latents"], model.encode_text(ids, mask), rtol=1e-5, atol=1e-6)
+    ClipLoss()(net.train()(image, rows_ids, rows_mask)).backward()
+    assert _grad_norm(model.visual_transformer) > 0 and _grad_norm(model.text_transformer) > 0
+    for option in ("filip", "mlm"):
+        net = PretrainingNetwork(model, PretrainingLoss(**OPTIONS[option]), mask_token_id=4,
+                                 special_token_ids=[0, 1, 2, 3, 4])
+        with pytest.raises(ValueError, match="sentence_mean"):
+            net(image, rows_ids, rows_mask)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from custom_nets import load_model_config, merge_config
 from transforms import NOT_GIVEN, ReportTextd, TokenizeReportd
-from transforms.text import report_sections_from_config
+from transforms.text import report_sections_from_config, split_sentences
 
 ITEM = {"name": "vol_1", "findings": "Heart size is normal. No pleural effusion.",
         "impressions": "Emphysema in both lungs."}
@@ -43,3 +44,18 @@ def test_tokenize_fixed_length_and_truncation():
     assert 2 < n < 16 and bool((short["input_ids"][n:] == tok.tokenizer.pad_token_id).all())
     with pytest.raises(KeyError, match="ReportTextd"):
         tok({"name": "x"})
+
+
+def test_sentence_rows_for_sentence_mean_pooling():
+    assert split_sentences("Cardiomegaly\nHiatal hernia. Emphysema in both lungs.\n\n") == [
+        "Cardiomegaly", "Hiatal hernia.", "Emphysema in both lungs."]
+    cfg = merge_config(load_model_config("ctclip_tiny"), {"text": {"pooling": "sentence_mean", "max_sentences": 3}})
+    tok = TokenizeReportd.from_model_config(cfg, max_length=8)
+    d = tok({"text": "Cardiomegaly\nHiatal hernia. Emphysema in both lungs and a very long sentence. Nodule."})
+    assert d["input_ids"].shape == (3, 8) and d["attention_mask"].shape == (3, 8)
+    assert d["attention_mask"].sum(-1).tolist()[2] == 8  # per-sentence truncation; the fourth sentence is dropped
+    one = tok({"text": "Emphysema."})
+    assert one["attention_mask"].sum(-1).gt(0).tolist() == [True, False, False]  # empty rows are all padding
+    assert torch.equal(one["input_ids"][0], tok.tokenizer("Emphysema.", padding="max_length", max_length=8,
+                                                          return_tensors="pt")["input_ids"][0])
+    assert TokenizeReportd.from_model_config("ctclip_tiny").max_sentences is None

@@ -8,6 +8,7 @@ model's tokenizer (fixed length so that samples collate; a network may trim comm
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ from monai.transforms import MapTransform
 
 from .ctrate import NOT_GIVEN
 
-__all__ = ["ReportTextd", "TokenizeReportd", "REPORT_SECTION_KEYS", "report_sections_from_config"]
+__all__ = ["ReportTextd", "TokenizeReportd", "split_sentences", "REPORT_SECTION_KEYS", "report_sections_from_config"]
 
 # CT-RATE column names (used in model configs) -> datalist keys written by ct_preprocess
 REPORT_SECTION_KEYS = {
@@ -119,36 +120,55 @@ class ReportTextd(MapTransform):
         return d
 
 
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a report: split at line breaks and after ``.``, ``!`` or ``?`` followed by white space
+    (CT-RATE impressions are one finding per line, often without a full stop)."""
+    return [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n")
+
+
 class TokenizeReportd(MapTransform):
-    """Tokenize a text entry into fixed-length ``input_ids`` and ``attention_mask`` (1-D int64 tensors).
+    """Tokenize a text entry into fixed-length ``input_ids`` and ``attention_mask`` (int64 tensors): ``(L,)``,
+    or ``(max_sentences, L)`` with one sentence per row (:func:`split_sentences`; sentences past
+    ``max_sentences`` are dropped, missing rows are all padding), for models that pool ``"sentence_mean"``.
 
     Args:
         keys: the text entry (one key).
         tokenizer: the model's tokenizer (:func:`custom_nets.build_tokenizer`).
-        max_length: truncation and padding length.
+        max_length: truncation and padding length (of each sentence with ``max_sentences``).
         ids_key: output entry of the token ids.
         mask_key: output entry of the attention mask.
+        max_sentences: tokenize sentence by sentence into this many rows (None: the whole text in one row).
     """
 
     def __init__(self, keys: KeysCollection = "text", tokenizer: Any = None, max_length: int = 512,
-                 ids_key: str = "input_ids", mask_key: str = "attention_mask"):
+                 ids_key: str = "input_ids", mask_key: str = "attention_mask", max_sentences: Optional[int] = None):
         super().__init__(keys)
         if tokenizer is None:
             raise ValueError("TokenizeReportd needs the model's tokenizer (custom_nets.build_tokenizer(config))")
         if len(self.keys) != 1:
             raise ValueError(f"TokenizeReportd tokenizes one text entry, got keys {self.keys}")
+        if max_sentences is not None and int(max_sentences) < 1:
+            raise ValueError(f"max_sentences must be at least 1 (or None), got {max_sentences}")
         self.tokenizer, self.max_length = tokenizer, int(max_length)
         self.ids_key, self.mask_key = ids_key, mask_key
+        self.max_sentences = None if max_sentences is None else int(max_sentences)
 
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any] | str, tokenizer: Any = None, keys: KeysCollection = "text",
                           max_length: Optional[int] = None, **kwargs) -> "TokenizeReportd":
-        """Tokenizer and ``text.max_length`` from a model config (``max_length`` overrides it)."""
+        """Tokenizer, ``text.max_length`` and, for ``text.pooling`` ``"sentence_mean"``, ``text.max_sentences``
+        (default 16) from a model config (``max_length`` overrides it)."""
         from custom_nets import build_tokenizer, load_model_config
 
         cfg = load_model_config(config) if not isinstance(config, Mapping) else config
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
-        length = max_length if max_length is not None else cfg.get("text", {}).get("max_length", 512)
+        text = cfg.get("text", {})
+        length = max_length if max_length is not None else text.get("max_length", 512)
+        if text.get("pooling") == "sentence_mean":
+            kwargs.setdefault("max_sentences", text.get("max_sentences", 16))
         return cls(keys, tokenizer, length, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -157,8 +177,18 @@ class TokenizeReportd(MapTransform):
         if key not in d:
             raise KeyError(f"{d.get('name', 'item')}: no {key!r} entry to tokenize (put ReportTextd before "
                            "TokenizeReportd)")
-        tok = self.tokenizer(str(d[key]), padding="max_length", truncation=True, max_length=self.max_length,
+        text = str(d[key])
+        if self.max_sentences is None:
+            tok = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            d[self.ids_key] = tok["input_ids"][0].to(torch.long)
+            d[self.mask_key] = tok["attention_mask"][0].to(torch.long)
+            return d
+        sentences = split_sentences(text)[: self.max_sentences] or [text]
+        tok = self.tokenizer(sentences, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        d[self.ids_key] = tok["input_ids"][0].to(torch.long)
-        d[self.mask_key] = tok["attention_mask"][0].to(torch.long)
+        ids = torch.full((self.max_sentences, self.max_length), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+        mask = torch.zeros((self.max_sentences, self.max_length), dtype=torch.long)
+        ids[: len(sentences)], mask[: len(sentences)] = tok["input_ids"], tok["attention_mask"]
+        d[self.ids_key], d[self.mask_key] = ids, mask
         return d

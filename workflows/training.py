@@ -142,13 +142,6 @@ class PretrainingNetwork(nn.Module):
         pooled = tokens.float().mean(dim=1)
         return pooled.reshape(pooled.shape[0], -1), pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
 
-    def _pool_text(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.model.text_pooling == "cls":
-            return hidden[:, 0]
-        m = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask
-        m = m.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
     def _mask_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # BERT recipe: of the chosen tokens 80% [MASK], 10% a random token, 10% unchanged
         candidates = mask.bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
@@ -177,19 +170,29 @@ class PretrainingNetwork(nn.Module):
         m = self.model
         if text_attention_mask is None:
             text_attention_mask = torch.ones_like(text_input_ids)
+        sentences = text_input_ids.ndim == 3  # (B, S, L): text_pooling "sentence_mean"
+        if sentences and self.needs & {"tokens", "mlm"}:
+            raise ValueError("FILIP and MLM need one token sequence per report; with text_pooling 'sentence_mean' "
+                             "reports come as sentences: turn those losses off or pool 'mean'")
         if self.trim_padding and _world_size() == 1:
-            length = max(int(text_attention_mask.sum(dim=1).max()), 1)
-            text_input_ids, text_attention_mask = text_input_ids[:, :length], text_attention_mask[:, :length]
+            length = max(int(text_attention_mask.sum(dim=-1).max()), 1)
+            text_input_ids, text_attention_mask = text_input_ids[..., :length], text_attention_mask[..., :length]
         if self.training and self.temperature_range is not None:
             with torch.no_grad():
                 m.temperature.clamp_(*self.temperature_range)
 
         emb, tokens = self._image(image, "tokens" in self.needs)
         image_raw = m.to_visual_latent(emb)
-        hidden = m.encode_text_tokens(text_input_ids, text_attention_mask).float()
+        if sentences or "tokens" not in self.needs:
+            text = m.text_embedding(text_input_ids, text_attention_mask)
+        else:  # FILIP also needs the token states: encode once
+            hidden = m.encode_text_tokens(text_input_ids, text_attention_mask).float()
+            from custom_nets.ctclip import masked_mean
+
+            text = hidden[:, 0] if m.text_pooling == "cls" else masked_mean(hidden, text_attention_mask)
         out = {
             "image_latents": F.normalize(image_raw, dim=-1),
-            "text_latents": F.normalize(m.to_text_latent(self._pool_text(hidden, text_attention_mask)), dim=-1),
+            "text_latents": F.normalize(m.to_text_latent(text), dim=-1),
             "logit_scale": m.temperature.exp(),
         }
         if "tokens" in self.needs:
