@@ -3,12 +3,14 @@
 Usage::
 
     .venv/bin/python benchmarks/pretrain.py [--config ctclip_small] [--batch-size 8] [--steps 5] [--text-tokens 160]
+        [--sentences 7]
 
 Each variant runs in its own child process (so that each peak RSS is its own): it builds the model from the
 config, wraps it in the bundle's ``PretrainingNetwork`` with the CLIP loss and AdamW, runs one warm-up step,
 then times ``--steps`` full training steps (forward, symmetric InfoNCE over the batch, backward, clipping,
 AdamW step) on random volumes of the config's input shape and random reports of ``--text-tokens`` real tokens
-padded to the config's max length (the network trims the common padding, as in training). Reports samples per
+padded to the config's max length (the network trims the common padding, as in training); for a config that
+pools ``sentence_mean`` each report is ``--sentences`` such sentences of ``--text-tokens`` tokens. Reports samples per
 second, peak RSS of the process and the RSS growth during training (CPU), or peak CUDA memory (GPU), and the
 ratios of the checkpointed variant to the plain one. Not part of the test suite; on a shared machine the
 timings are noisy, so run it a few times.
@@ -44,9 +46,15 @@ def child(args) -> dict:
     vocab = model.text_transformer.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(1)
     image = (torch.rand((args.batch_size,) + tuple(shape), generator=g) * 2 - 1).to(device)
-    ids = torch.zeros(args.batch_size, max_len, dtype=torch.long)
     n = min(args.text_tokens, max_len)
-    ids[:, :n] = torch.randint(1000, vocab, (args.batch_size, n), generator=g)
+    if model.text_pooling == "sentence_mean":  # one row per sentence, as TokenizeReportd gives them
+        rows = model.config["text"].get("max_sentences", 16)
+        used = min(args.sentences, rows)
+        ids = torch.zeros(args.batch_size, rows, max_len, dtype=torch.long)
+        ids[:, :used, :n] = torch.randint(1000, vocab, (args.batch_size, used, n), generator=g)
+    else:
+        ids = torch.zeros(args.batch_size, max_len, dtype=torch.long)
+        ids[:, :n] = torch.randint(1000, vocab, (args.batch_size, n), generator=g)
     mask = (ids != 0).long()
     ids, mask = ids.to(device), mask.to(device)
 
@@ -84,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--text-tokens", type=int, default=160)
+    p.add_argument("--sentences", type=int, default=7)
     p.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -94,7 +103,8 @@ def main() -> None:
     results = {}
     for ckpt in (False, True):
         cmd = [sys.executable, __file__, "--child", "--config", args.config, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--text-tokens", str(args.text_tokens)] + (["--cpu"] if args.cpu else [])
+               "--steps", str(args.steps), "--text-tokens", str(args.text_tokens),
+               "--sentences", str(args.sentences)] + (["--cpu"] if args.cpu else [])
         cmd += ["--checkpointing"] if ckpt else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
