@@ -229,7 +229,11 @@ class CTCLIP(nn.Module):
                 raise ValueError(f"(B, S, L) sentence token ids need text_pooling='sentence_mean', this model pools "
                                  f"{self.text_pooling!r}")
             return self._sentence_mean(input_ids, mask)
-        hidden = self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float()
+        return self.pool_text(self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float(), mask)
+
+    def pool_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One embedding per sequence ``(B, dim_text)`` from the text encoder's ``(B, L, dim_text)`` states, as
+        ``text_pooling`` says (a ``"sentence_mean"`` sequence is one sentence: normalised mean)."""
         if self.text_pooling == "cls":
             return hidden[:, 0]
         pooled = masked_mean(hidden, mask)
@@ -242,7 +246,7 @@ class CTCLIP(nn.Module):
         keep = int(mask.sum(-1).max().clamp(min=1))
         hidden = self.encode_text_tokens(ids[present, :keep], mask[present, :keep]).float()
         sentences = hidden.new_zeros(b * s, hidden.shape[-1])
-        sentences[present] = F.normalize(masked_mean(hidden, mask[present, :keep]), dim=-1)
+        sentences[present] = self.pool_text(hidden, mask[present, :keep])
         counts = present.reshape(b, s).sum(-1, keepdim=True).clamp(min=1)
         return sentences.reshape(b, s, -1).sum(1) / counts
 

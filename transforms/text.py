@@ -120,13 +120,13 @@ class ReportTextd(MapTransform):
         return d
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n")
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of a report: split at line breaks and after ``.``, ``!`` or ``?`` followed by white space
     (CT-RATE impressions are one finding per line, often without a full stop)."""
     return [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
-
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n")
 
 
 class TokenizeReportd(MapTransform):

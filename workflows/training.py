@@ -187,9 +187,7 @@ class PretrainingNetwork(nn.Module):
             text = m.text_embedding(text_input_ids, text_attention_mask)
         else:  # FILIP also needs the token states: encode once
             hidden = m.encode_text_tokens(text_input_ids, text_attention_mask).float()
-            from custom_nets.ctclip import masked_mean
-
-            text = hidden[:, 0] if m.text_pooling == "cls" else masked_mean(hidden, text_attention_mask)
+            text = m.pool_text(hidden, text_attention_mask)
         out = {
             "image_latents": F.normalize(image_raw, dim=-1),
             "text_latents": F.normalize(m.to_text_latent(text), dim=-1),
