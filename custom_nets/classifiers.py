@@ -11,9 +11,16 @@ from torch import nn
 from .ctclip import CTCLIP
 from .ctvit import param_versions
 
-__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES"]
+__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES", "PROMPT_SCORINGS", "prompt_scoring"]
 
 DEFAULT_TEMPLATES = (("{} is present.", "{} is not present."),)
+PROMPT_SCORINGS = ("pairwise", "decomposed")
+
+
+def prompt_scoring(config: Mapping[str, Any]) -> dict:
+    """``{"scoring", "ridge"}`` of a model config's ``prompts`` (defaults: the reference's pairwise scoring)."""
+    prompts = config.get("prompts", {})
+    return {"scoring": prompts.get("scoring", "pairwise"), "ridge": prompts.get("ridge", 0.1)}
 
 
 class ClassFineClassifier(nn.Module):
@@ -59,7 +66,14 @@ class ZeroShotClassifier(nn.Module):
     """Zero-shot pathology probabilities from a CLIP model: ``(B, n_classes)``, each in [0, 1].
 
     For every class and template pair ``(present, absent)`` the probability is the reference's pairwise
-    softmax ``softmax([s_present, s_absent])[0]`` of the scaled similarities, averaged over template pairs.
+    softmax ``softmax([s_present, s_absent])[0]`` of the scaled similarities, i.e. ``sigmoid(T * e)`` with the
+    evidence ``e = s_present - s_absent``, averaged over template pairs. ``scoring="decomposed"`` changes only
+    the evidence: the image latent is written as a ridge-regularised least-squares combination of all classes'
+    prompt directions ``d_c = t_present - t_absent``, and class ``c``'s evidence is its own part,
+    ``coef_c * |d_c|^2``. With orthogonal directions (and no ridge) that is the pairwise evidence. Prompts that
+    differ only in the class name share most of their direction, so the pairwise evidence of one class also
+    rises with every other finding in the image; the decomposition removes that cross-talk. Each class's score
+    then depends on the whole class list.
     Prompts are encoded once and cached (re-encoded automatically when the text weights change, or by
     :meth:`refresh_prompts`); each volume is encoded once instead of once per class as in the reference script.
     The result equals the reference procedure (one CTCLIP forward per pathology) in eval mode.
@@ -74,12 +88,19 @@ class ZeroShotClassifier(nn.Module):
         max_length: tokenizer truncation length.
         pad_to_max_length: pad prompts to ``max_length`` like the reference (same result, much slower);
             default pads to the longest prompt.
+        scoring: ``"pairwise"`` (the reference) or ``"decomposed"`` (see above).
+        ridge: regularisation of the decomposition, relative to the mean of ``|d_c|^2`` (keeps it stable when
+            two classes' prompts are nearly the same).
     """
 
     def __init__(self, model: CTCLIP, tokenizer, class_names: Optional[Sequence[str]] = None,
                  templates: Optional[Sequence[Sequence[str]]] = None, max_length: int = 512,
-                 pad_to_max_length: bool = False):
+                 pad_to_max_length: bool = False, scoring: str = "pairwise", ridge: float = 0.1):
         super().__init__()
+        if scoring not in PROMPT_SCORINGS:
+            raise ValueError(f"zero-shot scoring must be one of {PROMPT_SCORINGS}, got {scoring!r}")
+        if not ridge >= 0:
+            raise ValueError(f"zero-shot ridge must be >= 0, got {ridge!r}")
         if class_names is None:
             from transforms import CTRATE_PATHOLOGIES  # the single definition of the 18 names
 
@@ -94,6 +115,8 @@ class ZeroShotClassifier(nn.Module):
         self.templates = templates
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
+        self.scoring = scoring
+        self.ridge = float(ridge)
         self._cache: Optional[tuple] = None
 
     # The wrapper's state dict *is* the CLIP model's (CT-CLIP keys, no "model." prefix): a bundle can load
@@ -108,14 +131,15 @@ class ZeroShotClassifier(nn.Module):
     @classmethod
     def from_config(cls, model: CTCLIP, config: Mapping[str, Any] | str, tokenizer=None,
                     class_names: Optional[Sequence[str]] = None) -> "ZeroShotClassifier":
-        """Build with the templates and text length of a model config (tokenizer built from it if not given)."""
+        """Build with the prompts (templates, scoring) and text length of a model config (tokenizer built from it
+        if not given)."""
         from .model_config import load_model_config
         from .text import build_tokenizer
 
         cfg = load_model_config(config)
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
         return cls(model, tokenizer, class_names, cfg.get("prompts", {}).get("templates"),
-                   cfg.get("text", {}).get("max_length", 512))
+                   cfg.get("text", {}).get("max_length", 512), **prompt_scoring(cfg))
 
     def prompts(self) -> list[str]:
         """All prompts, ordered (template pair, present/absent, class)."""
@@ -148,8 +172,21 @@ class ZeroShotClassifier(nn.Module):
         """Probabilities ``(B, n_classes)`` for images ``(B, 1, D, H, W)``."""
         return self.probabilities(self.model.encode_image(image))
 
+    def evidence(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """Evidence per template pair ``(n_templates, B, n_classes)`` from image latents ``(B, dim_latent)``:
+        ``s_present - s_absent`` (pairwise), or the class's own part of the latent (decomposed)."""
+        directions = self.prompt_latents()
+        directions = directions[:, 0] - directions[:, 1]  # (templates, classes, dim)
+        if self.scoring == "decomposed":
+            d = directions.double()  # a classes x classes solve: float64 costs nothing
+            gram = d @ d.transpose(1, 2)
+            sq_norms = gram.diagonal(dim1=1, dim2=2)
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            # rows of `readout` map a latent to its coefficients; scaled by |d_c|^2 to the pairwise evidence's units
+            readout = torch.linalg.solve(gram + self.ridge * sq_norms.mean(-1)[:, None, None] * eye, d)
+            directions = readout * sq_norms[..., None]
+        return torch.einsum("bd,tcd->tbc", image_latents, directions.to(image_latents.dtype))
+
     def probabilities(self, image_latents: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(B, n_classes)`` from precomputed image latents ``(B, dim_latent)``."""
-        text = self.prompt_latents()
-        logits = torch.einsum("bd,tpcd->tpbc", image_latents, text) * self.model.temperature.exp()
-        return logits.softmax(dim=1)[:, 0].mean(dim=0)
+        return torch.sigmoid(self.evidence(image_latents) * self.model.temperature.exp()).mean(dim=0)

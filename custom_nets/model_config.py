@@ -2,7 +2,7 @@
 
 Each config names the encoders and their sizes *and* the input contract its weights expect
 (``input``: spacing, crop/pad size, HU window and scaling, axis codes of the ``(D, H, W)`` tensor;
-``text``: tokenizer length and pooling; ``prompts``: zero-shot templates). Preprocessing and
+``text``: tokenizer length and pooling; ``prompts``: zero-shot templates and scoring). Preprocessing and
 inference read these numbers from here instead of repeating them.
 """
 

@@ -109,6 +109,42 @@ def test_several_templates_are_averaged(parity, tmp_path):
     assert float((per_template[0] - per_template[1]).abs().max()) > 1e-4  # the templates do matter
 
 
+@torch.no_grad()
+def test_decomposed_scoring_gives_each_class_its_own_part_of_the_latent(parity):
+    fx, model, tokenizer = parity
+    names = ["Cardiomegaly", "Emphysema", "Pleural effusion", "Lung nodule"]
+    pairwise = ZeroShotClassifier(model, tokenizer, names, max_length=64)
+    decomposed = ZeroShotClassifier(model, tokenizer, names, max_length=64, scoring="decomposed", ridge=0.0)
+    prompts = pairwise.prompt_latents()
+    directions = prompts[0, 0] - prompts[0, 1]  # (classes, dim)
+    # a latent made of cardiomegaly and effusion only: each class gets back its own part, the others nothing
+    coef = torch.tensor([0.7, 0.0, 0.4, 0.0])
+    latent = (coef[:, None] * directions).sum(0, keepdim=True)
+    expected = coef * (directions * directions).sum(-1)
+    assert torch.allclose(decomposed.evidence(latent)[0, 0], expected, rtol=1e-3, atol=1e-3 * float(expected.max()))
+    # pairwise scoring credits the absent classes too: the prompt directions overlap
+    absent = pairwise.evidence(latent)[0, 0, [1, 3]]
+    assert float(absent.abs().max()) > 0.05 * float(expected.max())
+    # the ridge shrinks the evidence towards 0 (probability 0.5)
+    ridged = ZeroShotClassifier(model, tokenizer, names, max_length=64, scoring="decomposed", ridge=1.0)
+    assert 0 < float(ridged.evidence(latent)[0, 0, 0]) < float(decomposed.evidence(latent)[0, 0, 0])
+    # with orthogonal directions the decomposition is the pairwise evidence
+    orthogonal = torch.linalg.qr(torch.randn(prompts.shape[-1], 4, generator=torch.Generator().manual_seed(0)))[0].T
+    fake = torch.stack([orthogonal * 0.5, -orthogonal * 0.5], 0)[None]  # (1 template, 2, classes, dim)
+    for clf in (pairwise, decomposed):
+        clf.prompt_latents = lambda fake=fake: fake
+    latents = torch.randn(3, prompts.shape[-1], generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(decomposed.probabilities(latents), pairwise.probabilities(latents), atol=1e-5)
+    # the model config chooses the scoring
+    cfg = {**load_model_config("ctclip_v2"), "prompts": {"templates": [["{} is seen.", "No {}."]],
+                                                           "scoring": "decomposed", "ridge": 0.2}}
+    built = ZeroShotClassifier.from_config(model, cfg, tokenizer=tokenizer, class_names=names)
+    assert (built.scoring, built.ridge) == ("decomposed", 0.2)
+    assert ZeroShotClassifier.from_config(model, "ctclip_v2", tokenizer=tokenizer).scoring == "pairwise"
+    with pytest.raises(ValueError, match="scoring"):
+        ZeroShotClassifier(model, tokenizer, names, scoring="joint")
+
+
 def test_prompt_file_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         zeroshot.load_prompt_file(tmp_path / "missing.json")
