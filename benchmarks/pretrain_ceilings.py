@@ -7,9 +7,9 @@ Usage::
 
 On the validation split of a ``ct_preprocess`` datalist, three macro AUROCs over the 18 labels:
 
-* **text ceiling**: each validation report, encoded by the config's pretrained text encoder (mean pooling
-  over tokens, no training), scored against the config's prompt pairs with the zero-shot softmax, as if the
-  report were the image. What a perfectly aligned image encoder could reach with these prompts before any
+* **text ceiling**: each validation report, encoded by the config's pretrained text encoder as in training
+  (no training), scored against the config's prompt pairs with the config's zero-shot scoring,
+  as if the report were the image. What a perfectly aligned image encoder could reach with these prompts before any
   text training (the pretraining bundle logs the same quantity per epoch as ``report_prompt_macro_auroc``).
 * **image encoder, supervised**: the config's image encoder with a linear head trained from scratch with
   weighted BCE on the *labels* of the training split for ``--epochs`` (AdamW 3e-4, batch 8): an upper
@@ -61,16 +61,18 @@ def text_ceiling(config: str, texts: list[str], labels: np.ndarray, seed: int) -
     import custom_nets as cn
 
     torch.manual_seed(seed)  # the latent projection is freshly initialised
+    from transforms import TokenizeReportd
+
     model = cn.create_model(config).eval()
     zero_shot = cn.ZeroShotClassifier.from_config(model, config)
-    tokenizer = zero_shot.tokenizer
-    max_length = cn.load_model_config(config)["text"]["max_length"]
+    # tokenized as in training (sentence rows for "sentence_mean" configs)
+    tokenize = TokenizeReportd.from_model_config(config, tokenizer=zero_shot.tokenizer)
     with torch.no_grad():
         latents = []
         for k in range(0, len(texts), 16):
-            tok = tokenizer(texts[k:k + 16], padding="longest", truncation=True, max_length=max_length,
-                            return_tensors="pt")
-            latents.append(model.encode_text(tok["input_ids"], tok["attention_mask"]))
+            tok = [tokenize({"text": t}) for t in texts[k:k + 16]]
+            latents.append(model.encode_text(torch.stack([d["input_ids"] for d in tok]),
+                                             torch.stack([d["attention_mask"] for d in tok])))
         probs = zero_shot.probabilities(torch.cat(latents)).numpy()
     return macro(labels, probs)
 
