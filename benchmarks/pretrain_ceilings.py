@@ -59,10 +59,9 @@ def text_ceiling(config: str, texts: list[str], labels: np.ndarray, seed: int) -
     import torch
 
     import custom_nets as cn
-
-    torch.manual_seed(seed)  # the latent projection is freshly initialised
     from transforms import TokenizeReportd
 
+    torch.manual_seed(seed)  # the latent projection is freshly initialised
     model = cn.create_model(config).eval()
     zero_shot = cn.ZeroShotClassifier.from_config(model, config)
     # tokenized as in training (sentence rows for "sentence_mean" configs)
