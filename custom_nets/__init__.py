@@ -2,7 +2,7 @@
 
 from .model_config import list_model_configs, load_model_config
 from .checkpoint import extract_state_dict, load_checkpoint, load_state_dict_file, save_reference_checkpoint
-from .classifiers import ClassFineClassifier, ZeroShotClassifier, prompt_scoring
+from .classifiers import ClassFineClassifier, ZeroShotClassifier
 from .ctclip import CTCLIP
 from .ctvit import CTViT, HUBandPatchEmbedding
 from .factory import create_model, image_input_shape, merge_config
@@ -11,7 +11,7 @@ from .text import build_text_encoder, build_tokenizer, build_wordpiece_tokenizer
 
 __all__ = [
     "list_model_configs", "load_model_config", "create_model", "image_input_shape", "merge_config",
-    "CTViT", "HUBandPatchEmbedding", "CTCLIP", "ClassFineClassifier", "ZeroShotClassifier", "prompt_scoring", "ClipLoss", "clip_loss",
+    "CTViT", "HUBandPatchEmbedding", "CTCLIP", "ClassFineClassifier", "ZeroShotClassifier", "ClipLoss", "clip_loss",
     "load_checkpoint", "load_state_dict_file", "extract_state_dict", "save_reference_checkpoint",
     "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer", "resolve_pretrained",
 ]

@@ -11,16 +11,10 @@ from torch import nn
 from .ctclip import CTCLIP
 from .ctvit import param_versions
 
-__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES", "PROMPT_SCORINGS", "prompt_scoring"]
+__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES", "PROMPT_SCORINGS"]
 
 DEFAULT_TEMPLATES = (("{} is present.", "{} is not present."),)
 PROMPT_SCORINGS = ("pairwise", "decomposed")
-
-
-def prompt_scoring(config: Mapping[str, Any]) -> dict:
-    """``{"scoring", "ridge"}`` of a model config's ``prompts`` (defaults: the reference's pairwise scoring)."""
-    prompts = config.get("prompts", {})
-    return {"scoring": prompts.get("scoring", "pairwise"), "ridge": prompts.get("ridge", 0.1)}
 
 
 class ClassFineClassifier(nn.Module):
@@ -130,16 +124,19 @@ class ZeroShotClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, model: CTCLIP, config: Mapping[str, Any] | str, tokenizer=None,
-                    class_names: Optional[Sequence[str]] = None) -> "ZeroShotClassifier":
-        """Build with the prompts (templates, scoring) and text length of a model config (tokenizer built from it
-        if not given)."""
+                    class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[Sequence[str]]] = None,
+                    pad_to_max_length: bool = False) -> "ZeroShotClassifier":
+        """Build with the prompts (templates, scoring, ridge) and text length of a model config (tokenizer built
+        from it if not given); ``templates`` given here replace the config's."""
         from .model_config import load_model_config
         from .text import build_tokenizer
 
         cfg = load_model_config(config)
+        prompts = cfg.get("prompts", {})
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
-        return cls(model, tokenizer, class_names, cfg.get("prompts", {}).get("templates"),
-                   cfg.get("text", {}).get("max_length", 512), **prompt_scoring(cfg))
+        scoring = {k: prompts[k] for k in ("scoring", "ridge") if k in prompts}  # absent: the defaults above
+        return cls(model, tokenizer, class_names, templates or prompts.get("templates"),
+                   cfg.get("text", {}).get("max_length", 512), pad_to_max_length, **scoring)
 
     def prompts(self) -> list[str]:
         """All prompts, ordered (template pair, present/absent, class)."""

@@ -135,14 +135,12 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
     Returns:
         the classifier; its ``model.config`` is the merged model config and ``column_names`` the output columns.
     """
-    from custom_nets import ZeroShotClassifier, build_tokenizer, create_model, prompt_scoring
+    from custom_nets import ZeroShotClassifier, create_model
 
     model = create_model(model_config, **dict(model_overrides or {}))
     prompts = load_prompt_file(prompt_file)
-    net = ZeroShotClassifier(model, build_tokenizer(model.config), class_names=prompts["prompt_names"],
-                             templates=prompts["templates"] or model.config.get("prompts", {}).get("templates"),
-                             max_length=model.config.get("text", {}).get("max_length", 512),
-                             pad_to_max_length=pad_to_max_length, **prompt_scoring(model.config))
+    net = ZeroShotClassifier.from_config(model, model.config, class_names=prompts["prompt_names"],
+                                         templates=prompts["templates"], pad_to_max_length=pad_to_max_length)
     net.column_names = prompts["classes"]
     return net.eval()
 
