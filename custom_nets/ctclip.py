@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ctvit import CTViT
+from .ctvit import CTViT, param_versions
 
 __all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY"]
 
 EXTRA_KEYS = ("to_text_latent_extra.weight", "to_visual_latent_extra.weight")
 POSITION_IDS_KEY = "text_transformer.embeddings.position_ids"
+IMAGE_POOLINGS = ("depth_mean", "depth_max")
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,13 @@ class CTCLIP(nn.Module):
         fixed_text_projection: ``to_text_latent`` is the identity and is not trained (needs ``dim_latent ==
             dim_text``): the latent space is the text encoder's own. Small-data option for a frozen sentence
             encoder: a projection learned from a few hundred reports drifts away from what the prompts mean.
+        image_pooling: how the CTViT tokens ``(B, t, h, w, dim)`` are pooled over depth before flattening to
+            ``dim_image = h * w * dim``: ``"depth_mean"`` (the reference) or ``"depth_max"`` (same width and keys).
+            The mean dilutes a finding that sits at one level (apical scarring, a hiatal hernia above the
+            diaphragm) by the number of depth tokens; the max keeps it (small-data option).
+        text_cache_size: sequences whose pooled embedding is kept while the text encoder is frozen and in eval
+            mode (a frozen encoder gives a report's sentences the same embedding every epoch, and template
+            sentences recur across reports); cleared when its weights change; 0 disables.
         autocast_dtype: e.g. ``"bfloat16"``: run both encoders under ``torch.autocast`` (training option).
         gradient_checkpointing: activation checkpointing in both encoders (training option).
     """
@@ -77,7 +85,8 @@ class CTCLIP(nn.Module):
                  dim_latent: int, extra_latent_projection: bool = False, use_mlm: bool = False,
                  downsample_image_embeds: bool = False, use_all_token_embeds: bool = False, text_pooling: str = "cls",
                  keep_reference_extras: bool = False, token_level_similarity: bool = False,
-                 fixed_text_projection: bool = False, autocast_dtype: Optional[str] = None,
+                 fixed_text_projection: bool = False, image_pooling: str = "depth_mean", text_cache_size: int = 65536,
+                 autocast_dtype: Optional[str] = None,
                  gradient_checkpointing: bool = False):
         super().__init__()
         for name, value in (("use_mlm", use_mlm), ("downsample_image_embeds", downsample_image_embeds),
@@ -87,7 +96,13 @@ class CTCLIP(nn.Module):
                                           "False)")
         if text_pooling not in ("cls", "mean", "sentence_mean"):
             raise ValueError(f"text_pooling must be 'cls', 'mean' or 'sentence_mean', got {text_pooling!r}")
+        if image_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {image_pooling!r}")
         self.dim_image, self.dim_text, self.dim_latent = dim_image, dim_text, dim_latent
+        self.image_pooling = image_pooling
+        self.text_cache_size = int(text_cache_size)
+        self._text_cache: dict = {}
+        self._text_cache_key = None
         self.extra_latent_projection = extra_latent_projection
         self.text_pooling = text_pooling
         self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
@@ -229,7 +244,9 @@ class CTCLIP(nn.Module):
                 raise ValueError(f"(B, S, L) sentence token ids need text_pooling='sentence_mean', this model pools "
                                  f"{self.text_pooling!r}")
             return self._sentence_mean(input_ids, mask)
-        return self.pool_text(self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float(), mask)
+        if token_type_ids is not None:
+            return self.pool_text(self.encode_text_tokens(input_ids, attention_mask, token_type_ids).float(), mask)
+        return self._pooled_sequences(input_ids, mask)
 
     def pool_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One embedding per sequence ``(B, dim_text)`` from the text encoder's ``(B, L, dim_text)`` states, as
@@ -239,14 +256,42 @@ class CTCLIP(nn.Module):
         pooled = masked_mean(hidden, mask)
         return F.normalize(pooled, dim=-1) if self.text_pooling == "sentence_mean" else pooled
 
+    def _encode_pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = int(mask.sum(-1).max().clamp(min=1))  # drop the columns that are padding in every row
+        return self.pool_text(self.encode_text_tokens(ids[:, :keep], mask[:, :keep]).float(), mask[:, :keep])
+
+    def _pooled_sequences(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``pool_text`` of each token sequence ``(N, L) -> (N, dim_text)``; with a frozen text encoder in eval
+        mode each distinct sequence is encoded once and then served from the cache (``text_cache_size``)."""
+        text = self.text_transformer
+        if self.text_cache_size <= 0 or text.training or _has_trainable(text) or len(ids) == 0:
+            return self._encode_pooled(ids, mask)
+        key = (str(ids.device), torch.is_autocast_enabled(ids.device.type), param_versions(text))
+        if key != self._text_cache_key:
+            self._text_cache, self._text_cache_key = {}, key
+        cache = self._text_cache
+        ids_cpu, mask_cpu = ids.cpu(), mask.cpu().bool()
+        keys = [row[m].numpy().tobytes() for row, m in zip(ids_cpu, mask_cpu)]
+        new = {}
+        for i, k in enumerate(keys):
+            if k not in cache:
+                new.setdefault(k, i)
+        if new:
+            rows = torch.tensor(list(new.values()), device=ids.device)
+            with torch.no_grad():
+                cache.update(zip(new, self._encode_pooled(ids[rows], mask[rows])))
+        out = torch.stack([cache[k] for k in keys])
+        for k in list(cache)[:max(0, len(cache) - self.text_cache_size)]:  # oldest first
+            del cache[k]
+        return out
+
     def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, length = input_ids.shape
         ids, mask = input_ids.reshape(b * s, length), mask.reshape(b * s, length)
         present = mask.sum(-1) > 0  # padding sentences are all-zero rows: not encoded
-        keep = int(mask.sum(-1).max().clamp(min=1))
-        hidden = self.encode_text_tokens(ids[present, :keep], mask[present, :keep]).float()
-        sentences = hidden.new_zeros(b * s, hidden.shape[-1])
-        sentences[present] = self.pool_text(hidden, mask[present, :keep])
+        pooled = self._pooled_sequences(ids[present], mask[present])
+        sentences = pooled.new_zeros(b * s, pooled.shape[-1])
+        sentences[present] = pooled
         counts = present.reshape(b, s).sum(-1, keepdim=True).clamp(min=1)
         return sentences.reshape(b, s, -1).sum(1) / counts
 
@@ -264,11 +309,11 @@ class CTCLIP(nn.Module):
         return F.normalize(proj(self.text_embedding(input_ids, attention_mask, token_type_ids)), dim=-1)
 
     def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
-        """Pooled image embedding before the latent projection: CTViT tokens averaged over depth, flattened
-        in (h, w, d) order, ``(B, dim_image)``."""
+        """Pooled image embedding before the latent projection, ``(B, dim_image)``: CTViT tokens averaged (the
+        reference) or maxed (``image_pooling="depth_max"``) over depth, flattened in (h, w, d) order."""
         with self._autocast(image.device):
-            tokens = self.visual_transformer(image, return_encoded_tokens=True)
-        pooled = tokens.float().mean(dim=1)
+            tokens = self.visual_transformer(image, return_encoded_tokens=True).float()
+        pooled = tokens.amax(dim=1) if self.image_pooling == "depth_max" else tokens.mean(dim=1)
         return pooled.reshape(pooled.shape[0], -1)
 
     def encode_image(self, image: torch.Tensor, extra: bool = False) -> torch.Tensor:

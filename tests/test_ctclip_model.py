@@ -418,3 +418,54 @@ def test_sentence_mean_pooling_encodes_each_sentence_on_its_own():
         assert torch.allclose(model.encode_text(*prompt), mean_model.encode_text(*prompt), atol=1e-5)
         with pytest.raises(ValueError, match="sentence_mean"):
             mean_model.text_embedding(ids, mask)
+
+
+def test_depth_max_image_pooling_option():
+    """``ctclip.image_pooling = "depth_max"``: the CTViT tokens are maxed over depth instead of averaged (the
+    reference); same width and keys, so the same weights load."""
+    torch.manual_seed(0)
+    image = torch.randn(2, *IMAGE)
+    ref = cn.create_model("ctclip_tiny").eval()
+    peak = cn.create_model("ctclip_tiny", ctclip={"image_pooling": "depth_max"}).eval()
+    assert peak.state_dict().keys() == ref.state_dict().keys()
+    peak.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        tokens = ref.visual_transformer(image, return_encoded_tokens=True)  # (2, 4, 4, 4, 32)
+        assert torch.allclose(ref.image_embedding(image), tokens.mean(1).flatten(1))
+        assert torch.allclose(peak.image_embedding(image), tokens.amax(1).flatten(1))
+        assert not torch.allclose(peak.encode_image(image), ref.encode_image(image))
+    with pytest.raises(ValueError, match="image_pooling must be one of"):
+        cn.create_model("ctclip_tiny", ctclip={"image_pooling": "attention"})
+
+
+def test_frozen_text_encoder_embeddings_are_cached():
+    """A frozen text encoder in eval mode encodes each distinct sequence once: the second pass over the same
+    reports runs the encoder on nothing, with the same numbers; new weights clear the cache; a trainable encoder
+    is never cached."""
+    from transforms import TokenizeReportd
+
+    cfg = cn.merge_config(cn.load_model_config("ctclip_tiny"),
+                          {"text": {"pooling": "sentence_mean"}, "text_encoder": {"freeze": True}})
+    torch.manual_seed(0)
+    model = cn.create_model(cfg).train()
+    rows = []
+    model.text_transformer.register_forward_hook(lambda m, args, kwargs, out: rows.append(len(kwargs["input_ids"])),
+                                                 with_kwargs=True)
+    tok = TokenizeReportd.from_model_config(cfg, max_length=16)
+    batch = [tok({"text": r}) for r in ["Emphysema.\nHiatal hernia.", "No effusion.\nHiatal hernia.", "Emphysema."]]
+    ids, mask = torch.stack([b["input_ids"] for b in batch]), torch.stack([b["attention_mask"] for b in batch])
+    first = model.encode_text(ids, mask)
+    assert rows == [3]  # five sentences, three distinct
+    second = model.encode_text(ids, mask)
+    assert rows == [3] and torch.equal(first, second)
+    uncached = cn.create_model(cn.merge_config(cfg, {"ctclip": {"text_cache_size": 0}})).train()
+    uncached.load_state_dict(model.state_dict())
+    assert torch.allclose(uncached.encode_text(ids, mask), first, atol=1e-6)
+    with torch.no_grad():
+        model.text_transformer.embeddings.word_embeddings.weight.mul_(2.0)
+    model.encode_text(ids, mask)
+    assert rows == [3, 3]  # weights changed: encoded again
+    model.text_transformer.requires_grad_(True)
+    model.encode_text(ids, mask)
+    model.encode_text(ids, mask)
+    assert rows == [3, 3, 5, 5]  # a trainable encoder is run every time, on every sentence
