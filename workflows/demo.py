@@ -295,7 +295,7 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
 
 
 def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, model_config: str = "ctclip_small",
-         pretrain_epochs: int = 6, classfine_epochs: int = 8, num_workers: int = 2, balanced: float | bool = 0.4,
+         pretrain_epochs: int = 8, classfine_epochs: int = 8, num_workers: int = 2, balanced: float | bool = 0.4,
          two_recon_fraction: float = 0.0, force: bool = False) -> dict:
     """Run the demo end to end and print the summary.
 
@@ -305,7 +305,7 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
             on one 91-volume validation split, 207 training volumes gave a macro AUROC of 0.644 and 414 gave 0.686.
         seed: cohort seed (the same seed gives the same cohort and splits).
         model_config: architecture config for every model stage.
-        pretrain_epochs: contrastive pretraining epochs (6 x ~630 volumes: about 5 minutes on 2 CPU cores).
+        pretrain_epochs: contrastive pretraining epochs (8 x ~630 volumes: about 5 minutes on 2 CPU cores).
         classfine_epochs: ClassFine epochs.
         num_workers: worker processes for generation and preprocessing.
         balanced: per-finding probability of the cohort (False: CT-RATE prevalences). At CT-RATE prevalences a
