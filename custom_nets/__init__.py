@@ -1,11 +1,16 @@
-"""Model side of the pipeline: 3D CT encoders, the CLIP model, classifiers, losses and configs."""
+"""Model side of the pipeline: 3D CT encoders, the CLIP model, classifiers, losses and checkpoint loading.
 
-from .model_config import list_model_configs, load_model_config
+Model configs are read by :mod:`ctclip_contract`; the names re-exported here (``load_model_config``,
+``merge_config``, ``image_input_shape``, ``list_model_configs``) are that one definition, for convenience.
+"""
+
+from ctclip_contract import image_input_shape, list_model_configs, load_model_config, merge_config
+
 from .checkpoint import extract_state_dict, load_checkpoint, load_state_dict_file, save_reference_checkpoint
 from .classifiers import ClassFineClassifier, ZeroShotClassifier
 from .ctclip import CTCLIP
 from .ctvit import CTViT, HUBandPatchEmbedding
-from .factory import create_model, image_input_shape, merge_config
+from .factory import create_model
 from .losses import ClipLoss, clip_loss
 from .text import build_text_encoder, build_tokenizer, build_wordpiece_tokenizer, resolve_pretrained
 

@@ -6,7 +6,7 @@ Accepted sources (always read with ``torch.load(..., weights_only=True)``):
   ``text_transformer.embeddings.position_ids`` (transformers<4.31 wrote it; CT-CLIP issue #47);
 * ``CT_LiPro_v2.pt``: ClassFine keys ``trained_model.*`` + ``classifier.*``;
 * MONAI ``CheckpointSaver`` files: ``{"model": state_dict, "optimizer": ..., ...}`` or a bare state dict;
-* any of these with a DDP ``module.`` prefix.
+* any of these with a DDP ``module.`` prefix, or under ``model.`` (the zero-shot bundle's exported wrapper).
 
 Loading a ClassFine checkpoint into a :class:`~custom_nets.CTCLIP` takes its ``trained_model.`` part; loading
 a CTCLIP checkpoint into a :class:`~custom_nets.ClassFineClassifier` loads the backbone and, unless
@@ -21,6 +21,8 @@ from typing import Mapping, Optional
 
 import torch
 from torch import nn
+
+from .classifiers import ClassFineClassifier
 
 __all__ = ["load_state_dict_file", "extract_state_dict", "load_checkpoint", "save_reference_checkpoint"]
 
@@ -66,9 +68,14 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict:
 
 
 def _adapt_prefix(state_dict: dict, model: nn.Module) -> dict:
-    """Map ClassFine <-> CTCLIP checkpoints onto the target model's key layout."""
-    from .classifiers import ClassFineClassifier
+    """The one checkpoint key map: the layouts we accept onto the target model's.
 
+    ``model.*`` (an exported zero-shot wrapper: a CTCLIP under ``model.``) is unwrapped first; then ClassFine
+    (``trained_model.*`` + ``classifier.*``) and bare CTCLIP keys are mapped either way.
+    """
+    if any(k.startswith("model.") for k in state_dict) and not any(k.startswith("text_transformer.")
+                                                                    for k in state_dict):
+        state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
     is_classfine_ckpt = any(k.startswith("trained_model.") for k in state_dict)
     if isinstance(model, ClassFineClassifier):
         if not is_classfine_ckpt:
@@ -121,8 +128,6 @@ def save_reference_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
     """Write a checkpoint the reference CT-CLIP code loads with ``strict=True`` (``*_extra`` entries share storage
     with the used projections, so the file stays small;
     ``position_ids`` included; ClassFine models keep their ``trained_model.``/``classifier.`` layout)."""
-    from .classifiers import ClassFineClassifier
-
     if isinstance(model, ClassFineClassifier):
         sd = {f"trained_model.{k}": v for k, v in model.trained_model.reference_state_dict().items()}
         sd.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})

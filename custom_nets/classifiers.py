@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctclip_contract import CTRATE_PATHOLOGIES, DEFAULT_TEMPLATES, PROMPT_SCORINGS, load_model_config
+
 from .ctclip import CTCLIP
 from .ctvit import param_versions
+from .text import build_tokenizer
 
-__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "DEFAULT_TEMPLATES", "PROMPT_SCORINGS"]
-
-DEFAULT_TEMPLATES = (("{} is present.", "{} is not present."),)
-PROMPT_SCORINGS = ("pairwise", "decomposed")
+__all__ = ["ClassFineClassifier", "ZeroShotClassifier"]
 
 
 class ClassFineClassifier(nn.Module):
@@ -76,7 +76,7 @@ class ZeroShotClassifier(nn.Module):
     Args:
         model: a :class:`~custom_nets.CTCLIP`.
         tokenizer: the tokenizer of the model's text encoder (:func:`custom_nets.build_tokenizer`).
-        class_names: class names in output order; default: ``transforms.CTRATE_PATHOLOGIES``.
+        class_names: class names in output order; default: ``ctclip_contract.CTRATE_PATHOLOGIES``.
         templates: sequence of ``(present, absent)`` format strings with one ``{}``;
             default ``[("{} is present.", "{} is not present.")]`` (v2).
         max_length: tokenizer truncation length.
@@ -96,8 +96,6 @@ class ZeroShotClassifier(nn.Module):
         if not ridge >= 0:
             raise ValueError(f"zero-shot ridge must be >= 0, got {ridge!r}")
         if class_names is None:
-            from transforms import CTRATE_PATHOLOGIES  # the single definition of the 18 names
-
             class_names = CTRATE_PATHOLOGIES
         templates = [tuple(t) for t in (templates or DEFAULT_TEMPLATES)]
         for t in templates:
@@ -128,15 +126,10 @@ class ZeroShotClassifier(nn.Module):
                     pad_to_max_length: bool = False) -> "ZeroShotClassifier":
         """Build with the prompts (templates, scoring, ridge) and text length of a model config (tokenizer built
         from it if not given); ``templates`` given here replace the config's."""
-        from .model_config import load_model_config
-        from .text import build_tokenizer
-
         cfg = load_model_config(config)
-        prompts = cfg.get("prompts", {})
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
-        scoring = {k: prompts[k] for k in ("scoring", "ridge") if k in prompts}  # absent: the defaults above
-        return cls(model, tokenizer, class_names, templates or prompts.get("templates"),
-                   cfg.get("text", {}).get("max_length", 512), pad_to_max_length, **scoring)
+        return cls(model, tokenizer, class_names, templates or cfg.prompts.templates, cfg.text.max_length,
+                   pad_to_max_length, scoring=cfg.prompts.scoring, ridge=cfg.prompts.ridge)
 
     def prompts(self) -> list[str]:
         """All prompts, ordered (template pair, present/absent, class)."""

@@ -21,19 +21,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctclip_contract import IMAGE_POOLINGS, TEXT_POOLINGS
+
 from .ctvit import CTViT, param_versions
 
-__all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY"]
+__all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY", "pool_depth"]
 
 EXTRA_KEYS = ("to_text_latent_extra.weight", "to_visual_latent_extra.weight")
 POSITION_IDS_KEY = "text_transformer.embeddings.position_ids"
-IMAGE_POOLINGS = ("depth_mean", "depth_max")
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` ``(N, L, C)`` over the tokens where ``mask`` ``(N, L)`` is 1."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def pool_depth(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Image-encoder tokens ``(B, T, h, w, dim)`` pooled over depth ``T`` to ``(B, h * w, dim)``, as the model
+    config's ``ctclip.image_pooling`` says: the mean (the reference) or the max. The one depth pooling of the
+    project: the global embedding, FILIP's token latents and the trainer all go through it."""
+    if tokens.ndim != 5:
+        raise ValueError(f"depth pooling needs (B, T, h, w, dim) image tokens, the encoder gave {tuple(tokens.shape)}")
+    if pooling not in IMAGE_POOLINGS:
+        raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
+    pooled = tokens.amax(dim=1) if pooling == "depth_max" else tokens.mean(dim=1)
+    return pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
 
 
 def _has_trainable(module: nn.Module) -> bool:
@@ -63,8 +76,9 @@ class CTCLIP(nn.Module):
             ``(B, L)`` ids are one sentence each (the prompts): the same direction as ``"mean"``.
         keep_reference_extras: hold the ``*_extra`` copies as modules like the reference does (benchmark
             baseline only; costs 605 MB at full size).
-        token_level_similarity: FILIP-style late interaction (off by default): image tokens (depth-averaged
-            CTViT tokens through a new ``to_visual_token_latent``) and text tokens (through ``to_text_latent``)
+        token_level_similarity: FILIP-style late interaction (off by default): image tokens (CTViT tokens pooled
+            over depth as ``image_pooling`` says, through a new ``to_visual_token_latent``) and text tokens (through
+            ``to_text_latent``)
             are l2-normalised and the pair score is the mean of the two directions' token-wise max similarity.
             :meth:`forward` then returns these scores (scaled), so :class:`~custom_nets.losses.ClipLoss` is unchanged.
         fixed_text_projection: ``to_text_latent`` is the identity and is not trained (needs ``dim_latent ==
@@ -94,8 +108,8 @@ class CTCLIP(nn.Module):
             if value:
                 raise NotImplementedError(f"CTCLIP option {name}=True is not implemented (the published v2 model has it "
                                           "False)")
-        if text_pooling not in ("cls", "mean", "sentence_mean"):
-            raise ValueError(f"text_pooling must be 'cls', 'mean' or 'sentence_mean', got {text_pooling!r}")
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {text_pooling!r}")
         if image_pooling not in IMAGE_POOLINGS:
             raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {image_pooling!r}")
         self.dim_image, self.dim_text, self.dim_latent = dim_image, dim_text, dim_latent
@@ -308,13 +322,16 @@ class CTCLIP(nn.Module):
         proj = self.to_text_latent_extra if extra else self.to_text_latent
         return F.normalize(proj(self.text_embedding(input_ids, attention_mask, token_type_ids)), dim=-1)
 
-    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
-        """Pooled image embedding before the latent projection, ``(B, dim_image)``: CTViT tokens averaged (the
-        reference) or maxed (``image_pooling="depth_max"``) over depth, flattened in (h, w, d) order."""
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """CTViT tokens pooled over depth (:func:`pool_depth` with ``image_pooling``), ``(B, h * w, dim)``, float32."""
         with self._autocast(image.device):
-            tokens = self.visual_transformer(image, return_encoded_tokens=True).float()
-        pooled = tokens.amax(dim=1) if self.image_pooling == "depth_max" else tokens.mean(dim=1)
-        return pooled.reshape(pooled.shape[0], -1)
+            tokens = self.visual_transformer(image, return_encoded_tokens=True)
+        return pool_depth(tokens.float(), self.image_pooling)
+
+    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled image embedding before the latent projection, ``(B, dim_image)``: :meth:`image_tokens`
+        flattened in (h, w, dim) order."""
+        return self.image_tokens(image).flatten(1)
 
     def encode_image(self, image: torch.Tensor, extra: bool = False) -> torch.Tensor:
         """L2-normalised image latents ``(B, dim_latent)``.
@@ -345,10 +362,7 @@ class CTCLIP(nn.Module):
     # ----------------------------------------------------------------------------------------- token level
     def image_token_latents(self, image: torch.Tensor) -> torch.Tensor:
         """Per-token image latents ``(B, h*w, dim_latent)``, l2-normalised (token-level option)."""
-        with self._autocast(image.device):
-            tokens = self.visual_transformer(image, return_encoded_tokens=True)
-        tokens = tokens.float().mean(dim=1)
-        return F.normalize(self.to_visual_token_latent(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])), dim=-1)
+        return F.normalize(self.to_visual_token_latent(self.image_tokens(image)), dim=-1)
 
     def text_token_latents(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Per-token text latents ``(B, L, dim_latent)``, l2-normalised (token-level option)."""

@@ -27,7 +27,10 @@ import string
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import transformers
 from torch import nn
+
+from ctclip_contract import atomic_write_text, load_model_config
 
 __all__ = ["resolve_pretrained", "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer",
            "CHEST_CT_WORDS"]
@@ -87,8 +90,6 @@ def build_text_encoder(section: Mapping[str, Any]) -> nn.Module:
     Returns:
         a ``transformers`` model whose output has ``last_hidden_state`` (a ``BertModel`` for every shipped config).
     """
-    import transformers
-
     pretrained = section.get("pretrained")
     if pretrained and section.get("load_pretrained_weights", True):
         # CT-CLIP loads CXR-BERT with BertModel (its hub class is a custom CXRBertModel): "model_class" says which
@@ -125,10 +126,6 @@ def build_tokenizer(section_or_config: Mapping[str, Any] | str):
     Args:
         section_or_config: a full model config (name, path or dict), or its ``text_encoder`` section.
     """
-    import transformers
-
-    from .model_config import load_model_config
-
     if isinstance(section_or_config, (str, os.PathLike)) or "text_encoder" in section_or_config:
         section = load_model_config(section_or_config)["text_encoder"]
     else:
@@ -169,8 +166,6 @@ def build_wordpiece_tokenizer(directory: str | os.PathLike, extra_words: Iterabl
         directory: where ``vocab.txt`` is written (created if missing; an existing identical file is reused).
         extra_words: further whole words to add.
     """
-    from transformers import BertTokenizerFast
-
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = BERT_SPECIALS + chars + ["##" + c for c in chars]
     seen = set(vocab)
@@ -183,8 +178,6 @@ def build_wordpiece_tokenizer(directory: str | os.PathLike, extra_words: Iterabl
     path = directory / "vocab.txt"
     text = "\n".join(vocab) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # atomic: concurrent test workers may build the same cache
+        atomic_write_text(path, text)  # concurrent test workers may build the same cache
     # from_pretrained on the folder works across transformers 4 (vocab_file=) and 5 (vocab=) constructors
-    return BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)
+    return transformers.BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from custom_nets import load_model_config, merge_config
+from custom_nets import build_tokenizer, load_model_config, merge_config
 from transforms import NOT_GIVEN, ReportTextd, TokenizeReportd
 from transforms.text import report_sections_from_config, split_sentences
 
@@ -35,7 +35,7 @@ def test_word_truncation_and_model_config_sections():
 
 
 def test_tokenize_fixed_length_and_truncation():
-    tok = TokenizeReportd.from_model_config("ctclip_tiny", max_length=16)
+    tok = TokenizeReportd.from_model_config("ctclip_tiny", build_tokenizer("ctclip_tiny"), max_length=16)
     d = tok(ReportTextd("findings_impressions")(ITEM))
     assert d["input_ids"].shape == (16,) and d["attention_mask"].shape == (16,)
     assert d["input_ids"].dtype == torch.long and int(d["attention_mask"].sum()) == 16  # truncated: all real
@@ -50,7 +50,7 @@ def test_sentence_rows_for_sentence_mean_pooling():
     assert split_sentences("Cardiomegaly\nHiatal hernia. Emphysema in both lungs.\n\n") == [
         "Cardiomegaly", "Hiatal hernia.", "Emphysema in both lungs."]
     cfg = merge_config(load_model_config("ctclip_tiny"), {"text": {"pooling": "sentence_mean", "max_sentences": 3}})
-    tok = TokenizeReportd.from_model_config(cfg, max_length=8)
+    tok = TokenizeReportd.from_model_config(cfg, build_tokenizer(cfg), max_length=8)
     d = tok({"text": "Cardiomegaly\nHiatal hernia. Emphysema in both lungs and a very long sentence. Nodule."})
     assert d["input_ids"].shape == (3, 8) and d["attention_mask"].shape == (3, 8)
     assert d["attention_mask"].sum(-1).tolist()[2] == 8  # per-sentence truncation; the fourth sentence is dropped
@@ -58,4 +58,4 @@ def test_sentence_rows_for_sentence_mean_pooling():
     assert one["attention_mask"].sum(-1).gt(0).tolist() == [True, False, False]  # empty rows are all padding
     assert torch.equal(one["input_ids"][0], tok.tokenizer("Emphysema.", padding="max_length", max_length=8,
                                                           return_tensors="pt")["input_ids"][0])
-    assert TokenizeReportd.from_model_config("ctclip_tiny").max_sentences is None
+    assert TokenizeReportd.from_model_config("ctclip_tiny", build_tokenizer("ctclip_tiny")).max_sentences is None

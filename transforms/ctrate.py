@@ -1,4 +1,4 @@
-"""CT-RATE table readers and the patient-wise datalist (exact formats in CTRATE_FORMATS.md).
+"""CT-RATE table readers and the patient-wise datalist (the table layout is :mod:`ctclip_contract.ctrate_format`).
 
 Readers return ``(rows_by_volume_name, issues)``: ``issues`` is a list of ``(volume name, reason)``
 for rows that cannot be used (duplicates, bad labels, unsafe names); with ``strict=True`` the first
@@ -18,12 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .pathologies import CTRATE_PATHOLOGIES
+from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS
+from ctclip_contract.ctrate_format import METADATA_LIST_COLUMNS, METADATA_REQUIRED, REPORT_REQUIRED
 
 __all__ = [
-    "METADATA_COLUMNS",
-    "REPORT_COLUMNS",
-    "NOT_GIVEN",
     "CTRATETableError",
     "volume_stem",
     "is_safe_name",
@@ -35,26 +33,8 @@ __all__ = [
     "patient_id",
     "split_patients",
     "build_datalist",
-    "write_json_atomic",
 ]
 
-METADATA_COLUMNS = (
-    "VolumeName,Manufacturer,SeriesDescription,ManufacturerModelName,PatientSex,PatientAge,"
-    "ReconstructionDiameter,DistanceSourceToDetector,DistanceSourceToPatient,GantryDetectorTilt,"
-    "TableHeight,RotationDirection,ExposureTime,XRayTubeCurrent,Exposure,FilterType,GeneratorPower,"
-    "FocalSpots,ConvolutionKernel,PatientPosition,RevolutionTime,SingleCollimationWidth,"
-    "TotalCollimationWidth,TableSpeed,TableFeedPerRotation,SpiralPitchFactor,DataCollectionCenterPatient,"
-    "ReconstructionTargetCenterPatient,ExposureModulationType,CTDIvol,ImagePositionPatient,"
-    "ImageOrientationPatient,SliceLocation,SamplesPerPixel,PhotometricInterpretation,Rows,Columns,"
-    "XYSpacing,RescaleIntercept,RescaleSlope,RescaleType,NumberofSlices,ZSpacing,StudyDate"
-).split(",")
-# Columns the pipeline actually uses; only these must be present in a metadata table.
-METADATA_REQUIRED = ("VolumeName", "RescaleIntercept", "RescaleSlope", "XYSpacing", "ZSpacing")
-METADATA_LIST_COLUMNS = ("XYSpacing", "ImagePositionPatient", "ImageOrientationPatient",
-                         "DataCollectionCenterPatient", "ReconstructionTargetCenterPatient")
-REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
-REPORT_REQUIRED = ("VolumeName", "Findings_EN", "Impressions_EN")
-NOT_GIVEN = "Not given."
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CTRATE_PATIENT = re.compile(r"^([A-Za-z]+_\d+)_[A-Za-z]+_\d+$")
 
@@ -342,17 +322,6 @@ def build_datalist(
     for items in out.values():
         items.sort(key=lambda it: it["name"])
     return out
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (no partial file on a kill)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: str | os.PathLike) -> str:

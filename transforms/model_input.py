@@ -1,7 +1,7 @@
 """The last step before a model: its HU window and scaling, its axis codes and ``(C, D, H, W)`` layout.
 
 Preprocessed volumes are stored once as int16 HU in RAS; each model applies its own contract when it
-reads them (ARCHITECTURE.md, "Model configs travel with their preprocessing").
+reads them, from the input contract of its model config (:class:`ctclip_contract.InputContract`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, Transform
 
+from ctclip_contract import InputContract, load_model_config
+
 __all__ = ["ToModelInput", "ToModelInputd"]
-
-
-def _input_section(config: Mapping | str) -> Mapping:
-    if isinstance(config, str):
-        from custom_nets import load_model_config
-
-        config = load_model_config(config)
-    return config["input"] if "input" in config else config
 
 
 class ToModelInput(Transform):
@@ -58,10 +52,10 @@ class ToModelInput(Transform):
         self.orient = Orientation(axcodes=self.axis_codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
     @classmethod
-    def from_model_config(cls, config: Mapping | str) -> ToModelInput:
-        """Build from a model config (dict, shipped name or JSON path): its ``input`` section."""
-        inp = _input_section(config)
-        return cls(inp["hu_window"], inp.get("hu_offset", 0.0), inp.get("hu_scale", 1000.0), inp["axis_codes"])
+    def from_model_config(cls, config: Mapping | str | InputContract) -> ToModelInput:
+        """Build from a model config (name, JSON path, dict or ModelConfig) or its input contract."""
+        inp = config if isinstance(config, InputContract) else load_model_config(config).input
+        return cls(inp.hu_window, inp.hu_offset, inp.hu_scale, inp.axis_codes)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if img.ndim != 4:
@@ -97,10 +91,11 @@ class ToModelInputd(MapTransform):
         self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes)
 
     @classmethod
-    def from_model_config(cls, keys: KeysCollection, config: Mapping | str, **kwargs) -> ToModelInputd:
-        """Build from a model config (dict, shipped name or JSON path); ``kwargs`` override it."""
-        inp = dict(_input_section(config))
-        params = {k: inp[k] for k in ("hu_window", "hu_offset", "hu_scale", "axis_codes") if k in inp}
+    def from_model_config(cls, keys: KeysCollection, config: Mapping | str | InputContract, **kwargs) -> ToModelInputd:
+        """Build from a model config (name, JSON path, dict or ModelConfig) or its input contract; ``kwargs``
+        override it."""
+        inp = config if isinstance(config, InputContract) else load_model_config(config).input
+        params = dict(hu_window=inp.hu_window, hu_offset=inp.hu_offset, hu_scale=inp.hu_scale, axis_codes=inp.axis_codes)
         params.update(kwargs)
         return cls(keys, **params)
 

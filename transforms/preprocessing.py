@@ -16,8 +16,11 @@ from monai.transforms import (
     Spacingd,
 )
 
+from ctclip_contract import load_model_config
+
 from .hu import RescaleToHUd
 from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
+from .model_input import ToModelInputd
 from .qc import CheckInputd, CTQualityCheckd
 
 __all__ = ["build_preprocessing", "raw_to_model_input_transforms"]
@@ -77,16 +80,14 @@ def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto"
     False). For inference bundles that accept raw scans ("one scan in, probabilities out").
 
     Args:
-        config: model config (dict, shipped name or JSON path).
+        config: model config (name, JSON path, dict or :class:`~ctclip_contract.ModelConfig`).
         hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
         qc: keyword arguments of :class:`transforms.CTQualityCheckd` (``max_voxels`` also applies before the read).
         resampler: ``"separable"`` or ``"monai"`` (see :func:`build_preprocessing`).
         model_input: end with the model's :class:`~transforms.ToModelInputd`.
     """
-    from .model_input import ToModelInputd, _input_section
-
-    inp = _input_section(config)
-    load, process = build_preprocessing(inp["spacing_mm"], inp["spatial_size"], inp.get("pad_hu", -1000.0),
-                                        hu_source, qc, resampler)
+    config = load_model_config(config)
+    inp = config.input
+    load, process = build_preprocessing(inp.spacing_mm, inp.spatial_size, inp.pad_hu, hu_source, qc, resampler)
     chain = [CheckInputd(keys="image", max_voxels=dict(qc or {}).get("max_voxels")), load, process]
     return chain + [ToModelInputd.from_model_config("image", config)] if model_input else chain

@@ -16,49 +16,17 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .ctrate import NOT_GIVEN
+from ctclip_contract import NOT_GIVEN, load_model_config, normalise_report_sections
 
-__all__ = ["ReportTextd", "TokenizeReportd", "split_sentences", "REPORT_SECTION_KEYS", "report_sections_from_config"]
-
-# CT-RATE column names (used in model configs) -> datalist keys written by ct_preprocess
-REPORT_SECTION_KEYS = {
-    "Findings_EN": "findings",
-    "Impressions_EN": "impressions",
-    "ClinicalInformation_EN": "clinical_information",
-    "Technique_EN": "technique",
-}
-
-# Named choices accepted wherever a list of sections is expected.
-SECTION_PRESETS = {
-    "findings": ("findings",),
-    "findings_impressions": ("findings", "impressions"),
-    "impressions": ("impressions",),
-    # impressions first: token truncation then cuts the long findings, not the short pathology list
-    "impressions_findings": ("impressions", "findings"),
-}
-
-
-def _normalise_sections(sections: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(sections, str):
-        if sections in SECTION_PRESETS:
-            return SECTION_PRESETS[sections]
-        sections = [sections]
-    out = tuple(REPORT_SECTION_KEYS.get(s, s) for s in sections)
-    if not out:
-        raise ValueError("at least one report section is required (e.g. 'findings')")
-    return out
-
+__all__ = ["ReportTextd", "TokenizeReportd", "split_sentences", "report_sections_from_config"]
 
 def report_sections_from_config(config: Mapping[str, Any] | str) -> tuple[str, ...]:
     """Datalist keys of the report sections a model config names (``text.report_sections``).
 
     Args:
-        config: model config (name, path or dict).
+        config: model config (name, path, dict or :class:`~ctclip_contract.ModelConfig`).
     """
-    from custom_nets import load_model_config
-
-    cfg = load_model_config(config) if not isinstance(config, Mapping) else config
-    return _normalise_sections(cfg.get("text", {}).get("report_sections", ["Findings_EN"]))
+    return load_model_config(config).text.report_sections
 
 
 def _is_missing(text: Any, not_given: Sequence[str]) -> bool:
@@ -90,7 +58,7 @@ class ReportTextd(MapTransform):
     def __init__(self, keys: KeysCollection = ("findings", "impressions"), output_key: str = "text",
                  separator: str = " ", max_words: Optional[int] = None, fallback: Optional[str] = NOT_GIVEN,
                  not_given: Sequence[str] = (NOT_GIVEN, "Not given"), name_key: str = "name"):
-        sections = _normalise_sections(keys if isinstance(keys, str) else list(keys))
+        sections = normalise_report_sections(keys if isinstance(keys, str) else list(keys))
         super().__init__(sections, allow_missing_keys=True)
         if max_words is not None and max_words < 1:
             raise ValueError(f"max_words must be >= 1 or None, got {max_words}")
@@ -101,7 +69,7 @@ class ReportTextd(MapTransform):
     def from_model_config(cls, config: Mapping[str, Any] | str, sections: Optional[str | Sequence[str]] = None,
                           **kwargs) -> "ReportTextd":
         """Sections from the model config's ``text.report_sections`` unless ``sections`` is given."""
-        keys = report_sections_from_config(config) if sections is None else _normalise_sections(sections)
+        keys = report_sections_from_config(config) if sections is None else normalise_report_sections(sections)
         return cls(keys, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -159,16 +127,13 @@ class TokenizeReportd(MapTransform):
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any] | str, tokenizer: Any = None, keys: KeysCollection = "text",
                           max_length: Optional[int] = None, **kwargs) -> "TokenizeReportd":
-        """Tokenizer, ``text.max_length`` and, for ``text.pooling`` ``"sentence_mean"``, ``text.max_sentences``
-        (default 16) from a model config (``max_length`` overrides it)."""
-        from custom_nets import build_tokenizer, load_model_config
-
-        cfg = load_model_config(config) if not isinstance(config, Mapping) else config
-        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
-        text = cfg.get("text", {})
-        length = max_length if max_length is not None else text.get("max_length", 512)
-        if text.get("pooling") == "sentence_mean":
-            kwargs.setdefault("max_sentences", text.get("max_sentences", 16))
+        """``text.max_length`` and, for ``text.pooling`` ``"sentence_mean"``, ``text.max_sentences`` from a model
+        config (``max_length`` overrides it). The tokenizer is the model's (``custom_nets.build_tokenizer(config)``):
+        the data side does not build models' parts."""
+        text = load_model_config(config).text
+        length = max_length if max_length is not None else text.max_length
+        if text.sentence_rows is not None:
+            kwargs.setdefault("max_sentences", text.sentence_rows)
         return cls(keys, tokenizer, length, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from ctclip_contract import NOT_GIVEN, atomic_write_json, atomic_write_text
 from transforms.ctrate import (
-    NOT_GIVEN,
     _sha256,
     build_datalist,
     find_ctrate_tables,
@@ -39,7 +39,6 @@ from transforms.ctrate import (
     read_reports_csv,
     split_patients,
     volume_stem,
-    write_json_atomic,
 )
 from transforms.io import save_nifti_atomic
 from transforms.preprocessing import build_preprocessing
@@ -393,7 +392,7 @@ class CTPreprocessor:
                 raise QualityCheckError(reason) from e
         rec_path = self._paths(item["name"])[1]
         rec_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record, rec_path)
+        atomic_write_json(rec_path, record)
         return record
 
     # -- the run -------------------------------------------------------------------------------
@@ -480,16 +479,14 @@ class CTPreprocessor:
         writer = csv.DictWriter(buf, fieldnames=QC_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        tmp = self.output_dir / f".qc.csv.{os.getpid()}.tmp"
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, self.output_dir / "qc.csv")
+        atomic_write_text(self.output_dir / "qc.csv", buf.getvalue())
 
         # Split over every discovered patient, so a fixed input later does not reshuffle the others.
         split_of = split_patients([it["patient"] for it in items], self.split["fractions"], self.split["seed"])
         ok = [dict(item, image=r["output"]) for item, r in records if r["status"] == "ok"]
         datalist = build_datalist(ok, split_of)
-        write_json_atomic(datalist, self.output_dir / "datalist.json")
-        write_json_atomic(self.manifest(records, rejected, datalist), self.output_dir / "manifest.json")
+        atomic_write_json(self.output_dir / "datalist.json", datalist)
+        atomic_write_json(self.output_dir / "manifest.json", self.manifest(records, rejected, datalist))
         for stale in (self.output_dir / "volumes").glob(".*.tmp*"):  # leftovers of killed runs
             stale.unlink(missing_ok=True)
 

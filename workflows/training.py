@@ -131,16 +131,8 @@ class PretrainingNetwork(nn.Module):
 
     # ------------------------------------------------------------------------------------------- features
     def _image(self, image: torch.Tensor, with_tokens: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        m = self.model
-        if not with_tokens:
-            return m.image_embedding(image), None
-        # the same pooling as CTCLIP.image_embedding, keeping the depth-pooled token grid for FILIP
-        with m._autocast(image.device):
-            tokens = m.visual_transformer(image, return_encoded_tokens=True)
-        if tokens.ndim != 5:
-            raise ValueError(f"FILIP needs (B, T, H, W, C) image tokens, the encoder gave {tuple(tokens.shape)}")
-        pooled = tokens.float().mean(dim=1)
-        return pooled.reshape(pooled.shape[0], -1), pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
+        tokens = self.model.image_tokens(image)  # the model config's depth pooling, shared with the global embedding
+        return tokens.flatten(1), (tokens if with_tokens else None)
 
     def _mask_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # BERT recipe: of the chosen tokens 80% [MASK], 10% a random token, 10% unchanged

@@ -30,6 +30,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch import nn
 
+from custom_nets import CTCLIP, ZeroShotClassifier, create_model, load_checkpoint
+
 from .datalist import load_datalist
 from .handlers import ClassificationEvaluationHandler
 
@@ -135,8 +137,6 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
     Returns:
         the classifier; its ``model.config`` is the merged model config and ``column_names`` the output columns.
     """
-    from custom_nets import ZeroShotClassifier, create_model
-
     model = create_model(model_config, **dict(model_overrides or {}))
     prompts = load_prompt_file(prompt_file)
     net = ZeroShotClassifier.from_config(model, model.config, class_names=prompts["prompt_names"],
@@ -147,8 +147,6 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
 
 def find_clip_model(network: nn.Module):
     """The :class:`~custom_nets.CTCLIP` inside a wrapper (``.model``), or the network itself."""
-    from custom_nets import CTCLIP
-
     for m in (network, getattr(network, "model", None), getattr(network, "module", None)):
         if isinstance(m, CTCLIP):
             return m
@@ -174,8 +172,6 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, strict: 
     Raises:
         FileNotFoundError, RuntimeError: naming the file and the reason.
     """
-    from custom_nets import extract_state_dict, load_checkpoint, load_state_dict_file
-
     if not path:
         if required:
             raise ValueError("no pretrained weights given: pass --pretrained <checkpoint>")
@@ -183,13 +179,7 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, strict: 
         return network
     path = Path(path)
     clip = find_clip_model(network)
-    sd = extract_state_dict(load_state_dict_file(path), str(path))
-    if any(k.startswith("model.") for k in sd) and not any(k.startswith("text_transformer.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}  # exported wrapper keys
-    try:
-        load_checkpoint(clip, sd, strict=strict)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: {e}") from None
+    load_checkpoint(clip, path, strict=strict)
     if hasattr(network, "refresh_prompts"):
         network.refresh_prompts()
     logger.info(f"loaded weights from {path}")

@@ -37,10 +37,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..pathologies import CTRATE_PATHOLOGIES
-from ..ctrate import METADATA_COLUMNS  # the one definition of the CT-RATE metadata header
+from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, REPORT_COLUMNS
 from .encoding import ENCODINGS, ORIENTATIONS, atomic_write_bytes, encoding_facts, orient, quantise, write_nifti
-from .reports import REPORT_COLUMNS, generate_report
+from .reports import generate_report
 
 __all__ = ["generate_cohort", "plan_cases", "case_seed", "METADATA_COLUMNS", "LABEL_COLUMNS", "DEFAULT_ENCODINGS",
            "DEFAULT_ORIENTATIONS", "CohortConfigError"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..pathologies import CTRATE_PATHOLOGIES
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 __all__ = ["DETECTORS", "detector_scores", "normal_reference"]
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pathologies import CTRATE_PATHOLOGIES
+from ctclip_contract import CTRATE_PATHOLOGIES
 from .anatomy import LOBE_IDS, LOBES, NODE_STATIONS, ChestAnatomy, sample_anatomy
 
 __all__ = ["CTRATE_PREVALENCE", "INCIDENTAL_FINDINGS", "LATENT_FACTORS", "SEVERITIES", "SUBTYPES", "sample_case_record", "validate_prevalence"]

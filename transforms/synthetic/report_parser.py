@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from ..pathologies import CTRATE_PATHOLOGIES
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 __all__ = ["labels_from_report", "find_mentions", "LABEL_CUES"]
 

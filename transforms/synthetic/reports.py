@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["generate_report", "REPORT_COLUMNS", "format_mm"]
+from ctclip_contract import NOT_GIVEN
+
+__all__ = ["generate_report", "format_mm"]
 
 #: Column order of CT-RATE's ``*_reports.csv``.
-REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 
-NOT_GIVEN = "Not given."
 
 # Sentence-level dropout probability of a normal ("nothing here") statement.
 NORMAL_DROPOUT = 0.2

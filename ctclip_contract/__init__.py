@@ -1,0 +1,23 @@
+"""The contract every stage shares, without torch: model configs, the 18 pathologies, prompts, the input contract,
+the CT-RATE table layout, and the atomic writer.
+
+The lowest layer: ``custom_nets``, ``transforms``, ``chest_phantom`` and ``workflows`` import it; it imports
+none of them, nor torch, MONAI or transformers (``tests/test_layering.py`` keeps it so).
+"""
+
+from .atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .ctrate_format import (METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS, REPORT_SECTION_KEYS,
+                            normalise_report_sections)
+from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT_SCORINGS, TEXT_POOLINGS,
+                           InputContract, ModelConfig, ModelConfigError, PromptConfig, TextContract,
+                           image_input_shape, list_model_configs, load_model_config, merge_config)
+from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
+
+__all__ = [
+    "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+    "METADATA_COLUMNS", "NOT_GIVEN", "REPORT_COLUMNS", "REPORT_SECTION_KEYS", "normalise_report_sections",
+    "CONFIG_DIR", "DEFAULT_TEMPLATES", "IMAGE_POOLINGS", "PROMPT_SCORINGS", "TEXT_POOLINGS",
+    "InputContract", "ModelConfig", "ModelConfigError", "PromptConfig", "TextContract",
+    "image_input_shape", "list_model_configs", "load_model_config", "merge_config",
+    "CTRATE_PATHOLOGIES", "NUM_PATHOLOGIES", "pathology_index",
+]

@@ -1,0 +1,93 @@
+"""The one atomic writer: every file the project writes appears whole or not at all.
+
+A temporary file in the destination folder takes the content, is flushed to disk, and is renamed over the
+destination; a kill at any moment leaves the old file or the new one, never a truncated one, and the
+temporary file is removed on any error. :func:`atomic_path` hands the temporary path to writers that
+want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the others are shorthands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path"]
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries, to disk (best effort where the file system refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on normal exit it is flushed and renamed to ``path``.
+
+    Args:
+        path: the destination; its parent folders are created.
+        suffix: ending of the temporary name, for writers that pick the format from it (``".nii.gz"``).
+        directory: the temporary path is a new empty folder that replaces a folder at ``path`` (a DICOM
+            series written file by file).
+
+    On an exception nothing is renamed and the temporary file or folder is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}."
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            for child in tmp.iterdir():
+                fsync_path(child)
+            if path.exists():
+                shutil.rmtree(path)
+        else:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself, durable
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, **kwargs) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; ``kwargs`` go to ``json.dumps``."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
