@@ -31,7 +31,7 @@ __all__ = [
     "CTCLIP_LIPRO_POS_WEIGHT",
 ]
 
-#: ``pos_weight`` of the published ClassFine training (CTCLIP_REFERENCE.md §4), CT-RATE pathology order.
+#: ``pos_weight`` of the published ClassFine training (docs/ctclip_reference.md#classfine), CT-RATE pathology order.
 CTCLIP_LIPRO_POS_WEIGHT = (9.21, 2.38, 8.30, 32.86, 2.99, 6.06, 3.18, 4.19, 3.02, 1.22, 1.68, 3.15, 7.12, 18.17,
                            13.85, 6.34, 10.82, 13.41)
 

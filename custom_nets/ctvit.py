@@ -1,6 +1,6 @@
 """CTViT: the 3D image encoder of CT-CLIP (factorised spatial/temporal transformer + cosine VQ).
 
-Written from the specification in ``docs/CTCLIP_REFERENCE.md``. Module names, parameter and buffer
+Written from the specification in ``docs/ctclip_reference.md#ctvit``. Module names, parameter and buffer
 names mirror the published state dict, so the published checkpoints load without renaming. Two quirks
 of the reference change the numbers and are reproduced on purpose:
 

@@ -1,6 +1,6 @@
 """Stored values to Hounsfield units, with provenance.
 
-CT-RATE ships two intensity versions (CTRATE_FORMATS.md): the first release stores raw values that
+CT-RATE ships two intensity versions (docs/ctrate_formats.md): the first release stores raw values that
 need the metadata CSV's slope/intercept, the corrected ``*_fixed`` release stores HU already, and
 applying the intercept twice shifts every voxel by -1024 (CT-CLIP issue #50). ``RescaleToHUd``
 makes the choice explicit: from the header (as the readers apply it), from a metadata row, or
