@@ -37,7 +37,7 @@ def tiny_cohort_dir(tmp_path_factory):
     """A raw synthetic cohort in the CT-RATE layout (NIfTI files and DICOM series folders, every
     encoding and orientation variant the generator knows), balanced so that small splits have
     positives."""
-    from transforms.synthetic.cohort import generate_cohort
+    from chest_phantom.cohort import generate_cohort
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     generate_cohort(out, num_cases=TINY_COHORT_CASES, seed=7, geometry="tests", balanced=True,

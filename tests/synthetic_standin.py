@@ -6,7 +6,7 @@ A few ellipsoids in HU make a volume with air, lung, soft tissue and bone; recor
 
 import numpy as np
 
-from transforms import CTRATE_PATHOLOGIES
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 SUBTYPES = {
     "Medical material": ["sternotomy wires", "central venous catheter", "port catheter", "pacemaker", "surgical clips"],

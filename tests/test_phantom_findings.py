@@ -1,7 +1,7 @@
 """Every finding is visible: simple rule-based detectors recover the labels from the phantom images.
 
 A small balanced cohort is rendered at the coarse "qa" geometry (96 matrix, ~4 mm). Each label's
-detector (transforms.synthetic.qa) scores the difference between the image and the expected normal
+detector (chest_phantom.qa) scores the difference between the image and the expected normal
 image of the same anatomy (the record rendered without findings, same scanner and noise seed)
 inside the finding's anatomical ROI and HU signature, and is scored by AUROC. Labels whose detector
 stays below 0.9 are listed in the failure message; PHANTOM_SPEC.md §7 calls a label "not rendered"
@@ -16,9 +16,9 @@ effusions); lung opacity (0.94 / 0.88) and bronchiectasis (0.86 / 0.92) each mis
 import numpy as np
 import pytest
 
-from transforms import CTRATE_PATHOLOGIES
-from transforms.synthetic import apply_scanner, default_grid, render_truth, sample_case_record, sample_recon
-from transforms.synthetic.qa import detector_scores, normal_reference
+from chest_phantom import apply_scanner, default_grid, render_truth, sample_case_record, sample_recon
+from chest_phantom.qa import detector_scores, normal_reference
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 N_CASES = 40
 MIN_PASSING = 14  # labels with AUROC >= 0.9 (of 18; 14 reached here and on a second cohort): the issue's target

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from transforms import CTRATE_PATHOLOGIES
-from transforms.synthetic import sample_case_record
-from transforms.synthetic.anatomy import LOBES, NODE_STATIONS
-from transforms.synthetic.record import CTRATE_PREVALENCE, INCIDENTAL_FINDINGS, SEVERITIES, SUBTYPES
+from chest_phantom import sample_case_record
+from chest_phantom.anatomy import LOBES, NODE_STATIONS
+from chest_phantom.record import CTRATE_PREVALENCE, INCIDENTAL_FINDINGS, SEVERITIES, SUBTYPES
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 LATENTS = {"smoker", "heart_failure", "infection", "airway_disease", "post_op", "prior_infection"}
 

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from transforms import CTRATE_PATHOLOGIES
-from transforms.synthetic import apply_scanner, default_grid, render_truth, sample_case_record, sample_recon
+from chest_phantom import apply_scanner, default_grid, render_truth, sample_case_record, sample_recon
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 
 def _only(*labels, seed=3, **kw):

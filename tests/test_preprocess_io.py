@@ -151,7 +151,7 @@ def _metadata_row(name, geometry):
 def test_geometry_restored_from_metadata_row_for_nifti_without_orientation(tmp_path):
     """A CT-RATE-release style file (sform_code = qform_code = 0, LPS-ordered array, 1 mm pixdim)
     plus its metadata row -> the same RAS volume as the correctly written file."""
-    enc = pytest.importorskip("transforms.synthetic.encoding")
+    enc = pytest.importorskip("chest_phantom.encoding")
     hu = phantom_hu(lps_grid()).astype(np.float32)
     q = enc.quantise(hu, "int16_offset_raw")
     grid = {"shape": list(SHAPE), "spacing_mm": list(SPACING), "origin_mm": list(ORIGIN_LPS)}
@@ -212,8 +212,8 @@ def test_geometry_from_metadata_conventions():
 # ------------------------------------------------------------------ DICOM PixelPaddingValue (gap b)
 def _padded_series(folder, encoding, padding_hu):
     """The phantom with outside-FOV padding beyond a circle, written by the synthetic cohort's writers."""
-    enc = pytest.importorskip("transforms.synthetic.encoding")
-    dcm = pytest.importorskip("transforms.synthetic.dicom")
+    enc = pytest.importorskip("chest_phantom.encoding")
+    dcm = pytest.importorskip("chest_phantom.dicom")
     grid = lps_grid()
     hu = phantom_hu(grid).astype(np.float32)
     outside = grid[..., 0] ** 2 + grid[..., 1] ** 2 > 85.0 ** 2

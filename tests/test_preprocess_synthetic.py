@@ -1,4 +1,4 @@
-"""Preprocessing on data written by the synthetic generator (transforms.synthetic): its storage
+"""Preprocessing on data written by the synthetic generator (chest_phantom): its storage
 writers (every NIfTI encoding and orientation, DICOM series) and a generated cohort at the "tests"
 geometry with its sidecars."""
 
@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_preprocess_phantom import NODULE_LPS, ORIGIN_LPS, SHAPE, SPACING, lps_grid, phantom_hu  # noqa: E402
 
-enc = pytest.importorskip("transforms.synthetic.encoding")
+enc = pytest.importorskip("chest_phantom.encoding")
 from workflows.preprocess import CTPreprocessor  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def test_generator_encodings_and_orientations_give_the_same_volume(tmp_path):
 
 
 def test_generated_cohort_preprocesses_to_ras_target_geometry(tmp_path):
-    cohort = pytest.importorskip("transforms.synthetic.cohort")
+    cohort = pytest.importorskip("chest_phantom.cohort")
     inp = tmp_path / "in"
     cohort.generate_cohort(str(inp), 3, seed=1, geometry="tests", dicom_fraction=0.4, num_workers=1, progress=False,
                            encodings=list(enc.ENCODINGS), orientations=list(enc.ORIENTATIONS))

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from transforms import CTRATE_PATHOLOGIES
-from transforms.synthetic.cohort import METADATA_COLUMNS, CohortConfigError, generate_cohort, plan_cases
-from transforms.synthetic.report_parser import labels_from_report
+from chest_phantom.cohort import METADATA_COLUMNS, CohortConfigError, generate_cohort, plan_cases
+from chest_phantom.report_parser import labels_from_report
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "synthetic_chest_ct"
@@ -263,7 +263,7 @@ def test_plan_is_patient_wise_and_seeded():
 def test_preview_draws_cases_with_marks(cohorts, tmp_path):
     import matplotlib.image as mpimg
 
-    from transforms.synthetic.preview import preview_cohort
+    from chest_phantom.preview import preview_cohort
 
     png = preview_cohort(cohorts[0], tmp_path / "p.png", num_cases=2)
     assert png.stat().st_size < 1_000_000

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from monai.transforms import LoadImage, Orientation
 
-from transforms.synthetic.dicom import write_dicom_series
-from transforms.synthetic.encoding import (
+from chest_phantom.dicom import write_dicom_series
+from chest_phantom.encoding import (
     ENCODINGS, HU_CLIP, ORIENTATIONS, decode_hu, encoding_facts, orient, quantise, write_nifti,
 )
 
@@ -170,9 +170,9 @@ def test_quantise_rejects_unknown_encoding():
 
 def test_real_phantom_round_trip(tmp_path):
     """The renderer's phantom (tests geometry), one reconstruction, every variant → the same HU."""
-    from transforms.synthetic.record import sample_case_record
-    from transforms.synthetic.render import render_truth
-    from transforms.synthetic.scanner import apply_scanner, default_grid, sample_recon
+    from chest_phantom.record import sample_case_record
+    from chest_phantom.render import render_truth
+    from chest_phantom.scanner import apply_scanner, default_grid, sample_recon
 
     rec = sample_case_record("train_1", "a", 11, balanced=True)
     grid = default_grid(rec, "tests", np.random.default_rng(0))

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from transforms import CTRATE_PATHOLOGIES
-from transforms.synthetic.report_parser import find_mentions, labels_from_report
-from transforms.synthetic.reports import REPORT_COLUMNS, format_mm, generate_report
+from chest_phantom.report_parser import find_mentions, labels_from_report
+from chest_phantom.reports import format_mm, generate_report
+from ctclip_contract import CTRATE_PATHOLOGIES, REPORT_COLUMNS
 
 from synthetic_standin import standin_record
 
@@ -77,7 +77,7 @@ def _report_text(rep):
 
 def test_qa_parser_recovers_labels_on_real_records():
     """PHANTOM_SPEC §7: the parser reproduces all 18 labels exactly on ≥ 200 generated reports."""
-    from transforms.synthetic.record import sample_case_record
+    from chest_phantom.record import sample_case_record
 
     mismatches = []
     positives = Counter()
@@ -92,7 +92,7 @@ def test_qa_parser_recovers_labels_on_real_records():
 
 
 def test_report_follows_findings_not_noisy_labels():
-    from transforms.synthetic.record import sample_case_record
+    from chest_phantom.record import sample_case_record
 
     flipped = 0
     for i in range(40):

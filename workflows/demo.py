@@ -349,7 +349,7 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
 def _example_picture(out: Path) -> None:
     """Axial and coronal views of a few generated cases with their findings marked."""
     try:
-        subprocess.run([sys.executable, "-m", "transforms.synthetic.preview", "--cohort", str(out / "cohort"),
+        subprocess.run([sys.executable, "-m", "chest_phantom.preview", "--cohort", str(out / "cohort"),
                         "--output", str(out / "figures" / "example_cases.png"), "--num_cases", "4"],
                        cwd=REPO_ROOT, check=True, capture_output=True, text=True)
     except (subprocess.CalledProcessError, OSError) as e:  # a missing picture must not cost the run

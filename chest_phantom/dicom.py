@@ -47,7 +47,7 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
         stored: integer array (nx, ny, nz) in the encoding's dtype.
         affine_lps: index → patient LPS mm of ``stored``; its first two columns must be parallel
             to patient axes (no gantry tilt).
-        encoding: a key of :data:`transforms.synthetic.encoding.ENCODINGS` with ``header_rescale``.
+        encoding: a key of :data:`chest_phantom.encoding.ENCODINGS` with ``header_rescale``.
         meta: patient/acquisition attributes (PatientID, PatientSex, PatientAge, StudyDate,
             Manufacturer, ManufacturerModelName, KVP, XRayTubeCurrent, ExposureTime,
             ConvolutionKernel, ReconstructionDiameter, PatientPosition, SliceThickness,

@@ -1,6 +1,6 @@
 """Voxel canvas and analytic partial-volume primitives for the chest-CT phantom.
 
-Coordinates follow the grid contract of :mod:`transforms.synthetic.scanner`: array index
+Coordinates follow the grid contract of :mod:`chest_phantom.scanner`: array index
 ``(i, j, k)`` maps to patient LPS millimetres ``origin + (i*sx, j*sy, k*sz)`` (x toward the
 patient's left, y posterior, z superior).
 

@@ -123,12 +123,12 @@ def plan_cases(num_cases: int, seed: int, two_scan_fraction: float = 0.2, split_
 
 def _renderer(module: str | None = None) -> dict[str, Callable]:
     found: dict[str, Callable] = {}
-    candidates = [module] if module else [f"transforms.synthetic{m}" for m in _RENDERER_MODULES]
+    candidates = [module] if module else [f"chest_phantom{m}" for m in _RENDERER_MODULES]
     for name in candidates:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if module or (exc.name and not exc.name.startswith("transforms.synthetic")):
+            if module or (exc.name and not exc.name.startswith("chest_phantom")):
                 raise
             continue
         for fn in _RENDERER_FUNCTIONS:
@@ -580,7 +580,7 @@ def generate_cohort(
         split_prefix: first part of every name ("train" → ``train_12_a_1``).
         progress: show a tqdm progress bar.
         renderer: dotted module providing the renderer functions (default: found in
-            ``transforms.synthetic``); lets tests substitute a stand-in.
+            ``chest_phantom``); lets tests substitute a stand-in.
 
     Returns:
         summary dict: counts of patients/scans/volumes, formats, encodings, orientations, label
@@ -671,7 +671,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m transforms.synthetic.cohort OUT N
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m chest_phantom.cohort OUT N
     import fire
 
     fire.Fire(generate_cohort)

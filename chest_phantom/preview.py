@@ -1,6 +1,6 @@
 """Picture of a few generated cases: axial and coronal slices with the findings marked.
 
-    python -m transforms.synthetic.preview --cohort OUT --output docs/images/synthetic_cases.png --num_cases 4
+    python -m chest_phantom.preview --cohort OUT --output docs/images/synthetic_cases.png --num_cases 4
 
 Each volume is read the way the pipeline reads it (MONAI ``LoadImage(reader="ITKReader")`` →
 ``Orientation("RAS")``, then HU from the sidecar's storage facts), so the picture also checks the
@@ -91,7 +91,7 @@ def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, w
     """Draw ``num_cases`` generated cases (axial + coronal) with their findings marked.
 
     Args:
-        cohort: folder written by :func:`transforms.synthetic.cohort.generate_cohort`.
+        cohort: folder written by :func:`chest_phantom.cohort.generate_cohort`.
         output: PNG path (folders created).
         num_cases: number of scans shown (one reconstruction each).
         window: display window in HU (low, high).
@@ -169,7 +169,7 @@ def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, w
 
 
 def main(cohort: str, output: str = "docs/images/synthetic_cases.png", num_cases: int = 4) -> str:
-    """Command line: ``python -m transforms.synthetic.preview --cohort OUT --output PNG --num_cases 4``."""
+    """Command line: ``python -m chest_phantom.preview --cohort OUT --output PNG --num_cases 4``."""
     return str(preview_cohort(cohort, output, num_cases))
 
 
