@@ -17,8 +17,9 @@ box so a case renders in well under a second at the demo geometry.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["Canvas", "ramp", "rotation_from_axes", "unit"]
+__all__ = ["Canvas", "ramp", "rotation_from_axes", "sample_polyline", "smooth_noise", "unit"]
 
 
 def unit(v) -> np.ndarray:
@@ -276,3 +277,33 @@ def sample_polyline(points, step: float):
     if not out:
         return np.zeros((0, 3)), np.zeros(0)
     return np.concatenate(out), np.concatenate(ds)
+
+
+def smooth_noise(canvas: Canvas, rng, corr_mm: float, sl=None) -> np.ndarray:
+    """Unit-variance Gaussian field with correlation length ~``corr_mm`` (coarse grid, trilinear up)."""
+    if sl is None:
+        sl = canvas.full()
+    shape = tuple(s.stop - s.start for s in sl)
+    step = np.maximum(corr_mm / canvas.spacing, 1.0)
+    coarse = tuple(int(np.ceil(n / st)) + 2 for n, st in zip(shape, step))
+    g = rng.standard_normal(coarse).astype(np.float32)
+    if min(coarse) > 2:
+        g = ndimage.gaussian_filter(g, 0.7, mode="wrap")
+        g /= g.std() + 1e-6
+    idx = [np.arange(n, dtype=np.float32) / st + 0.5 for n, st in zip(shape, step)]
+    return _trilinear(g, idx)
+
+
+def _trilinear(g, idx):
+    """Separable linear interpolation of ``g`` at fractional indices per axis (fast outer product)."""
+    out = g
+    for ax, t in enumerate(idx):
+        i0 = np.clip(np.floor(t).astype(np.int64), 0, out.shape[ax] - 2)
+        w = (t - i0).astype(np.float32)
+        a = np.take(out, i0, axis=ax)
+        b = np.take(out, i0 + 1, axis=ax)
+        shp = [1, 1, 1]
+        shp[ax] = -1
+        w = w.reshape(shp)
+        out = a + (b - a) * w
+    return out.astype(np.float32)

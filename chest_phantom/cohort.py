@@ -31,14 +31,19 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
+import fire
 import numpy as np
+from tqdm.auto import tqdm
 
-from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, REPORT_COLUMNS
-from .encoding import ENCODINGS, ORIENTATIONS, atomic_write_bytes, encoding_facts, orient, quantise, write_nifti
+from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, REPORT_COLUMNS, atomic_write_json, atomic_write_text
+
+from .dicom import write_dicom_series
+from .encoding import ENCODINGS, ORIENTATIONS, encoding_facts, orient, quantise, write_nifti
 from .reports import generate_report
 
 __all__ = ["generate_cohort", "plan_cases", "case_seed", "METADATA_COLUMNS", "LABEL_COLUMNS", "DEFAULT_ENCODINGS",
@@ -64,6 +69,7 @@ _COHORT_ENTRIES = ("volumes", "ground_truth", "metadata.csv", "reports.csv", "la
 _SPLIT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,31}$")
 _RENDERER_FUNCTIONS = ("sample_case_record", "default_grid", "sample_recon", "render_truth", "apply_scanner")
 _RENDERER_MODULES = (".record", ".render", ".scanner")
+_PACKAGE = "chest_phantom"
 
 
 class CohortConfigError(ValueError):
@@ -123,12 +129,12 @@ def plan_cases(num_cases: int, seed: int, two_scan_fraction: float = 0.2, split_
 
 def _renderer(module: str | None = None) -> dict[str, Callable]:
     found: dict[str, Callable] = {}
-    candidates = [module] if module else [f"chest_phantom{m}" for m in _RENDERER_MODULES]
+    candidates = [module] if module else [f"{_PACKAGE}{m}" for m in _RENDERER_MODULES]
     for name in candidates:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if module or (exc.name and not exc.name.startswith("chest_phantom")):
+            if module or (exc.name and not exc.name.startswith(_PACKAGE)):
                 raise
             continue
         for fn in _RENDERER_FUNCTIONS:
@@ -397,16 +403,14 @@ def _jsonable(obj):
 
 def _generate_case(task: dict) -> list[dict]:
     """Render, encode and write every reconstruction of one case; return its CSV rows."""
-    from .dicom import write_dicom_series  # pydicom only where DICOM is written
-
     try:
-        return _generate_case_inner(task, write_dicom_series)
+        return _generate_case_inner(task)
     except Exception as exc:  # name the case: a worker traceback alone does not say which
         raise RuntimeError(f"case {task['patient_id']}_{task['scan']} (index {task['index']}, seed {task['seed']}) "
                            f"failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
+def _generate_case_inner(task: dict) -> list[dict]:
     fns = _renderer(task["renderer"])
     out = Path(task["output_dir"])
     cseed = int(task["seed"])
@@ -495,7 +499,7 @@ def _generate_case_inner(task: dict, write_dicom_series) -> list[dict]:
             "metadata_row": row,
         }
         gt = out / "ground_truth" / f"{stem}.json"
-        atomic_write_bytes(gt, (json.dumps(_jsonable(sidecar), indent=1) + "\n").encode())
+        atomic_write_json(gt, _jsonable(sidecar), indent=1)
         rows.append({
             "metadata": row,
             "report": {"VolumeName": name, **report},
@@ -531,7 +535,7 @@ def _write_csv(path: Path, columns, rows) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_text(path, buf.getvalue())
 
 
 def generate_cohort(
@@ -607,8 +611,6 @@ def generate_cohort(
     }
     tasks = [dict(common, **c) for c in cases]
     results: dict[int, list[dict]] = {}
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(tasks), desc="synthetic cohort", unit="scan", disable=not progress)
     try:
         if num_workers == 1:
@@ -655,13 +657,11 @@ def generate_cohort(
         "versions": {"python": platform.python_version(), "numpy": np.__version__, **_versions()},
         "summary": {k: v for k, v in summary.items() if k not in ("seconds", "output_dir")},
     }
-    atomic_write_bytes(out / "cohort.json", (json.dumps(_jsonable(manifest), indent=1) + "\n").encode())
+    atomic_write_json(out / "cohort.json", _jsonable(manifest), indent=1)
     return summary
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("nibabel", "pydicom", "ctclip-monai"):
         try:
@@ -672,6 +672,4 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience: python -m chest_phantom.cohort OUT N
-    import fire
-
     fire.Fire(generate_cohort)

@@ -11,8 +11,6 @@ UIDs are derived from the volume name and seed, so reruns produce identical file
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,8 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from ctclip_contract import atomic_path
 
 from .encoding import ENCODINGS
 
@@ -40,7 +40,8 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
     """Write ``stored`` (index (i, j, k) = (column, row, slice)) as one DICOM file per slice.
 
     The series is written into a hidden temporary folder beside ``folder`` and renamed into place
-    at the end, so an interrupted run never leaves a partial series under the final name.
+    at the end (:func:`ctclip_contract.atomic_path` with ``directory=True``), so an interrupted run
+    never leaves a partial series under the final name.
 
     Args:
         folder: target series folder (created; replaced if it exists).
@@ -92,11 +93,7 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
     rng.shuffle(names_list)
     instance_numbers = rng.permutation(nz) + 1
 
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(folder, directory=True) as tmp:
         for k in range(nz):
             position = a[:3, :3] @ np.array([0.0, 0.0, float(k)]) + a[:3, 3]
             sop_uid = generate_uid(entropy_srcs=[uid_key, "instance", str(k)])
@@ -168,12 +165,6 @@ def write_dicom_series(folder: str | Path, stored: np.ndarray, affine_lps: np.nd
             buf = io.BytesIO()
             dcmwrite(buf, ds, enforce_file_format=True)
             (tmp / names_list[k]).write_bytes(buf.getvalue())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {
         "study_uid": study_uid,
         "series_uid": series_uid,

@@ -15,22 +15,23 @@ has something to undo:
 
 Arrays handed to this module are on the renderer's grid: index ``(i, j, k)`` → patient LPS mm
 ``origin + (i*sx, j*sy, k*sz)`` (axis 0 toward Left, 1 toward Posterior, 2 toward Superior).
-All writes are atomic (temporary name, then rename).
+All writes are atomic (:func:`ctclip_contract.atomic_write_bytes`: temporary name, then rename).
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from ctclip_contract import atomic_write_bytes
+
 __all__ = [
     "ENCODINGS", "ORIENTATIONS", "HU_CLIP", "quantise", "orient", "write_nifti", "affine_lps",
-    "decode_hu", "atomic_write_bytes", "encoding_facts",
+    "decode_hu", "encoding_facts",
 ]
 
 #: Tissue values are clipped to the 12-bit CT range before storage; padding may lie below it.
@@ -162,24 +163,6 @@ def orient(array: np.ndarray, grid: dict, orientation: str) -> tuple[np.ndarray,
             a[:3, 3] += a[:3, axis] * (array.shape[axis] - 1)
             a[:3, axis] *= -1
     return np.ascontiguousarray(out), a
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
-
-    Args:
-        path: final file path (its folder must exist).
-        data: file content.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndarray, encoding: str,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .anatomy import LOBE_IDS, ChestAnatomy
-from .canvas import Canvas, ramp, rotation_from_axes, sample_polyline, unit
+from .canvas import Canvas, ramp, rotation_from_axes, sample_polyline, smooth_noise, unit
 
 __all__ = ["LungContext"]
 
@@ -70,8 +70,6 @@ class LungContext:
         p = anat.p
         # dependent (posterior) lung is denser: the gravity gradient of a supine patient
         t = np.clip((y + B) / (2 * B), 0, 1)
-        from .render import smooth_noise
-
         par = p["lung_hu"] + p["lung_gradient_hu"] * (t**1.5 - 0.4)
         self.par = np.broadcast_to(par, self.shape).astype(np.float32).copy()
         self.par += 14.0 * smooth_noise(cv, rng, 4.0, self.sl)
@@ -269,8 +267,6 @@ def _emphysema(lung: LungContext, f):
 
 
 def _local_noise(lung: LungContext, rng, corr):
-    from .render import smooth_noise
-
     return smooth_noise(lung.cv, rng, corr, lung.sl)
 
 

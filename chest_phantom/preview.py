@@ -2,10 +2,12 @@
 
     python -m chest_phantom.preview --cohort OUT --output docs/images/synthetic_cases.png --num_cases 4
 
-Each volume is read the way the pipeline reads it (MONAI ``LoadImage(reader="ITKReader")`` →
-``Orientation("RAS")``, then HU from the sidecar's storage facts), so the picture also checks the
-stored orientation and rescale. Finding centres come from the sidecar (patient LPS mm) and are
-mapped to voxels through the sidecar's affine; a mismatch with the reader's affine is an error.
+Each volume is read back from its file the way any reader sees it (nibabel for NIfTI with the
+header's scl_slope/scl_inter applied; pydicom for a DICOM series, slices sorted by position along
+the slice normal, RescaleSlope/RescaleIntercept applied), turned to RAS index order, then HU from
+the sidecar's storage facts; so the picture also checks the stored orientation and rescale.
+Finding centres come from the sidecar (patient LPS mm) and are mapped to voxels through the
+sidecar's affine; a mismatch with the affine read from the file is an error.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fire
+import nibabel as nib
 import numpy as np
+import pydicom
+
+from ctclip_contract import atomic_path
 
 from .encoding import decode_hu
 
-__all__ = ["preview_cohort", "ras_canonical_affine"]
+__all__ = ["preview_cohort", "ras_canonical_affine", "read_volume"]
 
 _SHORT = {
     "Medical material": "device", "Arterial wall calcification": "aortic Ca", "Cardiomegaly": "cardiomegaly",
@@ -74,16 +81,57 @@ def _pick_sidecars(cohort: Path, num_cases: int) -> list[dict]:
     return sorted(chosen, key=lambda s: s["case_index"])
 
 
-def _load_hu(cohort: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray]:
-    from monai.transforms import LoadImage, Orientation
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Values (the file's own rescale applied) and index → RAS mm affine of a stored volume, as stored.
 
-    img = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(cohort / sidecar["storage"]["path"]))
-    img = Orientation("RAS", labels=None)(img)
+    Args:
+        path: a ``*.nii.gz`` file, or a folder holding one DICOM series (one file per slice).
+
+    Returns:
+        ``(float32 array, 4x4 affine)``; DICOM arrays are indexed (column, row, slice), slices in
+        ascending position along the slice normal.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        img = nib.load(str(path))
+        return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, dtype=float)
+    slices = [pydicom.dcmread(p) for p in sorted(path.iterdir()) if p.is_file()]
+    if not slices:
+        raise FileNotFoundError(f"no DICOM files in {path}")
+    iop = np.asarray(slices[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    slices.sort(key=lambda ds: float(normal @ np.asarray(ds.ImagePositionPatient, dtype=float)))
+    between_rows, between_columns = (float(v) for v in slices[0].PixelSpacing)
+    planes = [ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+              for ds in slices]
+    values = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (rows, columns, slices) -> (column, row, slice)
+    first = np.asarray(slices[0].ImagePositionPatient, dtype=float)
+    if len(slices) > 1:
+        step = (np.asarray(slices[-1].ImagePositionPatient, dtype=float) - first) / (len(slices) - 1)
+    else:
+        step = normal * float(slices[0].get("SliceThickness", 1.0))
+    a_lps = np.eye(4)
+    a_lps[:3, 0] = row_dir * between_columns
+    a_lps[:3, 1] = col_dir * between_rows
+    a_lps[:3, 2] = step
+    a_lps[:3, 3] = first
+    return np.ascontiguousarray(values), np.diag([-1.0, -1.0, 1.0, 1.0]) @ a_lps
+
+
+def _to_ras(values: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder the voxel axes to RAS (nibabel's closest-canonical orientation)."""
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(values, ornt)
+    return np.ascontiguousarray(out), affine @ nib.orientations.inv_ornt_aff(ornt, values.shape)
+
+
+def _load_hu(cohort: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray]:
+    values, affine = _to_ras(*read_volume(cohort / sidecar["storage"]["path"]))
     expected = ras_canonical_affine(np.array(sidecar["storage"]["affine_ras"]), sidecar["storage"]["shape"])
-    got = np.asarray(img.affine, dtype=float)
-    if not np.allclose(got, expected, atol=1e-2):
-        raise ValueError(f"{sidecar['VolumeName']}: reader affine\n{got}\ndiffers from the sidecar's\n{expected}")
-    return decode_hu(img[0].numpy(), sidecar["encoding"]), expected
+    if not np.allclose(affine, expected, atol=1e-2):
+        raise ValueError(f"{sidecar['VolumeName']}: affine read from the file\n{affine}\ndiffers from the sidecar's\n{expected}")
+    return decode_hu(values, sidecar["encoding"]), expected
 
 
 def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, window: tuple[float, float] = (-1100.0, 400.0),
@@ -100,6 +148,7 @@ def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, w
     Returns:
         the PNG path.
     """
+    # matplotlib is the optional `plots`/`demo` extra: only the picture needs it, not the generator
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,11 +209,11 @@ def preview_cohort(cohort: str | Path, output: str | Path, num_cases: int = 4, w
     fig.suptitle("Synthetic chest CT cohort: findings from the ground-truth sidecars (red)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(output)
+    try:
+        with atomic_path(output, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return output
 
 
@@ -174,6 +223,4 @@ def main(cohort: str, output: str = "docs/images/synthetic_cases.png", num_cases
 
 
 if __name__ == "__main__":
-    import fire
-
     fire.Fire(main)

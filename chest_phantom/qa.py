@@ -16,6 +16,9 @@ from scipy import ndimage
 
 from ctclip_contract import CTRATE_PATHOLOGIES
 
+from .render import render_truth
+from .scanner import apply_scanner
+
 __all__ = ["DETECTORS", "detector_scores", "normal_reference"]
 
 
@@ -429,9 +432,6 @@ def normal_reference(record: dict, grid: dict, recon: dict, seed: int) -> np.nda
     Returns:
         float32 HU volume of the grid's shape.
     """
-    from .render import render_truth
-    from .scanner import apply_scanner
-
     normal = dict(record, findings=[])
     return apply_scanner(render_truth(normal, grid), grid, recon, seed=seed)
 

@@ -52,7 +52,7 @@ def test_one_and_two_workers_write_identical_files(cohorts):
 def test_ctrate_layout_names_and_tables(cohorts):
     root = cohorts[0]
     header, meta = _csv(root / "metadata.csv")
-    assert header == METADATA_COLUMNS
+    assert header == list(METADATA_COLUMNS)
     header, reports = _csv(root / "reports.csv")
     assert header == ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
     header, labels = _csv(root / "labels.csv")
