@@ -1,6 +1,6 @@
 """Analytic adult chest anatomy (supine, inspiration) for the procedural CT phantom.
 
-Everything is in patient LPS millimetres with ``z = 0`` at the carina (PHANTOM_SPEC.md §2):
+Everything is in patient LPS millimetres with ``z = 0`` at the carina (README, "Coordinates and grids"):
 x grows toward the patient's left, y toward posterior, z toward superior. The rib cage's inner
 outline is a super-ellipse centred on ``x = y = 0`` with half-width ``A`` and half-depth ``B``;
 every other structure is placed relative to it, so the same parameters drive rendering

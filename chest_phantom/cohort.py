@@ -1,4 +1,4 @@
-"""Generate a synthetic chest-CT cohort in the CT-RATE layout (PHANTOM_SPEC §4, §6, §8).
+"""Generate a synthetic chest-CT cohort in the CT-RATE layout (README, "The cohort on disk").
 
 One call writes, under ``output_dir``::
 

@@ -1,4 +1,4 @@
-"""Write a synthetic reconstruction as a real DICOM CT series with pydicom (PHANTOM_SPEC §6).
+"""Write a synthetic reconstruction as a real DICOM CT series with pydicom (README, "DICOM series").
 
 One file per slice, CT Image Storage, Explicit VR Little Endian, one Study/Series/FrameOfReference
 UID per series, correct geometry tags (ImagePositionPatient, ImageOrientationPatient,

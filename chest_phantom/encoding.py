@@ -1,4 +1,6 @@
-"""Storage layer of the synthetic cohort: HU → stored integers, orientation, NIfTI files (PHANTOM_SPEC §5.5–6, §6).
+"""Storage layer of the synthetic cohort: HU → stored integers, orientation, NIfTI files.
+
+README, "Storage encodings and orientations" and "NIfTI files".
 
 The same HU volume can be written in every way real chest CT arrives, so that the preprocessing
 has something to undo:

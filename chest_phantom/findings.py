@@ -1,4 +1,4 @@
-"""Rendering of the 18 CT-RATE findings into the phantom (PHANTOM_SPEC.md §3).
+"""Rendering of the 18 CT-RATE findings into the phantom (README, "The 18 findings").
 
 Lung findings act in three places of the lung composite (:class:`LungContext`):
 
@@ -301,7 +301,7 @@ def _ground_glass(lung: LungContext, f):
         n = _local_noise(lung, rng, 8.0)
         # irregular margins, but a confluent hazy core (noise holes made small patches vanish)
         o = np.clip(o * (1.3 + 0.5 * n), 0, 1)
-        hu = float(rng.uniform(-520, -380))  # upper, clearly hazy part of the spec's -700..-300
+        hu = float(rng.uniform(-520, -380))  # the dense, clearly hazy part of the ground-glass range (-700..-300)
         lung.par += o * (hu - lung.par)
 
 
@@ -474,7 +474,7 @@ def arterial_calcification(cv: Canvas, anat: ChestAnatomy, f):
         i = int(rng.integers(n0, len(ap) - 2))
         tng = unit(ap[i + 1] - ap[i])
         R = rotation_from_axes(tng)
-        # conspicuous end of the spec (1-3 mm thick, 2-20 mm long) so plaques survive 3-4 mm voxels
+        # the conspicuous end of aortic plaques (1-3 mm thick, 2-20 mm long) so they survive 3-4 mm voxels
         L = float(rng.uniform(6, 18))  # arc length around the wall
         width = float(rng.uniform(3, 8))  # extent along the vessel
         thick = float(rng.uniform(1.5, 3.0))
@@ -495,12 +495,12 @@ def coronary_calcification(cv: Canvas, anat: ChestAnatomy, f):
     rng = _frng(f)
     pts, vols = [], []
     for c in f["centers_mm"]:
-        dmm = float(rng.uniform(4.5, 6.0))  # spec 1-6 mm; smaller foci vanish at 3-4 mm voxels
+        dmm = float(rng.uniform(4.5, 6.0))  # real foci are 1-6 mm; smaller ones vanish at 3-4 mm voxels
         for k in range(int(rng.integers(2, 4))):  # a plaque: a short cluster along the artery
             pts.append(np.asarray(c) + rng.normal(0, 1.5, 3))
             vols.append(np.pi / 6 * dmm**3)
     frac = cv.splat(np.array(pts), np.array(vols))
-    cv.paint_fraction(frac, float(rng.uniform(650, 900)))  # spec +200..+900: the dense end
+    cv.paint_fraction(frac, float(rng.uniform(650, 900)))  # the dense end of coronary calcium (+200..+900)
 
 
 def devices(cv: Canvas, anat: ChestAnatomy, fnd: dict):

@@ -6,7 +6,8 @@ record rendered without findings through the same scanner and noise seed, so ``D
 findings changed (and metal streaks, whose slices are skipped); co-occurring findings then only
 interfere where their own signatures overlap. Detectors also use the *normal* anatomy masks and
 geometry of :func:`.render.render_truth`; none reads the findings' parameters. Cardiomegaly is
-part of the anatomy and keeps its absolute cardiothoracic ratio. PHANTOM_SPEC.md §7 asks AUROC > 0.9.
+part of the anatomy and keeps its absolute cardiothoracic ratio. The AUROC targets are in the README,
+"QA checks".
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ returns a JSON-serialisable dict::
     {"patient_id": "train_12", "scan": "a", "seed": int, "age": int, "sex": "M"|"F",
      "latent": {"smoker", "heart_failure", "infection", "airway_disease", "post_op",
                 "prior_infection": bool},
-     "labels": {<each of transforms.CTRATE_PATHOLOGIES>: 0|1},
+     "labels": {<each of ctclip_contract.CTRATE_PATHOLOGIES>: 0|1},
      "findings": [{"label": <CT-RATE name>, "severity": "minimal"|"mild"|"moderate"|"marked",
                    "side": "right"|"left"|"bilateral"|"midline", "sites": [str, ...],
                    "size_mm": float|None, "count": int, "subtype": str|None,
@@ -26,7 +26,7 @@ vocabulary in :data:`SUBTYPES`; sites are lobe names (:data:`.anatomy.LOBES`) or
 (:data:`.anatomy.NODE_STATIONS`). ``size_mm``: nodule = largest diameter, lymphadenopathy =
 largest short axis, pleural/pericardial effusion = maximal thickness.
 
-Prevalence follows CT-RATE (CTRATE_FORMATS.md) through six latent factors (a small Bayesian
+Prevalence follows CT-RATE's label statistics through six latent factors (a small Bayesian
 network): every label has a base probability that is raised when one of its parent factors is
 present, solved so that the marginal equals the target; the documented pairwise couplings
 (coronary ⇒ arterial calcification 0.86, consolidation ⇒ lung opacity 0.63, pleural effusion ⇒
@@ -46,7 +46,7 @@ from .anatomy import LOBE_IDS, LOBES, NODE_STATIONS, ChestAnatomy, sample_anatom
 
 __all__ = ["CTRATE_PREVALENCE", "INCIDENTAL_FINDINGS", "LATENT_FACTORS", "SEVERITIES", "SUBTYPES", "sample_case_record", "validate_prevalence"]
 
-#: Label frequency per scan in 1,000 manually labelled CT-RATE-style reports (CTRATE_FORMATS.md).
+#: Label frequency per scan in 1,000 manually labelled CT-RATE-style reports (README, "Case records").
 CTRATE_PREVALENCE = {
     "Medical material": 0.15,
     "Arterial wall calcification": 0.29,
@@ -426,7 +426,7 @@ def _emphysema(f: dict, rng, anat: ChestAnatomy, age: int, labels: dict) -> None
     side, sites = _side_lobes(rng, pool, 0.7)
     f.update(severity=sev, subtype=sub, side=side, sites=sites)
     f["centers_mm"] = _pts([anat.lobe_centroid(s) for s in sites])
-    # LAA%-950 of the affected lobes (spec 5-30 %), from the clearly visible end upwards
+    # LAA%-950 of the affected lobes (emphysema: 5-30 %), from the clearly visible end upwards
     f["laa_fraction"] = float([0.12, 0.16, 0.22, 0.30][_sev_index(sev)])
     f["emphysema_seed"] = int(rng.integers(0, 2**31 - 1))
     if sub == "bullous":
@@ -456,7 +456,7 @@ def _lung_nodule(f: dict, rng, anat: ChestAnatomy, age: int, labels: dict) -> No
     """1-8 nodules in lobes drawn by lobe weight; index nodule 8-18 mm (ground glass >= 10 mm, rarely 20-28 mm)."""
     sub = str(rng.choice(SUBTYPES["Lung nodule"], p=[0.75, 0.15, 0.10]))
     n = int(rng.choice([1, 1, 2, 2, 3, 4, 6, 8]))
-    # the visible part of the spec's 3-20 mm: every nodule >= 5 mm and the index nodule 8-20 mm
+    # the visible part of the usual 3-20 mm: every nodule >= 5 mm and the index nodule 8-20 mm
     # (a reportable nodule with a solid core; at 3-4 mm voxels smaller ones vanish in the noise),
     # ground-glass ones >= 10 mm (their contrast to lung is half that of solid tissue)
     sizes = np.exp(rng.uniform(np.log(5.0), np.log(16.0), n))

@@ -1,7 +1,7 @@
 """A NegEx-style reader of CT-RATE-style report text → the 18 labels.
 
-It is the QA check of PHANTOM_SPEC §7 ("a NegEx-style parser on the generated reports must
-reproduce the 18 labels exactly") and a usable baseline labeller for any CT-RATE-style text. It does
+It is the report-label QA check (README, "QA checks": on generated reports it must reproduce the 18
+labels exactly) and a usable baseline labeller for any CT-RATE-style text. It does
 not know the generator's sentences: it finds *cue phrases* per pathology (regular expressions over
 words and stems), then decides per mention whether it lies inside a *negation scope*:
 
@@ -154,7 +154,7 @@ def labels_from_report(text: str) -> dict[str, int]:
             empty text give all zeros.
 
     Returns:
-        ``{pathology: 0 | 1}`` for every name of :data:`transforms.CTRATE_PATHOLOGIES`, in that order.
+        ``{pathology: 0 | 1}`` for every name of :data:`ctclip_contract.CTRATE_PATHOLOGIES`, in that order.
     """
     positive = {m["label"] for m in find_mentions(text or "") if not m["negated"] and not m["excluded"]}
     return {name: int(name in positive) for name in CTRATE_PATHOLOGIES}

@@ -1,4 +1,4 @@
-"""CT-RATE-style radiology reports written from a synthetic case record (PHANTOM_SPEC §8).
+"""CT-RATE-style radiology reports written from a synthetic case record (README, "Reports").
 
 The report is derived from the record's ``findings`` (the truth), never from its ``labels``: a
 label-noise flip therefore shows up as a disagreement between ``labels.csv`` and the text, exactly
@@ -19,9 +19,6 @@ import numpy as np
 from ctclip_contract import NOT_GIVEN
 
 __all__ = ["generate_report", "format_mm"]
-
-#: Column order of CT-RATE's ``*_reports.csv``.
-
 
 # Sentence-level dropout probability of a normal ("nothing here") statement.
 NORMAL_DROPOUT = 0.2

@@ -21,7 +21,7 @@ patient (250 mm water-equivalent lateral path); wider patients and shoulder leve
 the vendor padding value is written. Output is rounded to integers but not clipped: clipping and
 quantisation to a storage range belong to the encoding step.
 
-Image formation (PHANTOM_SPEC.md §5): in-plane Gaussian PSF per kernel (sharp kernels add edge
+Image formation (README, "Scanner model"): in-plane Gaussian PSF per kernel (sharp kernels add edge
 overshoot), z slice-sensitivity profile of width ``slice_thickness_mm`` beyond the grid's own
 slice averaging, FBP-like correlated noise (ramp x Hann noise power spectrum per slice,
 low-passed for iterative reconstruction) scaled by the water-equivalent path length, radial

@@ -4,9 +4,10 @@ A small balanced cohort is rendered at the coarse "qa" geometry (96 matrix, ~4 m
 detector (chest_phantom.qa) scores the difference between the image and the expected normal
 image of the same anatomy (the record rendered without findings, same scanner and noise seed)
 inside the finding's anatomical ROI and HU signature, and is scored by AUROC. Labels whose detector
-stays below 0.9 are listed in the failure message; PHANTOM_SPEC.md §7 calls a label "not rendered"
-below 0.7. The issue's target, 14 labels at 0.9, is reached on this cohort (seeds 5000+i) and on a
-second, independent 40-case cohort (14 each; all labels >= 0.71 / 0.76). Below 0.9 on both: atelectasis
+stays below 0.9 are listed in the failure message; chest_phantom/README.md ("QA checks") calls a
+label "not rendered" below 0.7. The issue's target, 14 labels at 0.9, is reached on this cohort
+(seeds 5000+i) and on a second, independent 40-case cohort (14 each; all labels >= 0.71 / 0.76).
+Below 0.9 on both: atelectasis
 (0.71 / 0.76: plates merge with co-located consolidation or opacity, lingular plates lie beside the
 heart, passive collapse hides under large effusions), lung nodule (0.89 / 0.82: nodules inside
 consolidation, effusion or metal-streak slices), consolidation (0.88 / 0.84: overlapped by large

@@ -1,4 +1,5 @@
-"""Storage encodings of the synthetic cohort read back through real readers (PHANTOM_SPEC §6, §7)."""
+"""Storage encodings of the synthetic cohort read back through real readers (chest_phantom/README.md,
+"Storage encodings and orientations", "QA checks")."""
 
 import gzip
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Synthetic CT-RATE-style reports and the NegEx-style parser (PHANTOM_SPEC §7, §8)."""
+"""Synthetic CT-RATE-style reports and the NegEx-style parser (chest_phantom/README.md, "Reports", "Report parser")."""
 
 import re
 from collections import Counter
@@ -76,7 +76,7 @@ def _report_text(rep):
 
 
 def test_qa_parser_recovers_labels_on_real_records():
-    """PHANTOM_SPEC §7: the parser reproduces all 18 labels exactly on ≥ 200 generated reports."""
+    """README "QA checks": the parser reproduces all 18 labels exactly on ≥ 200 generated reports."""
     from chest_phantom.record import sample_case_record
 
     mismatches = []
