@@ -125,7 +125,7 @@ def run_baseline(path: str):
 def run_ours(path: str, write: bool, workdir: str):
     """``CTPreprocessor.process_item`` (``write``) or its ``preprocess_volume`` (everything but the write:
     header checks, read, HU decision, QC, RAS resampling, crop/pad, int16)."""
-    from workflows.preprocess import CTPreprocessor
+    from workflows.preprocess_cohort import CTPreprocessor
 
     runner = CTPreprocessor(path, workdir, model_config="ctclip_v2", progress=False, resume=False)
     item = {"name": "bench", "path": path, "input": "bench.nii.gz", "patient": "p"}

@@ -34,7 +34,8 @@ def child(args) -> dict:
 
     import custom_nets as cn
     from custom_nets.losses import PretrainingLoss
-    from workflows.training import PretrainingNetwork, add_gradient_clipping, param_groups
+    from custom_nets.pretraining import PretrainingNetwork
+    from workflows.optim import add_gradient_clipping, decay_param_groups
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -42,7 +43,7 @@ def child(args) -> dict:
     model = cn.create_model(args.config, ctclip={"text_cache_size": 65536 if args.text_cache else 0})
     loss = PretrainingLoss()
     net = PretrainingNetwork(model, loss, gradient_checkpointing=args.checkpointing).to(device).train()
-    opt = add_gradient_clipping(torch.optim.AdamW(param_groups(net, 0.05), lr=1e-4), 1.0)
+    opt = add_gradient_clipping(torch.optim.AdamW(decay_param_groups(net, 0.05), lr=1e-4), 1.0)
     shape = cn.image_input_shape(args.config)
     max_len = model.config.get("text", {}).get("max_length", 512)
     vocab = model.text_transformer.get_input_embeddings().weight.shape[0]

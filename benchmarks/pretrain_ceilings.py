@@ -41,7 +41,7 @@ def load_split(dataset_dir: str, split: str, config: str):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
     from transforms import ReportTextd, ToModelInputd
-    from workflows.datalist import load_datalist
+    from transforms import load_datalist
 
     items = load_datalist(dataset_dir, split, require_labels=True)
     load = Compose([LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image"),

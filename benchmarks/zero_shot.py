@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from custom_nets import ZeroShotClassifier, create_model, image_input_shape
-    from custom_nets.text import build_tokenizer
+    from custom_nets.text_encoder import build_tokenizer
     from transforms import CTRATE_PATHOLOGIES
 
     config = "ctclip_v2" if args.size == "v2" else "ctclip_small"

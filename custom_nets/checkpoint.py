@@ -22,6 +22,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ctclip_contract import atomic_path
+
 from .classifiers import ClassFineClassifier
 
 __all__ = ["load_state_dict_file", "extract_state_dict", "load_checkpoint", "save_reference_checkpoint"]
@@ -133,4 +135,5 @@ def save_reference_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
         sd.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
     else:
         sd = model.reference_state_dict()
-    torch.save(sd, path)
+    with atomic_path(path) as tmp:
+        torch.save(sd, tmp)

@@ -12,9 +12,9 @@ from ctclip_contract import CTRATE_PATHOLOGIES, DEFAULT_TEMPLATES, PROMPT_SCORIN
 
 from .ctclip import CTCLIP
 from .ctvit import param_versions
-from .text import build_tokenizer
+from .text_encoder import build_tokenizer
 
-__all__ = ["ClassFineClassifier", "ZeroShotClassifier"]
+__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "ImageReportLatents"]
 
 
 class ClassFineClassifier(nn.Module):
@@ -180,3 +180,19 @@ class ZeroShotClassifier(nn.Module):
     def probabilities(self, image_latents: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(B, n_classes)`` from precomputed image latents ``(B, dim_latent)``."""
         return torch.sigmoid(self.evidence(image_latents) * self.model.temperature.exp()).mean(dim=0)
+
+
+class ImageReportLatents(nn.Module):
+    """Image and report latents of a CT-CLIP in one forward, for retrieval evaluators.
+
+    ``forward(image, input_ids, attention_mask) -> {"image_latents": (B, D), "text_latents": (B, D)}``;
+    state-dict keys ``model.*`` like :class:`~custom_nets.ZeroShotClassifier`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return {"image_latents": self.model.encode_image(image),
+                "text_latents": self.model.encode_text(input_ids, attention_mask)}

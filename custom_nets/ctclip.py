@@ -20,10 +20,12 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel
 
 from ctclip_contract import IMAGE_POOLINGS, TEXT_POOLINGS
 
 from .ctvit import CTViT, param_versions
+from .losses import clip_loss
 
 __all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY", "pool_depth"]
 
@@ -157,8 +159,6 @@ class CTCLIP(nn.Module):
             ctclip: CTCLIP constructor kwargs of the reference (``dim_image``, ``dim_text``, ``dim_latent``, ...).
             **options: our extra CTCLIP options (e.g. ``keep_reference_extras``).
         """
-        from transformers import BertConfig, BertModel
-
         text = BertModel(BertConfig(**bert))
         image = CTViT(**ctvit)
         return cls(image, text, **dict(ctclip), **options)
@@ -430,6 +430,4 @@ class CTCLIP(nn.Module):
         scale = self.temperature.exp()
         if not return_loss:
             return (text_latents * image_latents).sum(dim=-1) * scale
-        from .losses import clip_loss
-
         return clip_loss(image_latents @ text_latents.t() * scale)

@@ -3,7 +3,7 @@
 Architecture sections of a config:
 
 * ``ctvit``: :class:`~custom_nets.ctvit.CTViT` kwargs (the reference's names, plus our execution options);
-* ``text_encoder``: see :mod:`custom_nets.text`;
+* ``text_encoder``: see :mod:`custom_nets.text_encoder`;
 * ``ctclip``: :class:`~custom_nets.CTCLIP` kwargs (``dim_image``, ``dim_text``, ``dim_latent``, options).
 
 The config's ``input`` section (the preprocessing contract, validated by :mod:`ctclip_contract`) is checked
@@ -21,7 +21,7 @@ from ctclip_contract import ModelConfig, ModelConfigError, load_model_config
 from .checkpoint import load_checkpoint
 from .ctclip import CTCLIP
 from .ctvit import CTViT
-from .text import build_text_encoder
+from .text_encoder import build_text_encoder
 
 __all__ = ["create_model", "ctvit_kwargs"]
 

@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 from torch import nn
 
 __all__ = ["clip_loss", "ClipLoss", "gather_with_grad", "ContrastiveTerm", "CloobLoss", "FilipLoss", "filip_similarity",
@@ -53,7 +55,7 @@ class ClipLoss(nn.Module):
         decoupled: decoupled contrastive loss (DCL): the positive pair is removed from each denominator,
             which removes the negative-positive coupling that hurts small batches (off by default).
 
-    ``pred`` may also be the dict of :class:`workflows.training.PretrainingNetwork` (``image_latents``,
+    ``pred`` may also be the dict of :class:`custom_nets.pretraining.PretrainingNetwork` (``image_latents``,
     ``text_latents``, ``logit_scale``): the latents are then gathered over DDP ranks with gradient before the
     similarity is formed, so every rank contrasts against the global batch.
     """
@@ -70,8 +72,6 @@ class ClipLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ distributed
 def _world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -84,8 +84,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if _world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
@@ -321,7 +319,7 @@ class PretrainingLoss(nn.Module):
     """Weighted sum of the CT-CLIP contrastive loss and the optional terms of the embedding analysis.
 
     Called by the trainer as ``loss(pred, target)``; ``pred`` is the dict of
-    :class:`workflows.training.PretrainingNetwork` (a plain ``(B, B)`` logits tensor is also accepted and
+    :class:`custom_nets.pretraining.PretrainingNetwork` (a plain ``(B, B)`` logits tensor is also accepted and
     gives the CLIP term only). Every optional term is off (weight 0) by default. The last values of every term
     are kept in :attr:`last_terms` for logging.
 

@@ -49,7 +49,7 @@ def tiny_cohort_dir(tmp_path_factory):
 def tiny_preprocessed_dir(tiny_cohort_dir, tmp_path_factory):
     """``tiny_cohort_dir`` through the ct_preprocess pipeline at the ``ctclip_tiny`` contract:
     ``volumes/*.nii.gz`` (int16 HU, RAS), ``datalist.json`` with patient-wise splits, ``qc.csv``."""
-    from workflows.preprocess import CTPreprocessor
+    from workflows.preprocess_cohort import CTPreprocessor
 
     out = tmp_path_factory.mktemp("tiny_preprocessed")
     CTPreprocessor(input_dir=str(tiny_cohort_dir), output_dir=str(out), model_config="ctclip_tiny",

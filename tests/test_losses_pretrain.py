@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from custom_nets import ClipLoss, clip_loss, create_model
 from custom_nets.losses import CloobLoss, PretrainingLoss, filip_similarity, gather_with_grad
-from workflows.training import PretrainingNetwork
+from custom_nets.pretraining import PretrainingNetwork
 
 
 def _batch(model, b=3, seed=0):

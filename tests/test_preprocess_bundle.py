@@ -26,7 +26,7 @@ from test_preprocess_phantom import (  # noqa: E402
 
 from transforms import CTRATE_PATHOLOGIES  # noqa: E402
 from transforms.ctrate import METADATA_COLUMNS, REPORT_COLUMNS  # noqa: E402
-from workflows.preprocess import CTPreprocessor  # noqa: E402
+from workflows.preprocess_cohort import CTPreprocessor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "ct_preprocess" / "configs" / "preprocess.json"

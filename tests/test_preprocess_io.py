@@ -30,7 +30,7 @@ from test_preprocess_phantom import (  # noqa: E402
 
 from transforms.hu import RescaleToHU  # noqa: E402
 from transforms.io import CTVolumeReader, ITKVolumeReader, ResampleToSpacing, linear_resample_axes  # noqa: E402
-from workflows.preprocess import CTPreprocessor, _geometry_from_metadata  # noqa: E402
+from workflows.preprocess_cohort import CTPreprocessor, _geometry_from_metadata  # noqa: E402
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 

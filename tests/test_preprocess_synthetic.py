@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_preprocess_phantom import NODULE_LPS, ORIGIN_LPS, SHAPE, SPACING, lps_grid, phantom_hu  # noqa: E402
 
 enc = pytest.importorskip("chest_phantom.encoding")
-from workflows.preprocess import CTPreprocessor  # noqa: E402
+from workflows.preprocess_cohort import CTPreprocessor  # noqa: E402
 
 
 def _grid():

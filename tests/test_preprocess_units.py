@@ -28,7 +28,7 @@ from transforms import (  # noqa: E402
     read_reports_csv,
     split_patients,
 )
-from transforms.ctrate import CTRATETableError, build_datalist, parse_list, patient_id  # noqa: E402
+from transforms.ctrate import CTRATETableError, datalist_from_records, parse_list, patient_id  # noqa: E402
 
 
 def _ct(offset=0.0):
@@ -183,7 +183,7 @@ def test_patient_split_is_deterministic_and_patient_wise():
     assert split == split_patients(list(reversed(pats)), (0.7, 0.15, 0.15), seed=3)
     assert sorted(list(split.values()).count(k) for k in ("training", "validation", "test")) == [6, 6, 28]
     recs = [{"image": f"volumes/{n}.nii.gz", "name": n, "patient": patient_id(n)} for n in names]
-    dl = build_datalist(recs, split)
+    dl = datalist_from_records(recs, split)
     seen = {}
     for key, items in dl.items():
         for it in items:

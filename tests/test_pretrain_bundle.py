@@ -42,7 +42,7 @@ def _state(path):
 
 
 def _latest(out):
-    from workflows.training import list_checkpoints
+    from workflows.checkpoints import list_checkpoints
 
     found = list_checkpoints(Path(out) / "checkpoints")
     return found[-1] if found else (None, None)
@@ -171,7 +171,7 @@ def test_report_prompt_probabilities_score_reports_like_images():
     """A report that *is* a class's "present" prompt scores above 0.5 for that class: the text-side ceiling
     uses the same prompt-pair softmax as the image zero-shot, with the report latent in the image's place."""
     from custom_nets import ZeroShotClassifier, build_tokenizer, create_model, image_input_shape
-    from workflows.training import ZeroShotValidationNetwork
+    from custom_nets.pretraining import ZeroShotValidationNetwork
 
     torch.manual_seed(0)
     model = create_model("ctclip_tiny").eval()

@@ -7,7 +7,7 @@ import torch
 
 from custom_nets import build_tokenizer, load_model_config, merge_config
 from transforms import NOT_GIVEN, ReportTextd, TokenizeReportd
-from transforms.text import report_sections_from_config, split_sentences
+from transforms.report_text import report_sections_from_config, split_sentences
 
 ITEM = {"name": "vol_1", "findings": "Heart size is normal. No pleural effusion.",
         "impressions": "Emphysema in both lungs."}

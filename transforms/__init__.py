@@ -5,7 +5,10 @@ from ctclip_contract import CTRATE_PATHOLOGIES, NOT_GIVEN, NUM_PATHOLOGIES, path
 from .hu import HUDecisionError, RescaleToHU, RescaleToHUd
 from .qc import CheckInputd, CTQualityCheck, CTQualityCheckd, QualityCheckError, check_dicom_series, check_input
 from .model_input import ToModelInput, ToModelInputd
-from .preprocessing import build_preprocessing, raw_to_model_input_transforms
+from .preprocessing import build_preprocessing, inference_transforms, raw_to_model_input_transforms
+from .augmentation import view_transforms
+from .discovery import discover_inputs, evaluation_items, inference_items, load_datalist
+from .labels import SelectLabelsd
 from .io import CastToHUInt16d, ITKVolumeReader, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
-from .ctrate import build_datalist, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients
-from .text import ReportTextd, TokenizeReportd, report_sections_from_config
+from .ctrate import datalist_from_records, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients
+from .report_text import ReportTextd, TokenizeReportd, report_sections_from_config

@@ -32,7 +32,7 @@ __all__ = [
     "find_ctrate_tables",
     "patient_id",
     "split_patients",
-    "build_datalist",
+    "datalist_from_records",
 ]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -293,7 +293,7 @@ def split_patients(
     return dict(zip(pats, names))
 
 
-def build_datalist(
+def datalist_from_records(
     records: Iterable[Mapping[str, Any]],
     split_of_patient: Mapping[str, str],
 ) -> dict[str, list[dict[str, Any]]]:

@@ -23,13 +23,16 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import itk
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-import itk
 from monai.data import ITKReader, ImageReader, MetaTensor
 from monai.data.utils import compute_shape_offset, zoom_affine
-from monai.transforms import MapTransform, Orientation, Spacing, Transform
+from monai.transforms import MapTransform, Orientation, ResizeWithPadOrCrop, Spacing, Transform
+
+from ctclip_contract import atomic_path
 
 __all__ = ["CTVolumeReader", "ITKVolumeReader", "ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d",
            "save_nifti_atomic", "linear_resample_axes", "read_nifti_array"]
@@ -105,8 +108,6 @@ def read_nifti_array(img) -> np.ndarray:
     (twice the volume in memory), and turns scaled integers into float64. Here the stream is
     decompressed straight into a Fortran-ordered array of the stored dtype, 16 MiB at a time.
     """
-    import nibabel as nib
-
     proxy = img.dataobj
     shape = tuple(int(s) for s in proxy.shape)
     dtype = np.dtype(proxy.dtype)
@@ -192,8 +193,6 @@ class CTVolumeReader(ImageReader):
         if os.path.isdir(name):
             reader = _ITKInt16Reader(**self.itk_kwargs)
             return ("dicom", name, reader, reader.read(name, **kwargs))
-        import nibabel as nib
-
         return ("nifti", name, None, nib.load(name, **kwargs))
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
@@ -384,8 +383,6 @@ def linear_resample_axes(
 
 def _oriented_affine(affine: np.ndarray, shape: Sequence[int], axcodes: str) -> tuple[np.ndarray, list[int]]:
     """The affine and shape ``Orientation(axcodes, labels=RAS labels)`` would produce (no data touched)."""
-    import nibabel as nib
-
     src = nib.orientations.io_orientation(affine)
     dst = nib.orientations.axcodes2ornt(tuple(axcodes), labels=_RAS_LABELS)
     ornt = nib.orientations.ornt_transform(src, dst)
@@ -451,8 +448,6 @@ class ResampleToSpacing(Transform):
             img = Orientation(axcodes=self.axcodes, labels=_RAS_LABELS)(img)
         out = self.fallback(img)
         if self.spatial_size is not None:
-            from monai.transforms import ResizeWithPadOrCrop
-
             out = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=self.pad_value)(out)
         t = out.as_tensor()
         if not self.out_dtype.is_floating_point:
@@ -584,13 +579,12 @@ class CastToHUInt16d(MapTransform):
 
 
 def save_nifti_atomic(img: torch.Tensor, affine: np.ndarray, path: str | os.PathLike, dtype=np.int16) -> None:
-    """Write a channel-first single-channel volume as NIfTI through a temp file and ``os.replace``.
+    """Write a channel-first single-channel volume as NIfTI through the atomic writer
+    (:func:`ctclip_contract.atomic_path`).
 
-    A run killed mid-write leaves at most a hidden ``.<name>.<pid>.tmp`` file, never a partial
+    A run killed mid-write leaves at most a hidden ``.<name>.*.tmp.nii.gz`` file, never a partial
     ``<name>.nii.gz``; ``sform``/``qform`` codes are 1 (scanner).
     """
-    import nibabel as nib
-
     path = Path(path)
     arr = img[0] if img.ndim == 4 else img
     arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
@@ -598,12 +592,5 @@ def save_nifti_atomic(img: torch.Tensor, affine: np.ndarray, path: str | os.Path
     nii.set_sform(nii.affine, code=1)
     nii.set_qform(nii.affine, code=1)
     nii.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(nii, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

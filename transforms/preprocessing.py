@@ -5,14 +5,17 @@ target spacing and size, used by the ct_preprocess bundle and by every "one scan
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    EnsureTyped,
     LoadImaged,
     Orientationd,
     ResizeWithPadOrCropd,
+    SelectItemsd,
     Spacingd,
 )
 
@@ -23,7 +26,7 @@ from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
 from .model_input import ToModelInputd
 from .qc import CheckInputd, CTQualityCheckd
 
-__all__ = ["build_preprocessing", "raw_to_model_input_transforms"]
+__all__ = ["build_preprocessing", "raw_to_model_input_transforms", "inference_transforms"]
 
 
 def build_preprocessing(
@@ -91,3 +94,31 @@ def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto"
     load, process = build_preprocessing(inp.spacing_mm, inp.spatial_size, inp.pad_hu, hu_source, qc, resampler)
     chain = [CheckInputd(keys="image", max_voxels=dict(qc or {}).get("max_voxels")), load, process]
     return chain + [ToModelInputd.from_model_config("image", config)] if model_input else chain
+
+
+def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True, hu_source: str = "auto",
+                         qc: Optional[Mapping[str, Any]] = None, resampler: str = "separable"):
+    """The transform chain of "one scan in, probabilities out".
+
+    ``raw=True``: :func:`raw_to_model_input_transforms` (header checks, then the ct_preprocess chain
+    at the model config's spacing and size, then :class:`~transforms.ToModelInputd`). ``raw=False``: for volumes
+    already written by ct_preprocess at this model's geometry (loader, channel first, ToModelInputd only). Both
+    end with a plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and ``label`` when present).
+
+    Args:
+        model_config: model config name, path or dict (its ``input`` section is the contract).
+        raw: run the full preprocessing.
+        hu_source: see :class:`~transforms.RescaleToHUd`.
+        qc: ``CTQualityCheckd`` keyword arguments.
+        resampler: ``"separable"`` or ``"monai"`` (see ct_preprocess).
+    """
+    cfg = load_model_config(model_config)
+    if raw:
+        head = raw_to_model_input_transforms(cfg, hu_source, qc, resampler)
+    else:
+        head = [LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image"),
+                ToModelInputd.from_model_config("image", cfg)]
+    return Compose(head + [
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        SelectItemsd(keys=["image", "name", "label"], allow_missing_keys=True),
+    ])

@@ -9,11 +9,14 @@ voxels, plausible HU, orthogonal axis-aligned direction, sane spacing, size limi
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -72,7 +75,7 @@ def check_dicom_series(
     Args:
         folder: the series folder.
         spacing_tolerance: relative deviation allowed between consecutive slice gaps. ITK silently
-            averages a gap into one spacing (MONAI_NOTES.md), so a gap must be caught here.
+            averages a gap into one spacing (docs/monai_notes.md#readers-and-transforms), so a gap must be caught here.
         max_voxels: reject series with more voxels than this.
 
     Returns:
@@ -83,8 +86,6 @@ def check_dicom_series(
     Raises:
         QualityCheckError: naming the folder and the reason.
     """
-    import pydicom
-
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
@@ -191,8 +192,6 @@ def _check_complete(path: Path, expected: int) -> None:
     uncompressed size mod 2**32) must match; when it does not (a truncated file, or an unusual
     multi-member stream), the stream is decompressed once to count the bytes.
     """
-    import zlib
-
     if not path.name.lower().endswith(".gz"):
         if path.stat().st_size < expected:
             raise QualityCheckError(f"{path}: truncated NIfTI ({path.stat().st_size} bytes, need {expected})")
@@ -243,8 +242,6 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
         return {"kind": "dicom", **check_dicom_series(path, spacing_tolerance, max_voxels)}
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise QualityCheckError(f"{path}: not a recognised image file (expected .nii, .nii.gz or a DICOM folder)")
-    import nibabel as nib
-
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)

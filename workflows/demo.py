@@ -16,6 +16,7 @@ leaves a marker when it finished, so running the demo again resumes after the la
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import fire
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,8 +177,6 @@ def collect_results(out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     qc = out / "preprocessed" / "qc.csv"
     if qc.is_file():
-        import csv
-
         with open(qc, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         results["qc"] = {"inputs": len(rows), "ok": sum(r.get("status") == "ok" for r in rows)}
@@ -363,6 +364,4 @@ def cli(*args, **kwargs) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import fire
-
     fire.Fire(cli)

@@ -21,19 +21,26 @@ Bundle wiring (validation section of a train config, handlers run in list order)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
+from torch import nn
+
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
 
 from .metrics import evaluate_classification, to_jsonable
+from .plots import plot_latent_map, plot_roc_curves
+from .retrieval import retrieval_metrics
 from .writers import read_predictions_csv, write_csv_rows, write_json, write_per_class_tables, write_predictions_csv
 
 __all__ = [
@@ -43,6 +50,8 @@ __all__ = [
     "names_from_batch",
     "labels_from_batch",
     "latents_from_pred",
+    "probs_and_labels",
+    "PromptRefresher",
 ]
 
 
@@ -117,8 +126,6 @@ def _rows(x: Any) -> list[torch.Tensor]:
 
 
 def _world() -> tuple[int, int]:
-    import ignite.distributed as idist
-
     return idist.get_world_size(), idist.get_rank()
 
 
@@ -192,8 +199,6 @@ class ClassificationEvaluationHandler:
         name: str | None = None,
     ) -> None:
         if class_names is None:
-            from transforms import CTRATE_PATHOLOGIES
-
             class_names = CTRATE_PATHOLOGIES
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
@@ -333,8 +338,6 @@ class ClassificationEvaluationHandler:
         write_per_class_tables(results, out)
         if self.write_plots:
             try:
-                from .plots import plot_roc_curves
-
                 plot_roc_curves(labels, probs, out / "roc_curves.png", self.class_names, title=f"ROC, {len(probs)} volumes")
             except ImportError as e:
                 self.logger.warning(f"ROC plot skipped ({e})")
@@ -444,8 +447,6 @@ class RetrievalEvaluationHandler:
 
     def completed(self, engine: Engine) -> None:
         """Gather, compute, expose and write."""
-        from .retrieval import retrieval_metrics
-
         ws, rank = _world()
         width = self._img[0].numel() if self._img else None
         img = _gather_rows(self._img, width).numpy()
@@ -475,14 +476,10 @@ class RetrievalEvaluationHandler:
             return
         write_json(self.output_dir / "retrieval.json", results)
         if self.save_latents:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.output_dir / ".latents.tmp.npz"
-            np.savez(tmp, names=np.asarray(names), image_latents=img, text_latents=txt)
-            os.replace(tmp, self.output_dir / "latents.npz")
+            with atomic_path(self.output_dir / "latents.npz", suffix=".npz") as tmp:
+                np.savez(tmp, names=np.asarray(names), image_latents=img, text_latents=txt)
         if self.write_plots and len(img) >= 2:
             try:
-                from .plots import plot_latent_map
-
                 counts = y.sum(axis=1) if y is not None else np.zeros(len(img))
                 plot_latent_map(img, counts, self.output_dir / "latent_map.png", method=self.map_method)
             except ImportError as e:
@@ -535,8 +532,6 @@ class MetricsPerEpochWriter:
 
     def read(self) -> list[dict[str, Any]]:
         """The rows written so far (empty list when the file does not exist)."""
-        import json
-
         if not self.json_path.exists():
             return []
         data = json.loads(self.json_path.read_text(encoding="utf-8"))
@@ -562,3 +557,33 @@ class MetricsPerEpochWriter:
         write_json(self.json_path, rows)
         fields = list(dict.fromkeys(k for r in rows for k in r))
         write_csv_rows(self.csv_path, to_jsonable(rows), fields)
+
+
+def probs_and_labels(output: Any, key: str = "probs") -> tuple[list, list]:
+    """``output_transform`` for :class:`~workflows.handlers.ClassificationEvaluationHandler` on the output of
+    :class:`~custom_nets.pretraining.ZeroShotValidationNetwork` (decollated list of per-sample dicts, or one batch dict).
+
+    Args:
+        output: the evaluator's ``engine.state.output``.
+        key: ``"probs"`` (image zero-shot) or ``"report_probs"`` (reports scored by the prompts).
+    """
+    if isinstance(output, Mapping):
+        return output["pred"][key], output["label"]
+    return [o["pred"][key] for o in output], [o["label"] for o in output]
+
+
+class PromptRefresher:
+    """Re-encode the zero-shot prompts at the start of every validation (the text encoder is training).
+
+    Args:
+        zero_shot: the :class:`~custom_nets.ZeroShotClassifier`.
+    """
+
+    def __init__(self, zero_shot: nn.Module):
+        self.zero_shot = zero_shot
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.zero_shot.refresh_prompts()

@@ -1,7 +1,7 @@
 """Multi-label classification metrics for the 18 CT-RATE abnormalities (numpy only).
 
 Three threshold protocols are reported side by side, because published CT-RATE numbers mix them
-(CTCLIP_REFERENCE.md §6):
+(docs/ctclip_reference.md#metrics-and-threshold-protocols):
 
 - ``val_youden``: one threshold per class fitted on a *validation* split (Youden's J) and applied to
   the evaluated split. The honest protocol; needs validation predictions.
@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from ctclip_contract import CTRATE_PATHOLOGIES
 
 __all__ = [
     "auroc",
@@ -494,8 +496,6 @@ def evaluate_classification(
     y, s = _check_pair(labels, scores)
     n, n_classes = y.shape
     if class_names is None and n_classes == 18:
-        from transforms import CTRATE_PATHOLOGIES
-
         class_names = CTRATE_PATHOLOGIES
     names = _names(class_names, n_classes)
     notes: list[str] = []

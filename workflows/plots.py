@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
+
 from .metrics import auroc, roc_curve
 
 __all__ = ["plot_roc_curves", "embed_2d", "plot_latent_map", "plot_learning_curve", "read_metrics_per_epoch"]
 
 
 def _pyplot():
+    # matplotlib is the optional `plots` extra (also in `demo` and `test`): imported only when a picture is drawn
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -31,13 +34,9 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    # write next to the destination and rename, like the other writers
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return Path(path)
 
 
 def plot_roc_curves(
@@ -67,8 +66,6 @@ def plot_roc_curves(
     n_classes = y.shape[1]
     if class_names is None:
         if n_classes == 18:
-            from transforms import CTRATE_PATHOLOGIES
-
             class_names = CTRATE_PATHOLOGIES
         else:
             class_names = [f"class_{i}" for i in range(n_classes)]
@@ -139,7 +136,7 @@ def embed_2d(latents: Any, method: str = "auto", seed: int = 0) -> tuple[np.ndar
     n = x.shape[0]
     if method in ("auto", "tsne") and n > 5:
         try:
-            from sklearn.manifold import TSNE
+            from sklearn.manifold import TSNE  # scikit-learn is optional (not a dependency): PCA without it
         except ImportError:
             if method == "tsne":
                 raise
@@ -254,7 +251,7 @@ def plot_learning_curve(
             ax.fill_between(epochs, lo, hi, color=f"C{i}", alpha=0.2, label=f"{key} CI")
     if any("auroc" in k for k in keys):
         ax.axhline(0.5, ls="--", lw=0.8, color="0.6", label="chance (0.5)")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # the `plots` extra, as in _pyplot
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import to_jsonable
+
 __all__ = [
     "similarity_matrix",
     "expected_ranks",
@@ -249,8 +251,6 @@ def retrieval_metrics(
         ``{"n", "report_to_volume": {...}, "volume_to_report": {...}, "volume_to_volume": {...},
         "embedding": {"alignment", "uniformity_image", "uniformity_text"}, "notes"}``.
     """
-    from .metrics import to_jsonable
-
     notes: list[str] = []
     img = txt = None
     if similarity is None:

@@ -1,7 +1,7 @@
 """Result files of an evaluation: metrics.json, per-class tables, predictions.csv.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
-reader or a crashed run never sees half a file.
+Every file goes through the one atomic writer (:mod:`ctclip_contract.atomic`), so a reader or a crashed
+run never sees half a file.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_write_text
+
 from .metrics import to_jsonable
 
 __all__ = [
-    "atomic_write_text",
     "write_json",
     "write_csv_rows",
     "per_class_rows",
@@ -29,32 +29,6 @@ __all__ = [
     "write_predictions_csv",
     "read_predictions_csv",
 ]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename.
-
-    Args:
-        path: destination; parent folders are created.
-        text: content (UTF-8).
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -230,8 +204,6 @@ def write_predictions_csv(
         The destination path.
     """
     if class_names is None:
-        from transforms import CTRATE_PATHOLOGIES
-
         class_names = CTRATE_PATHOLOGIES
     class_names = list(class_names)
     p = np.asarray(probabilities, dtype=np.float64)
@@ -281,8 +253,6 @@ def read_predictions_csv(
         KeyError: naming the missing column.
     """
     if class_names is None:
-        from transforms import CTRATE_PATHOLOGIES
-
         class_names = CTRATE_PATHOLOGIES
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)

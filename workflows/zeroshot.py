@@ -8,7 +8,7 @@ The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
   raw NIfTI/DICOM (``--input``) or a preprocessed cohort (``--dataset_dir``); ``predictions.csv`` and,
   with ``--save_embeddings True``, ``embeddings.npz`` (:class:`ImageLatentsWriter`).
 - ``evaluate.json``: validation then test split, test thresholds fitted on validation.
-- ``retrieval.json``: :class:`ImageReportLatents` gives image and report latents per volume;
+- ``retrieval.json``: :class:`~custom_nets.ImageReportLatents` gives image and report latents per volume;
   :class:`~workflows.handlers.RetrievalEvaluationHandler` computes the metrics.
 - ``export.json``: :func:`export_network` writes ``models/model.pt`` (keys of ``network_def``),
   ``models/model_config.json`` and a TorchScript module.
@@ -16,24 +16,25 @@ The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from ignite.engine import Events
 from torch import nn
 
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
 from custom_nets import CTCLIP, ZeroShotClassifier, create_model, load_checkpoint
 
-from .datalist import load_datalist
-from .handlers import ClassificationEvaluationHandler
+from .handlers import ClassificationEvaluationHandler, names_from_batch
+from .writers import read_predictions_csv, write_json
 
 __all__ = [
     "load_prompt_file",
@@ -42,9 +43,6 @@ __all__ = [
     "load_pretrained",
     "find_clip_model",
     "label_indices",
-    "build_datalist",
-    "SelectLabelsd",
-    "ImageReportLatents",
     "ImageLatentsWriter",
     "DeferredValidationEvaluationHandler",
     "JsonStateWriter",
@@ -129,7 +127,7 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
     """A :class:`~custom_nets.ZeroShotClassifier` around a (randomly initialised) CT-CLIP.
 
     Args:
-        model_config: shipped name, JSON path or dict (``custom_nets/configs``).
+        model_config: shipped name, JSON path or dict (``ctclip_contract/configs``) or ModelConfig.
         prompt_file: see :func:`load_prompt_file`; without templates of its own, the model config's are used.
         model_overrides: merged into the model config (e.g. a local CXR-BERT tokenizer folder).
         pad_to_max_length: tokenise prompts to the model's max length like the reference (same result).
@@ -186,7 +184,6 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, strict: 
     return network
 
 
-# --------------------------------------------------------------------------------------------- data
 def label_indices(class_names: Sequence[str], source: str = "prompt file", strict: bool = True) -> list[int] | None:
     """Column of each class in the CT-RATE 18-label vector (matched by name, case-insensitive).
 
@@ -198,8 +195,6 @@ def label_indices(class_names: Sequence[str], source: str = "prompt file", stric
     Raises:
         ValueError: a class has no label column (inference works for it; evaluation cannot).
     """
-    from transforms import CTRATE_PATHOLOGIES
-
     lookup = {n.lower(): i for i, n in enumerate(CTRATE_PATHOLOGIES)}
     missing = [c for c in class_names if c.lower() not in lookup]
     if missing and not strict:
@@ -208,110 +203,6 @@ def label_indices(class_names: Sequence[str], source: str = "prompt file", stric
         raise ValueError(f"{source}: class(es) {missing} have no CT-RATE label column, so they cannot be evaluated "
                          "(inference works for any class); evaluate with a prompt file of labelled classes")
     return [lookup[c.lower()] for c in class_names]
-
-
-_KEEP = ("image", "name", "patient", "label", "findings", "impressions", "rescale_slope", "rescale_intercept")
-
-
-def _clean(item: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: item[k] for k in _KEEP if item.get(k) is not None}
-    for k in ("rescale_slope", "rescale_intercept"):  # numbers or absent: collation of mixed None fails
-        if k in out:
-            try:
-                out[k] = float(out[k])
-            except (TypeError, ValueError):
-                out.pop(k)
-    return out
-
-
-def build_datalist(dataset_dir: str | os.PathLike | None = None, input: str | os.PathLike | None = None,
-                   split: str = "test", datalist_file: str = "datalist.json") -> list[dict[str, Any]]:
-    """Items for the bundle's dataset.
-
-    Args:
-        dataset_dir: a ``ct_preprocess`` output folder (``datalist.json`` + ``volumes/``); used when ``input``
-            is empty.
-        input: raw input instead: one NIfTI file, one DICOM series folder, or a cohort folder (CT-RATE layout
-            or a folder of NIfTI files / DICOM series; tables give reports, labels and rescale values).
-        split: ``"training"``, ``"validation"``, ``"test"`` or ``"all"`` (datalist only).
-        datalist_file: datalist name inside ``dataset_dir``.
-
-    Returns:
-        dicts with ``image`` (absolute path), ``name`` and, where known, ``label``, ``findings``,
-        ``impressions``, ``patient``, ``rescale_slope``/``rescale_intercept``.
-
-    Raises:
-        FileNotFoundError / ValueError: naming the path and the reason.
-    """
-    if input:
-        from transforms.qc import NIFTI_SUFFIXES, is_dicom_file
-        from transforms.ctrate import volume_stem
-
-        p = Path(input).resolve()
-        if p.is_file():
-            if not p.name.lower().endswith(NIFTI_SUFFIXES):
-                raise ValueError(f"input {p}: not a NIfTI file (.nii/.nii.gz) or a DICOM folder")
-            return [{"image": str(p), "name": volume_stem(p.name)}]
-        if not p.is_dir():
-            raise FileNotFoundError(f"input not found: {p}")
-        if any(f.is_file() and is_dicom_file(f) for f in p.iterdir()):
-            return [{"image": str(p), "name": p.name}]
-        from .preprocess import discover_inputs
-
-        items, rejected = discover_inputs(p)
-        for r in rejected:
-            logger.warning(f"skipped: {r['reason']}")
-        if not items:
-            raise ValueError(f"input {p}: no NIfTI file or DICOM series found")
-        return [_clean(dict(it, image=it["path"])) for it in items]
-    if not dataset_dir:
-        raise ValueError("give --dataset_dir (a ct_preprocess output folder) or --input (raw NIfTI/DICOM)")
-    splits = ["training", "validation", "test"] if split == "all" else [split]
-    return [_clean(item) for s in splits for item in load_datalist(dataset_dir, s, datalist_file)]
-
-
-class SelectLabelsd(MapTransform):
-    """Keep the label columns of the evaluated classes, as float32 ``(C,)`` tensors.
-
-    Args:
-        keys: label entries (18-element CT-RATE vectors).
-        indices: columns to keep, in output order (:func:`label_indices`); None keeps all.
-        drop: remove the label entries instead (classes without labels: predictions only).
-        allow_missing_keys: don't raise if a key is missing (unlabelled inference).
-    """
-
-    def __init__(self, keys: KeysCollection, indices: Sequence[int] | None = None, drop: bool = False,
-                 allow_missing_keys: bool = True):
-        super().__init__(keys, allow_missing_keys)
-        self.indices = None if indices is None else list(indices)
-        self.drop = bool(drop)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if self.drop:
-                del d[key]
-                continue
-            y = torch.as_tensor(np.asarray(d[key], dtype=np.float32))
-            d[key] = y if self.indices is None else y[self.indices]
-        return d
-
-
-# --------------------------------------------------------------------------------------------- networks
-class ImageReportLatents(nn.Module):
-    """Image and report latents of a CT-CLIP in one forward, for retrieval evaluators.
-
-    ``forward(image, input_ids, attention_mask) -> {"image_latents": (B, D), "text_latents": (B, D)}``;
-    state-dict keys ``model.*`` like :class:`~custom_nets.ZeroShotClassifier`.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        return {"image_latents": self.model.encode_image(image),
-                "text_latents": self.model.encode_text(input_ids, attention_mask)}
 
 
 # --------------------------------------------------------------------------------------------- handlers
@@ -338,8 +229,6 @@ class ImageLatentsWriter:
         """Register the hook and the events on ``engine``."""
         if not self.enabled:
             return
-        from ignite.engine import Events
-
         find_clip_model(self.network).to_visual_latent.register_forward_hook(self._hook)
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -354,8 +243,6 @@ class ImageLatentsWriter:
 
     def collect(self, engine) -> None:
         """Pair this iteration's latents with the batch's volume names."""
-        from .handlers import names_from_batch
-
         latents = torch.cat(self._pending) if self._pending else torch.zeros((0, 0))
         self._pending = []
         names = names_from_batch(engine.state.batch, self.name_key)
@@ -366,10 +253,8 @@ class ImageLatentsWriter:
 
     def write(self, engine=None) -> None:
         """Write the ``.npz`` atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **self._latents)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, suffix=".npz") as tmp:
+            np.savez(tmp, **self._latents)
         logger.info(f"wrote {len(self._latents)} image latents to {self.path}")
 
 
@@ -394,8 +279,6 @@ class DeferredValidationEvaluationHandler(ClassificationEvaluationHandler):
 
     def completed(self, engine) -> None:
         """Read the validation predictions, then gather, evaluate and write."""
-        from .writers import read_predictions_csv
-
         path = self.deferred_val_predictions
         if path is not None:
             if not Path(path).is_file():
@@ -418,13 +301,9 @@ class JsonStateWriter:
         self.path, self.state_key, self.extra = Path(path), state_key, dict(extra or {})
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from .writers import write_json
-
         results = getattr(engine.state, self.state_key, None)
         if results is None:
             raise RuntimeError(f"engine.state.{self.state_key} is not set: attach the handler that computes it first")
@@ -454,16 +333,13 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
     Returns:
         a summary (files, checks, skipped formats with reasons), also written as ``export.json``.
     """
-    from .writers import write_json
-
     out = Path(export_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = network.eval()
     summary: dict[str, Any] = {"files": {}, "skipped": {}, "max_abs_diff": {}}
     sd = network.state_dict()
-    tmp = out / f".model.pt.{os.getpid()}.tmp"
-    torch.save(sd, tmp)
-    os.replace(tmp, out / "model.pt")
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(sd, tmp)
     summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
     clip = find_clip_model(network)
     cfg = getattr(clip, "config", None)
@@ -493,8 +369,6 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
                 summary["skipped"]["model.ts"] = f"{type(e).__name__}: {e}"
         want_onnx = onnx is True or onnx == "auto"
         if want_onnx:
-            import importlib.util
-
             if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
                 summary["skipped"]["model.onnx"] = "onnx/onnxscript not installed (pip install onnx onnxscript)"
                 if onnx is True:

@@ -4,7 +4,7 @@ int16 HU RAS volumes, ``datalist.json``, ``qc.csv`` and ``manifest.json``.
 Run by an Ignite engine over a DataLoader (workers do the heavy lifting and write their outputs);
 sharded by global rank under ``torchrun`` (rank ``r`` of ``w`` takes every ``w``-th volume of the
 sorted list); resumable (a finished volume has a record whose parameters hash and output checksum
-are verified before it is skipped); atomic (temp file + ``os.replace``); bad inputs become qc rows,
+are verified before it is skipped); atomic (:func:`ctclip_contract.atomic_path`); bad inputs become qc rows,
 or stop the run at the first one in strict mode.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.metadata as md
 import io
 import json
 import logging
@@ -23,14 +24,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import fire
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from nibabel.orientations import aff2axcodes
 
-from ctclip_contract import NOT_GIVEN, atomic_write_json, atomic_write_text
+from ctclip_contract import NOT_GIVEN, atomic_write_json, atomic_write_text, load_model_config
 from transforms.ctrate import (
     _sha256,
-    build_datalist,
+    datalist_from_records,
     find_ctrate_tables,
     is_safe_name,
     patient_id,
@@ -40,11 +46,12 @@ from transforms.ctrate import (
     split_patients,
     volume_stem,
 )
+from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
 from transforms.preprocessing import build_preprocessing
 from transforms.qc import NIFTI_SUFFIXES, QualityCheckError, check_input, is_dicom_file, padding_range
 
-__all__ = ["discover_inputs", "build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
+__all__ = ["build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
 
 PIPELINE_VERSION = "2"  # 2: nibabel NIfTI reader, DICOM padding masked to pad_hu, grid_sample in-plane
 logger = logging.getLogger("ct_preprocess")
@@ -54,118 +61,7 @@ QC_COLUMNS = (
     "air_lung_fraction", "soft_tissue_fraction", "input_shape", "input_spacing_mm", "input_orientation",
     "output", "warning",
 )
-_IGNORED_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yml", ".yaml", ".log")
 
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
-def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Find volumes and tables in a cohort folder and join them by volume name.
-
-    Volumes: ``.nii``/``.nii.gz`` files and folders holding DICOM files (one series per folder),
-    under ``volumes/`` (our layout), ``dataset/`` (CT-RATE) or the folder itself. Tables: see
-    :func:`transforms.ctrate.find_ctrate_tables`.
-
-    Args:
-        input_dir: the cohort folder.
-        patient_pattern: regex whose first group is the patient id (default CT-RATE naming);
-            a ``PatientID`` metadata column wins when present.
-
-    Returns:
-        ``(items, rejected)``: items to process (``name``, ``path``, ``input``, ``patient``,
-        metadata/report/label fields) sorted by name, and qc rows for inputs rejected before
-        reading (unsafe or duplicate names, files that are not images, table rows without volume).
-    """
-    root = Path(input_dir).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"input_dir is not a folder: {root}")
-    search = [root / "volumes"] if (root / "volumes").is_dir() else (
-        [root / "dataset"] if (root / "dataset").is_dir() else [root])
-    skip_dirs = {"ground_truth", "metadata", "radiology_text_reports", "multi_abnormality_labels"}
-    found: list[tuple[str, Path]] = []
-    rejected: list[dict] = []
-    for base in search:
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
-            here = Path(dirpath)
-            files = sorted(f for f in filenames if not f.startswith("."))
-            dicoms = [f for f in files if not f.lower().endswith(NIFTI_SUFFIXES) and is_dicom_file(here / f)]
-            if dicoms and here != base:
-                found.append((here.name, here))
-                files = [f for f in files if f not in dicoms]
-            for f in files:
-                p = here / f
-                if f.lower().endswith(NIFTI_SUFFIXES):
-                    found.append((volume_stem(f), p))
-                elif not f.lower().endswith(_IGNORED_SUFFIXES) or base != root:
-                    if f.lower().endswith(_IGNORED_SUFFIXES) and here == root:
-                        continue
-                    rejected.append({"name": volume_stem(f), "input": _rel(p, root), "status": "rejected",
-                                     "reason": f"{_rel(p, root)}: not a recognised image file"})
-    by_name: dict[str, list[Path]] = {}
-    for name, p in found:
-        by_name.setdefault(name, []).append(p)
-
-    tables = find_ctrate_tables(root)
-    meta, reports, labels = {}, {}, {}
-    table_issues: dict[str, list[str]] = {}
-    for kind, reader, target in (("metadata", read_metadata_csv, meta), ("reports", read_reports_csv, reports),
-                                 ("labels", read_labels_csv, labels)):
-        for path in tables[kind]:
-            rows, issues = reader(path)
-            for name, why in issues:
-                table_issues.setdefault(name, []).append(why)
-            target.update(rows)
-
-    items: list[dict] = []
-    for name in sorted(by_name):
-        paths = sorted(by_name[name])
-        if not is_safe_name(name):
-            for p in paths:
-                rejected.append({"name": name, "input": _rel(p, root), "status": "rejected",
-                                 "reason": f"unsafe volume name {name!r}"})
-            continue
-        if len(paths) > 1:
-            where = ", ".join(_rel(p, root) for p in paths)
-            for p in paths:
-                rejected.append({"name": name, "input": _rel(p, root), "status": "rejected",
-                                 "reason": f"duplicate volume name {name!r} ({where})"})
-            continue
-        p = paths[0]
-        row = meta.get(name, {})
-        warnings = list(table_issues.get(name, []))
-        report = reports.get(name)
-        if reports and report is None:
-            warnings.append("no report: texts set to 'Not given.'")
-        pid = str(row.get("PatientID") or "").strip() or patient_id(name, patient_pattern)
-        items.append({
-            "name": name,
-            "path": str(p),
-            "input": _rel(p, root),
-            "patient": pid,
-            "rescale_slope": row.get("RescaleSlope"),
-            "rescale_intercept": row.get("RescaleIntercept"),
-            "meta_geometry": {k: row.get(k) for k in ("XYSpacing", "ZSpacing", "ImagePositionPatient",
-                                                      "ImageOrientationPatient") if row.get(k) is not None},
-            "findings": report["Findings_EN"] if report else NOT_GIVEN,
-            "impressions": report["Impressions_EN"] if report else NOT_GIVEN,
-            "label": labels.get(name),
-            "warning": "; ".join(warnings),
-        })
-    on_disk = set(by_name)
-    orphans = sorted((set(meta) | set(reports) | set(labels) | set(table_issues)) - on_disk)
-    for name in orphans:
-        whys = list(table_issues.get(name, []))
-        kinds = [k for k, t in (("metadata", meta), ("report", reports), ("labels", labels)) if name in t]
-        if kinds:
-            whys.append(f"{'/'.join(kinds)} without a volume")
-        rejected.append({"name": name, "input": "", "status": "rejected", "reason": "; ".join(whys)})
-    return items, rejected
 
 
 def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int] | None = None) -> np.ndarray | None:
@@ -259,17 +155,15 @@ class CTPreprocessor:
         progress: bool = True,
         resampler: str = "separable",
     ) -> None:
-        from custom_nets import load_model_config
-
         cfg = load_model_config(model_config)
-        inp = cfg["input"]
+        inp = cfg.input
         self.input_dir = Path(input_dir).resolve()
         self.output_dir = Path(output_dir).resolve()
         self.params = {
-            "model_config": cfg.get("name", str(model_config)),
-            "spacing_mm": [float(v) for v in (spacing_mm if spacing_mm is not None else inp["spacing_mm"])],
-            "spatial_size": [int(v) for v in (spatial_size if spatial_size is not None else inp["spatial_size"])],
-            "pad_hu": float(pad_hu if pad_hu is not None else inp.get("pad_hu", -1000)),
+            "model_config": cfg.name,
+            "spacing_mm": [float(v) for v in (spacing_mm if spacing_mm is not None else inp.spacing_mm)],
+            "spatial_size": [int(v) for v in (spatial_size if spatial_size is not None else inp.spatial_size)],
+            "pad_hu": float(pad_hu if pad_hu is not None else inp.pad_hu),
             "hu_source": hu_source,
             # defaults filled in, so that spelling a default out does not change the parameters hash
             "qc": {"min_slices": 8, "spacing_range_mm": [0.05, 15.0], "max_voxels": 1024 * 1024 * 2048,
@@ -330,9 +224,6 @@ class CTPreprocessor:
         Raises:
             Exception: any failure of this input (header checks, reading, QC, HU decision).
         """
-        from monai.data.utils import affine_to_spacing
-        from nibabel.orientations import aff2axcodes
-
         facts: dict[str, Any] = {}
         warnings = [item.get("warning", "")]
         # the reader keeps NaN (ITK turned it into 0), so the structural QC finds it: no second read here
@@ -410,8 +301,6 @@ class CTPreprocessor:
         Returns:
             A summary: ``{"rank", "world_size", "processed", "resumed", "ok", "rejected"}`` (this rank).
         """
-        from ignite.engine import Engine, Events
-
         items, rejected = discover_inputs(self.input_dir, self.split["patient_pattern"])
         if self.strict and rejected:
             raise QualityCheckError(rejected[0]["reason"])
@@ -436,8 +325,6 @@ class CTPreprocessor:
 
         engine = Engine(step)
         if self.progress and rank == 0 and mine:
-            from ignite.handlers import ProgressBar
-
             ProgressBar(persist=True, desc=f"preprocess rank {rank}/{world}").attach(engine)
         if mine:
             engine.run(loader, max_epochs=1)
@@ -484,7 +371,7 @@ class CTPreprocessor:
         # Split over every discovered patient, so a fixed input later does not reshuffle the others.
         split_of = split_patients([it["patient"] for it in items], self.split["fractions"], self.split["seed"])
         ok = [dict(item, image=r["output"]) for item, r in records if r["status"] == "ok"]
-        datalist = build_datalist(ok, split_of)
+        datalist = datalist_from_records(ok, split_of)
         atomic_write_json(self.output_dir / "datalist.json", datalist)
         atomic_write_json(self.output_dir / "manifest.json", self.manifest(records, rejected, datalist))
         for stale in (self.output_dir / "volumes").glob(".*.tmp*"):  # leftovers of killed runs
@@ -492,8 +379,6 @@ class CTPreprocessor:
 
     def manifest(self, records, rejected, datalist) -> dict[str, Any]:
         """Parameters, versions, counts and per-volume decisions (no timestamps: reruns compare equal)."""
-        import importlib.metadata as md
-
         def version(pkg):
             try:
                 return md.version(pkg)
@@ -521,12 +406,10 @@ class CTPreprocessor:
 
 
 def main(**kwargs) -> dict[str, Any]:
-    """Command line: ``python -m workflows.preprocess --input_dir IN --output_dir OUT [...]``."""
+    """Command line: ``python -m workflows.preprocess_cohort --input_dir IN --output_dir OUT [...]``."""
     return CTPreprocessor(**kwargs).run()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import fire
-
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
     fire.Fire(main)
