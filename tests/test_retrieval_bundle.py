@@ -24,10 +24,10 @@ def retrieval_run(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path_factory)
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("zs_retrieval")
-    run(config_file=str(CONFIGS / "retrieval.json"), meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE), dataset_dir=str(tiny_preprocessed_dir),
-        output_dir=str(out), model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint), split="all",
-        num_workers=0, batch_size=2)
+    run(config_file=[str(CONFIGS / "inference.json"), str(CONFIGS / "retrieval.json")],
+        meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
+        dataset_dir=str(tiny_preprocessed_dir), output_dir=str(out), model_config="ctclip_tiny",
+        pretrained=str(tiny_clip_checkpoint), split="all", num_workers=0, batch_size=2)
     return out / "retrieval"
 
 

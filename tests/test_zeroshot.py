@@ -25,11 +25,11 @@ DATA = Path(__file__).parent / "data"
 TOL = 1e-5
 
 
-def run_bundle(config: str, **overrides) -> None:
-    """Run a bundle config in this process, as ``python -m monai.bundle run`` does."""
+def run_bundle(*configs: str, **overrides) -> None:
+    """Run bundle configs (merged in order) in this process, as ``python -m monai.bundle run`` does."""
     from monai.bundle import run
 
-    run(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
+    run(config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE), **overrides)
 
 
@@ -160,11 +160,12 @@ def test_prompt_file_errors_name_the_file(tmp_path):
     assert zeroshot.label_indices(["emphysema", "Medical material"]) == [7, 0]
 
 
-@pytest.mark.parametrize("config", ["inference.json", "evaluate.json", "retrieval.json"])
-def test_configs_have_the_standard_inference_properties(config, tiny_preprocessed_dir, tiny_clip_checkpoint):
+@pytest.mark.parametrize("configs", [["inference.json"], ["inference.json", "evaluate.json"],
+                                     ["inference.json", "retrieval.json"]])
+def test_configs_have_the_standard_inference_properties(configs, tiny_preprocessed_dir, tiny_clip_checkpoint):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
                         logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer", bundle_root=str(BUNDLE),
                         dataset_dir=str(tiny_preprocessed_dir), model_config="ctclip_tiny",
                         pretrained=str(tiny_clip_checkpoint), num_workers=0)
@@ -301,7 +302,8 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
     from workflows.metrics import fit_thresholds_youden, macro_auroc
     from workflows.writers import read_predictions_csv
 
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "evaluate.json"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']",
            "--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_preprocessed_dir), "--output_dir", str(tmp_path),
            "--model_config", "ctclip_tiny", "--pretrained", str(tiny_clip_checkpoint), "--num_workers", "0",
            "--n_bootstrap", "100"]
@@ -324,7 +326,7 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
 
 def test_export_for_monai_label(tiny_preprocessed_dir, tiny_clip_checkpoint, stored_run, tmp_path):
     models = tmp_path / "models"  # tmp_path plays the bundle root
-    run_bundle("export.json", model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint),
+    run_bundle("inference.json", "export.json", model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint),
                export_dir=str(models))
     summary = json.loads((models / "export.json").read_text())
     assert "model.ts" in summary["files"], summary["skipped"]
