@@ -22,7 +22,6 @@ mappings here (``config["ctvit"]``), and the factory checks them against the inp
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .ctrate_format import normalise_report_sections
+from .files import read_json
 
 __all__ = [
     "CONFIG_DIR", "ModelConfig", "ModelConfigError", "InputContract", "TextContract", "PromptConfig",
@@ -336,10 +336,9 @@ def load_model_config(config: str | os.PathLike | Mapping[str, Any],
             raise FileNotFoundError(
                 f"unknown model config {str(config)!r}; shipped configs: {', '.join(list_model_configs())}")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ModelConfigError(f"model config {path}: not valid JSON: {err}") from None
+        raw = read_json(path, "model config")
+    except ValueError as err:
+        raise ModelConfigError(str(err)) from None
     if isinstance(raw, Mapping):
         raw.setdefault("name", path.stem)
     return _from_dict(merge_config(raw, overrides or {}) if isinstance(raw, Mapping) else raw, str(path))

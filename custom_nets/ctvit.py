@@ -18,7 +18,6 @@ semantics (a CTViT without trainable parameters never enters train mode, so its 
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

@@ -25,7 +25,7 @@ from test_preprocess_phantom import (  # noqa: E402
 )
 
 from transforms import CTRATE_PATHOLOGIES  # noqa: E402
-from transforms.ctrate import METADATA_COLUMNS, REPORT_COLUMNS  # noqa: E402
+from ctclip_contract import METADATA_COLUMNS, REPORT_COLUMNS  # noqa: E402
 from workflows.preprocess_cohort import CTPreprocessor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

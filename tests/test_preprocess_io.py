@@ -141,7 +141,7 @@ def test_rescale_in_place_keeps_int16_and_never_touches_input_otherwise():
 
 # ------------------------------------------------------------------ geometry restore from metadata (gap a)
 def _metadata_row(name, geometry):
-    from transforms.ctrate import METADATA_COLUMNS
+    from ctclip_contract import METADATA_COLUMNS
 
     row = {c: "" for c in METADATA_COLUMNS}
     row.update(VolumeName=f"{name}.nii.gz", RescaleSlope="1", RescaleIntercept="-1024", **geometry)

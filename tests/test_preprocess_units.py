@@ -140,7 +140,7 @@ def _write(path, header, rows):
 
 
 def test_ctrate_tables(tmp_path):
-    from transforms.ctrate import METADATA_COLUMNS
+    from ctclip_contract import METADATA_COLUMNS
 
     row = {c: "" for c in METADATA_COLUMNS}
     row.update(VolumeName="train_1_a_1.nii.gz", XYSpacing="[0.341796875, 0.341796875]", ZSpacing="1.5",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
-import json
 import os
 import random
 import re
@@ -18,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS
+from ctclip_contract import CTRATE_PATHOLOGIES, NOT_GIVEN, REPORT_COLUMNS
 from ctclip_contract.ctrate_format import METADATA_LIST_COLUMNS, METADATA_REQUIRED, REPORT_REQUIRED
 
 __all__ = [
@@ -322,11 +320,3 @@ def datalist_from_records(
     for items in out.values():
         items.sort(key=lambda it: it["name"])
     return out
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -7,14 +7,13 @@ whatever the user gives with :func:`inference_items`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from ctclip_contract import NOT_GIVEN
+from ctclip_contract import NOT_GIVEN, read_json
 
 from .ctrate import (find_ctrate_tables, is_safe_name, patient_id, read_labels_csv, read_metadata_csv,
                      read_reports_csv, volume_stem)
@@ -153,12 +152,7 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "d
         FileNotFoundError, KeyError, ValueError: naming the file and the reason.
     """
     path = Path(datalist) if os.path.isabs(str(datalist)) else Path(dataset_dir) / datalist
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path} (run bundles/ct_preprocess first or pass --dataset_dir)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, "datalist (run bundles/ct_preprocess first or pass --dataset_dir)")
     if split not in data:
         raise KeyError(f"{path}: no {split!r} split (has {sorted(data)})")
     items = []

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from ctclip_contract import atomic_path, atomic_write_json
+from ctclip_contract import atomic_path, atomic_write_json, read_json
 
 from .distributed import rank, unwrap
 
@@ -193,7 +192,7 @@ class ResumeFromLatest:
         engine.logger.info(f"resumed from {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch})")
         if rank() == 0:
             log_path = self.save_dir / "resume_log.json"
-            log = json.loads(log_path.read_text()) if log_path.exists() else []
+            log = read_json(log_path, "resume log") if log_path.exists() else []
             log.append({"checkpoint": path.name, "iteration": int(engine.state.iteration),
                         "epoch": int(engine.state.epoch), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             atomic_write_json(log_path, log, indent=1)
@@ -241,7 +240,7 @@ class BestModelSaver:
         """``{"epoch", "metric", "value"}`` of the best model so far, or None."""
         if not self.state_path.exists():
             return None
-        return json.loads(self.state_path.read_text(encoding="utf-8"))
+        return read_json(self.state_path, "best-model record")
 
     def __call__(self, engine: Engine) -> None:
         if rank() != self.save_rank:

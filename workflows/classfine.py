@@ -13,7 +13,6 @@ their kinds live.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ctclip_contract import CTRATE_PATHOLOGIES, atomic_write_text
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_write_text, read_json
 from custom_nets.classfine import UNFREEZE_PARTS, ClassFineNetwork
 
 from .handlers import names_from_batch
@@ -121,7 +120,7 @@ def load_thresholds(path: Optional[str | os.PathLike], class_names: Optional[Seq
     """
     if not path or not Path(path).is_file():
         return None
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path, "thresholds file")
     if class_names is not None and list(data["class_names"]) != list(class_names):
         raise ValueError(f"{path}: thresholds are for classes {data['class_names']}, not {list(class_names)}")
     return np.asarray([np.nan if t is None else t for t in data["thresholds"]], dtype=np.float64)
@@ -226,7 +225,7 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
             path = eval_dir / folder / split / "metrics.json"
             if not path.is_file():
                 continue
-            m = json.loads(path.read_text(encoding="utf-8"))
+            m = read_json(path, "metrics file")
             auc = m["auroc"]
             entry = {"macro_auroc": auc["macro"], "ci_low": auc.get("macro_ci_low"), "ci_high": auc.get("macro_ci_high"),
                      "n_cases": m.get("n_cases"), "metrics": str(path),

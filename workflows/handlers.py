@@ -21,7 +21,6 @@ Bundle wiring (validation section of a train config, handlers run in list order)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,7 @@ from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch import nn
 
-from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
 from .metrics import evaluate_classification, to_jsonable
 from .plots import plot_latent_map, plot_roc_curves
@@ -534,7 +533,7 @@ class MetricsPerEpochWriter:
         """The rows written so far (empty list when the file does not exist)."""
         if not self.json_path.exists():
             return []
-        data = json.loads(self.json_path.read_text(encoding="utf-8"))
+        data = read_json(self.json_path, "metrics file")
         return list(data)
 
     def __call__(self, engine: Engine) -> None:

@@ -7,7 +7,6 @@ the non-interactive Agg backend, so importing this module never needs it.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
 from .metrics import auroc, roc_curve
 
@@ -203,7 +202,7 @@ def read_metrics_per_epoch(path: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, "metrics file")
         return list(data["epochs"] if isinstance(data, dict) else data)
     rows = []
     with open(path, newline="", encoding="utf-8") as f:

@@ -27,29 +27,18 @@ from typing import Any
 import fire
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from nibabel.orientations import aff2axcodes
 
-from ctclip_contract import NOT_GIVEN, atomic_write_json, atomic_write_text, load_model_config
-from transforms.ctrate import (
-    _sha256,
-    datalist_from_records,
-    find_ctrate_tables,
-    is_safe_name,
-    patient_id,
-    read_labels_csv,
-    read_metadata_csv,
-    read_reports_csv,
-    split_patients,
-    volume_stem,
-)
+from ctclip_contract import atomic_write_json, atomic_write_text, file_sha256, load_model_config
+from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
 from transforms.preprocessing import build_preprocessing
-from transforms.qc import NIFTI_SUFFIXES, QualityCheckError, check_input, is_dicom_file, padding_range
+from transforms.qc import QualityCheckError, check_input, padding_range
 
 __all__ = ["build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
 
@@ -210,7 +199,7 @@ class CTPreprocessor:
         except (OSError, json.JSONDecodeError):
             return None
         if (record.get("status") != "ok" or record.get("params_hash") != self.params_hash
-                or record.get("input") != item["input"] or record.get("sha256") != _sha256(vol)):
+                or record.get("input") != item["input"] or record.get("sha256") != file_sha256(vol)):
             return None
         return record
 
@@ -270,7 +259,7 @@ class CTPreprocessor:
             vol.parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(out, np.asarray(out.affine, dtype=np.float64), vol)
             record.update(status="ok", reason="", output=f"volumes/{vol.name}",
-                          output_shape=list(int(s) for s in out.shape[1:]), sha256=_sha256(vol))
+                          output_shape=list(int(s) for s in out.shape[1:]), sha256=file_sha256(vol))
         except Exception as e:  # noqa: BLE001 - any failure of one input is a qc row, not a crash
             while isinstance(e, RuntimeError) and e.__cause__ is not None:  # unwrap MONAI's wrapping
                 e = e.__cause__

@@ -1,6 +1,6 @@
 """Result files of an evaluation: metrics.json, per-class tables, predictions.csv.
 
-Every file goes through the one atomic writer (:mod:`ctclip_contract.atomic`), so a reader or a crashed
+Every file goes through the one atomic writer (:mod:`ctclip_contract.files`), so a reader or a crashed
 run never sees half a file.
 """
 

@@ -17,7 +17,6 @@ The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from torch import nn
 
-from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
+from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 from custom_nets import CTCLIP, ZeroShotClassifier, create_model, load_checkpoint
 
 from .handlers import ClassificationEvaluationHandler, names_from_batch
@@ -77,12 +76,7 @@ def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError / ValueError: naming the file and what is wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {path}: not valid JSON ({e})") from None
+    spec = read_json(path, "prompt file")
     templates = spec.get("templates")
     if templates is not None and (not templates or not isinstance(templates, list)):
         raise ValueError(f"prompt file {path}: 'templates' must be null (the model config's) or a non-empty list "

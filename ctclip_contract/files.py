@@ -1,4 +1,6 @@
-"""The one atomic writer: every file the project writes appears whole or not at all.
+"""Files the project writes and reads: the one atomic writer, and JSON read with errors that name the file.
+
+Every file the project writes appears whole or not at all.
 
 A temporary file in the destination folder takes the content, is flushed to disk, and is renamed over the
 destination; a kill at any moment leaves the old file or the new one, never a truncated one, and the
@@ -9,6 +11,7 @@ want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the oth
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path"]
+# the process umask, read once (reading it means setting it, which is not thread-safe)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -51,10 +58,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = Fal
     prefix = f".{path.name}."
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the result is an ordinary folder
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result is an ordinary file
     try:
         yield tmp
         if directory:
@@ -91,3 +100,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, **kwargs) -> Path:
     """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; ``kwargs`` go to ``json.dumps``."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file; a missing file or invalid JSON is one error that names ``what`` and the path.
+
+    Raises:
+        FileNotFoundError: the file does not exist (or is a folder).
+        ValueError: the content is not valid JSON (with the line and column).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path}: not valid JSON ({err})") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
