@@ -8,6 +8,11 @@ Style: translated-from-Turkish, passive voice, fixed section order (airways → 
 aorta → pericardium → oesophagus → lymph nodes → "lung parenchyma window" → lungs → pleura → upper
 abdomen → bones), negations in both the pre- ("No X was detected.") and the post- form ("X was not
 observed."), normal sentences dropped at random, incidental findings that are not labels.
+
+The wording is data in :mod:`.report_phrases`; this module decides what is said and draws every choice
+from one generator, in a fixed order: the findings section by section, then the impressions, the clinical
+information and the technique. The order of the draws is part of the output: a record's report stays the
+same only as long as every draw keeps its place.
 """
 
 from __future__ import annotations
@@ -16,19 +21,25 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ctclip_contract import NOT_GIVEN
+from ctclip_contract import CTRATE_PATHOLOGIES
+from .report_phrases import (
+    FINDING_PHRASES, INCIDENTAL, INCIDENTAL_BLOCK, INDICATIONS, NEGATION_NAMES, NO_CONTRAST, NORMAL, NORMAL_IMPRESSIONS,
+    SEVERITY_WORDS, STATION_TEXT, TECHNIQUE, TECHNIQUE_THICKNESSES, UNSPECIFIED_INDICATIONS, VERTEBRAE,
+)
 
 __all__ = ["generate_report", "format_mm"]
 
 # Sentence-level dropout probability of a normal ("nothing here") statement.
 NORMAL_DROPOUT = 0.2
 
-_SEVERITY_WORD = {
-    "minimal": ("minimal", "minimal", "slight"),
-    "mild": ("mild", "mild", "minimal"),
-    "moderate": ("moderate", "moderate", "significant"),
-    "marked": ("marked", "prominent", "widespread"),
-}
+#: The blocks of Findings_EN, in order; the "lung parenchyma window" sentence opens "lungs".
+_BLOCKS = ("airway", "mediastinum", "aorta", "pericardium", "oesophagus", "lymph", "lungs", "pleura", "abdomen", "bones")
+
+#: The labels of the lung block, in the order it states them.
+_LUNG_ORDER = (
+    "Emphysema", "Lung nodule", "Lung opacity", "Consolidation", "Atelectasis", "Pulmonary fibrotic sequela",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening",
+)
 
 
 class _Writer:
@@ -105,8 +116,10 @@ def _where(finding: dict, w: _Writer, default_both: str = "both lungs") -> str:
     return default_both
 
 
-def _severity(finding: dict, w: _Writer) -> str:
-    return w.pick(_SEVERITY_WORD.get(finding.get("severity") or "mild", ("mild",)))
+def _severity_fields(finding: dict, w: _Writer) -> dict[str, str]:
+    """The fields {sev} ("mild") and {Sev} ("Mild") of a finding's severity."""
+    sev = w.pick(SEVERITY_WORDS.get(finding.get("severity") or "mild", ("mild",)))
+    return {"sev": sev, "Sev": sev.capitalize()}
 
 
 def _sizes(finding: dict, w: _Writer) -> str:
@@ -124,543 +137,346 @@ def _sizes(finding: dict, w: _Writer) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Positive statements, one function per CT-RATE label. Each returns (findings sentences,
-# impression phrase). Sentences are the project's own wording in the CT-RATE register.
+# Positive statements. Each writer returns (findings sentences, impression phrase); the words come
+# from FINDING_PHRASES, the writer draws the facts (severity, location, sizes) and the variant.
 # --------------------------------------------------------------------------------------------
+
+
+def _say(w: _Writer, label: str, part: str, variant: str | None = None, **fields: Any) -> str:
+    """One phrase of ``FINDING_PHRASES[label]``: the options of ``variant`` (else of ``None``), one drawn, filled in.
+
+    ``part`` is ``"sentences"`` or ``"impressions"``; a fixed phrase (a plain string) draws nothing.
+    """
+    table = getattr(FINDING_PHRASES[label], part)
+    options = table[variant] if variant in table else table[None]
+    return (options if isinstance(options, str) else w.pick(options)).format(**fields)
+
+
+def _stated(w: _Writer, label: str, variant: str | None = None, impression: str | None = None, **fields: Any) -> tuple[list[str], str]:
+    """A finding's sentence (of ``variant``) and then its impression phrase (of ``impression``)."""
+    sentence = _say(w, label, "sentences", variant, **fields)
+    return [sentence], _say(w, label, "impressions", impression, **fields)
+
+
+def _simple_finding(f: dict, w: _Writer, variant: str | None = None) -> tuple[list[str], str]:
+    """A finding whose wording needs only what its FindingPhrases names: a severity word, then locations.
+
+    The sentence variant is the finding's subtype unless ``variant`` is given.
+    """
+    phrases = FINDING_PHRASES[f["label"]]
+    fields = _severity_fields(f, w) if phrases.severity else {}
+    for name in phrases.locations:
+        fields[name] = _where(f, w, phrases.default_location)
+    return _stated(w, f["label"], variant or f.get("subtype"), **fields)
 
 
 def _medical_material(f: dict, w: _Writer) -> tuple[list[str], str]:
     sub = f.get("subtype") or "surgical clips"
     side = f.get("side") if f.get("side") in ("right", "left") else w.pick(("right", "left"))
-    if sub == "sternotomy wires":
-        s = w.pick((
-            "Sternotomy wires are observed secondary to previous surgery.",
-            "Median sternotomy wires were noted in the sternum.",
-            "Postoperative changes and sternotomy wires were observed in the sternum.",
-            "Sternal wire sutures related to the previous operation are seen.",
-        ))
-        imp = "Sternotomy wires (postoperative)."
-    elif sub == "central venous catheter":
-        s = w.pick((
-            f"A catheter extending from the {side} internal jugular vein to the superior vena cava was observed.",
-            f"A central venous catheter was observed, entering from the {side} subclavian vein with its tip in the superior vena cava.",
-            f"A central venous catheter inserted through the {side} jugular vein is observed, its distal end at the cavoatrial junction.",
-        ))
-        imp = "Central venous catheter."
-    elif sub == "port catheter":
-        s = w.pick((
-            f"A port catheter is observed in the {side} anterior chest wall, its tip extending to the superior vena cava.",
-            f"A port catheter placed in the subcutaneous tissue of the {side} hemithorax was observed.",
-            f"Port catheter reservoir in the {side} pectoral region and the catheter extending to the superior vena cava were noted.",
-        ))
-        imp = "Port catheter."
-    elif sub == "pacemaker":
-        s = w.pick((
-            f"A pacemaker generator in the {side} pectoral region and its leads extending to the right heart chambers were observed.",
-            f"A cardiac pacemaker is present in the {side} infraclavicular region with leads in the right atrium and ventricle.",
-            "Pacemaker and its electrodes are observed.",
-        ))
-        imp = "Pacemaker."
-    else:
-        s = w.pick((
-            "Surgical clips are observed in the mediastinum.",
-            "Metallic surgical clips related to previous surgery were noted.",
-            "Surgical clips compatible with the previous operation are seen.",
-        ))
-        imp = "Surgical clips."
-    return [s], imp
+    return _stated(w, "Medical material", sub, sub, side=side)
 
 
-def _cardiomegaly(f: dict, w: _Writer) -> tuple[list[str], str]:
-    s = w.pick((
-        "Heart size increased.",
-        "Cardiothoracic index increased in favor of the heart (cardiomegaly).",
-        "The heart is enlarged.",
-        "Cardiomegaly was observed.",
-        "Heart dimensions are increased.",
-        "Heart size is increased, mediastinal main vascular structures are of normal width.",
-    ))
-    return [s], w.pick(("Cardiomegaly.", "Heart size increased.", "Cardiomegaly"))
+def _calcification(arterial: dict | None, coronary: dict | None, w: _Writer) -> tuple[list[str], str]:
+    """The arterial and the coronary calcification labels, stated together."""
+    variant = "aorta and coronary" if arterial and coronary else "aorta" if arterial else "coronary"
+    return _stated(w, "calcification", variant, variant)
 
 
 def _pericardial_effusion(f: dict, w: _Writer) -> tuple[list[str], str]:
-    sev = _severity(f, w)
+    fields = _severity_fields(f, w)
     d = format_mm(f["size_mm"], w.rng) if f.get("size_mm") else None
-    options = [f"There is {sev} pericardial effusion.", f"{sev.capitalize()} pericardial effusion was observed."]
-    if d:
-        options += [
-            f"There is {sev} pericardial effusion, which is {d} mm in its thickest part.",
-            f"Pericardial effusion reaching {d} mm in thickness was observed.",
-            f"Effusion in the pericardium measuring {d} mm at its thickest point was observed.",
-        ]
-    return [w.pick(options)], w.pick(("Pericardial effusion.", f"{sev.capitalize()} pericardial effusion."))
-
-
-def _hiatal_hernia(f: dict, w: _Writer) -> tuple[list[str], str]:
-    s = w.pick((
-        "Sliding type hiatal hernia was observed at the lower end of the esophagus.",
-        "Hiatal hernia is observed.",
-        "A sliding hiatal hernia is present.",
-        "Herniation of the stomach through the esophageal hiatus (hiatal hernia) was observed.",
-        "At the distal end of the esophagus, a hiatal hernia was observed.",
-    ))
-    return [s], w.pick(("Hiatal hernia.", "Sliding type hiatal hernia."))
-
-
-_STATION_TEXT = {
-    "prevascular": "prevascular",
-    "subcarinal": "subcarinal",
-    "right hilar": "right hilar",
-    "left hilar": "left hilar",
-    "right paratracheal": "right paratracheal",
-    "left paratracheal": "left paratracheal",
-    "aortopulmonary window": "aorticopulmonary window",
-    "right upper paratracheal": "right upper paratracheal",
-    "right lower paratracheal": "right lower paratracheal",
-    "left lower paratracheal": "left lower paratracheal",
-}
+    return _stated(w, "Pericardial effusion", "measured" if d else None, d=d, **fields)
 
 
 def _lymphadenopathy(f: dict, w: _Writer) -> tuple[list[str], str]:
-    stations = [_STATION_TEXT.get(s, s) for s in (f.get("sites") or [])][:3]
+    stations = [STATION_TEXT.get(s, s) for s in (f.get("sites") or [])][:3]
     where = f"in the {_join(stations)} " + ("stations" if len(stations) > 1 else "station") if stations else "in the mediastinum"
     size = f.get("size_mm")
-    if size:
-        d = format_mm(size, w.rng)
-        long_axis = format_mm(size * float(w.rng.uniform(1.2, 1.6)), None)
-        options = (
-            f"Lymph nodes with a short axis reaching {d} mm are observed {where}.",
-            f"Enlarged lymph nodes, the largest measuring {long_axis}x{d} mm, were observed {where}.",
-            f"A lymph node measuring {long_axis}x{d} mm is observed {where}.",
-            f"Lymph nodes reaching pathological size ({d} mm in short axis) were detected {where}.",
-            f"Lymphadenopathy with a short axis of {d} mm was observed {where}.",
-        )
-    else:
-        options = (f"Lymphadenopathies were observed {where}.", f"Enlarged lymph nodes were observed {where}.")
-    return [w.pick(options)], w.pick(("Mediastinal lymphadenopathy.", "Lymphadenopathy.", "Enlarged mediastinal lymph nodes."))
+    if not size:
+        return _stated(w, "Lymphadenopathy", where=where)
+    d = format_mm(size, w.rng)
+    long_axis = format_mm(size * float(w.rng.uniform(1.2, 1.6)), None)
+    return _stated(w, "Lymphadenopathy", "measured", where=where, d=d, long_axis=long_axis)
 
 
 def _emphysema(f: dict, w: _Writer) -> tuple[list[str], str]:
     sub = f.get("subtype") or "centrilobular"
-    sev = _severity(f, w)
+    fields = _severity_fields(f, w)
     where = _where(f, w)
+    extra = ""
     if sub == "bullous":
         d = format_mm(f["size_mm"], w.rng) if f.get("size_mm") else None
         extra = f", the largest bulla measuring {d} mm," if d else ""
-        s = w.pick((
-            f"Bullous emphysematous changes{extra} are observed in {where}.",
-            f"There are bullae and emphysematous areas in {where}.",
-        ))
-    elif sub == "paraseptal":
-        s = w.pick((
-            f"Paraseptal emphysema is observed in {where}.",
-            f"There are {sev} paraseptal emphysematous changes in the subpleural areas of {where}.",
-        ))
-    elif sub == "panlobular":
-        s = w.pick((f"Panlobular emphysema was observed in {where}.", f"There are {sev} panlobular emphysematous changes in {where}."))
-    else:
-        s = w.pick((
-            f"There are {sev} emphysematous changes in {where}.",
-            f"Centrilobular emphysema is observed in {where}.",
-            f"{sev.capitalize()} centrilobular emphysematous changes were observed, predominantly in the upper lobes.",
-            f"Emphysematous areas are noted in {where}.",
-        ))
-    return [s], w.pick(("Emphysematous changes in both lungs." if f.get("side") == "bilateral" else "Emphysema.", "Emphysema."))
+    impression = "bilateral" if f.get("side") == "bilateral" else None
+    return _stated(w, "Emphysema", sub, impression, where=where, extra=extra, **fields)
 
 
 def _atelectasis(f: dict, w: _Writer, with_effusion: bool) -> tuple[list[str], str]:
-    where = _where(f, w, default_both="the lower lobes of both lungs")
-    if f.get("subtype") == "passive":
-        if with_effusion:
-            s = w.pick((
-                f"Passive atelectasis secondary to the pleural effusion is observed in {where}.",
-                f"Compressive atelectasis adjacent to the pleural effusion was observed in {where}.",
-            ))
-        else:
-            s = w.pick((f"Passive atelectasis is observed in {where}.", f"Compressive atelectatic changes are observed in {where}."))
-    else:
-        s = w.pick((
-            f"There are subsegmental atelectasis in {where}.",
-            f"Linear atelectasis was observed in {where}.",
-            f"Plate-like atelectasis is observed in {where}.",
-            f"Subsegmental atelectatic changes are observed in {where}.",
-        ))
-    return [s], w.pick(("Atelectasis.", "Subsegmental atelectasis.", "Atelectatic changes."))
+    passive_with_effusion = f.get("subtype") == "passive" and with_effusion
+    return _simple_finding(f, w, "passive, with effusion" if passive_with_effusion else None)
 
 
 def _lung_nodule(f: dict, w: _Writer) -> tuple[list[str], str]:
+    """Millimetric nodules, several nodules (one or two sizes quoted) or one nodule."""
+    label = "Lung nodule"
     sub = f.get("subtype") or "solid"
     count = int(f.get("count") or 1)
     size = f.get("size_mm") or 4.0
     where = _where(f, w)
     sizes = _sizes(f, w)
     kind = {"solid": "solid", "ground-glass": "ground-glass", "calcified": "calcified"}.get(sub, "")
+    fields = {"where": where, "sizes": sizes, "count": count, "kind": kind, "Kind": kind.capitalize()}
     if size < 5 and count > 1 and w.chance(0.6):
-        s = w.pick((
-            f"There are millimetric nonspecific nodules in {where}.",
-            f"Millimetric nodules were observed in {where}.",
-            f"Several nonspecific nodules, the largest {format_mm(size, w.rng)} mm in diameter, are observed in {where}.",
-        ))
-        imp = w.pick(("Millimetric nodules in both lungs." if f.get("side") == "bilateral" else "Millimetric nodules.", "Nonspecific pulmonary nodules."))
+        fields["largest"] = format_mm(size, w.rng)
+        s = _say(w, label, "sentences", "millimetric", **fields)
+        imp = _say(w, label, "impressions", "millimetric, bilateral" if f.get("side") == "bilateral" else "millimetric")
     elif count > 1:
-        largest = format_mm(size, w.rng)
-        options = [f"There are {count} {kind} nodules in {where}, the largest being {largest} mm.",
-                   f"{kind.capitalize()} nodules, the largest measuring {largest} mm, were observed in {where}."]
-        if " and " in sizes:  # two sizes quoted: "4 and 6.5 mm"
-            options += [f"{kind.capitalize()} nodules measuring {sizes} mm were observed in {where}.",
-                        f"Nodules with diameters of {sizes} mm are observed in {where}."]
-        s = w.pick(options)
-        imp = "Pulmonary nodules."
+        fields["largest"] = format_mm(size, w.rng)
+        s = _say(w, label, "sentences", "several, two sizes" if " and " in sizes else "several", **fields)
+        imp = _say(w, label, "impressions", "several")
     else:
-        d = format_mm(size, w.rng)
-        s = w.pick((
-            f"A {d} mm {kind} nodule is observed in {where}.",
-            f"A {kind} nodule of {d} mm was observed in {where}.",
-            f"In {where}, a {kind} nodule {d} mm in diameter is observed.",
-            f"A nodule measuring {d} mm is observed in {where}.",
-        ))
+        fields["d"] = format_mm(size, w.rng)
+        s = _say(w, label, "sentences", "single", **fields)
         if sub == "solid" and size < 6 and w.chance(0.3):
             s = s[:-1] + " (intrapulmonary lymph node?)."
-        imp = w.pick((f"{d} mm nodule in {where}.", "Pulmonary nodule."))
+        imp = _say(w, label, "impressions", "single", **fields)
     if sub == "calcified" and w.chance(0.5):
-        imp = "Calcified nodule (granuloma?)."
+        imp = _say(w, label, "impressions", "calcified")
     return [" ".join(s.split())], imp
 
 
-def _lung_opacity(f: dict, w: _Writer) -> tuple[list[str], str]:
-    where = _where(f, w)
-    if f.get("subtype") == "dependent":
-        s = w.pick((
-            f"Dependent density increases are observed in the posterior parts of {where}.",
-            f"Gravity-dependent ground-glass density increases were observed in the posterior segments of {where}.",
-        ))
-    else:
-        s = w.pick((
-            f"Ground-glass opacities were observed in {where}.",
-            f"Patchy ground-glass density increases are observed in {where}.",
-            f"There are ground-glass areas in {where}.",
-            f"Opacities with ground-glass density were detected in {where}.",
-            f"Infiltrative areas in ground-glass density were observed in {where}.",
-        ))
-    return [s], w.pick(("Ground-glass opacities.", "Density increases in the lung parenchyma.", "Lung opacities."))
-
-
-def _fibrotic(f: dict, w: _Writer) -> tuple[list[str], str]:
-    where = _where(f, w)
-    if f.get("subtype") == "basal reticular":
-        s = w.pick((
-            f"Reticular fibrotic changes are observed in the basal segments of {where}.",
-            f"Fibrotic changes with a reticular pattern were observed in the lower lobes of {where}.",
-        ))
-    else:
-        s = w.pick((
-            "Sequelae changes are observed at the apical level in both lungs.",
-            f"Pleuroparenchymal sequelae changes were observed in the apical parts of {where}.",
-            f"Fibrotic bands are observed in {where}.",
-            f"Linear sequelae fibrotic densities are observed in {where}.",
-            f"Fibroatelectatic sequelae bands were observed in {where}.",
-        ))
-    return [s], w.pick(("Sequelae fibrotic changes.", "Pulmonary fibrotic sequelae.", "Apical sequelae changes."))
-
-
-def _mosaic(f: dict, w: _Writer) -> tuple[list[str], str]:
-    s = w.pick((
-        "Mosaic attenuation pattern was observed in both lungs (small airway disease? small vessel disease?).",
-        f"There is a mosaic attenuation pattern in {_where(f, w)}.",
-        "Mosaic attenuation areas were observed in both lungs.",
-    ))
-    return [s], w.pick(("Mosaic attenuation pattern.", "Mosaic attenuation in both lungs."))
-
-
-def _peribronchial(f: dict, w: _Writer) -> tuple[list[str], str]:
-    s = w.pick((
-        "Bilateral peribronchial thickenings are observed.",
-        f"Peribronchial thickening is observed in {_where(f, w)}.",
-        f"Bronchial wall thickening is observed in {_where(f, w)}.",
-        f"There are peribronchial thickenings in {_where(f, w)}.",
-    ))
-    return [s], w.pick(("Peribronchial thickening.", "Bronchial wall thickening."))
-
-
-def _consolidation(f: dict, w: _Writer) -> tuple[list[str], str]:
-    where = _where(f, w)
-    s = w.pick((
-        f"Patchy areas of consolidation are observed in {where}.",
-        f"Consolidation with air bronchograms was observed in {where}.",
-        f"There are consolidative changes in {where}.",
-        f"A consolidated area is observed in {where}.",
-    ))
-    return [s], w.pick(("Consolidation (pneumonia?).", "Consolidation.", "Pneumonic consolidation."))
-
-
-def _bronchiectasis(f: dict, w: _Writer) -> tuple[list[str], str]:
-    sev = _severity(f, w)
-    where = _where(f, w)
-    if f.get("subtype") == "traction":
-        s = w.pick((f"Traction bronchiectasis is observed in {where}.", f"There are traction bronchiectases in {where}."))
-    else:
-        s = w.pick((
-            f"There is {sev} bronchiectasis in the central parts of {where}.",
-            f"Cylindrical bronchiectasis was observed in {where}.",
-            f"Bronchiectatic changes are observed in {where}.",
-        ))
-    return [s], w.pick(("Bronchiectasis.", "Bronchiectatic changes."))
-
-
-def _septal(f: dict, w: _Writer) -> tuple[list[str], str]:
-    where = _where(f, w)
-    s = w.pick((
-        f"There are interlobular septal thickenings in {where}.",
-        f"Interlobular septal thickening is observed in {where}.",
-        f"Thickening of the interlobular septa was observed in {where}.",
-        f"Smooth septal thickenings are observed in the peripheral parts of {where}.",
-    ))
-    return [s], w.pick(("Interlobular septal thickening.", "Septal thickenings."))
-
-
 def _pleural_effusion(f: dict, w: _Writer) -> tuple[list[str], str]:
-    sev = _severity(f, w)
+    label = "Pleural effusion"
+    fields = _severity_fields(f, w)
     side = f.get("side")
     d = format_mm(f["size_mm"], w.rng) if f.get("size_mm") else None
-    if side == "bilateral":
-        first = w.pick((f"There is bilateral {sev} pleural effusion.", f"Bilateral {sev} pleural effusion was observed."))
-    else:
-        first = w.pick((
-            f"There is {sev} pleural effusion on the {side}.",
-            f"{sev.capitalize()} pleural effusion was observed in the {side} hemithorax.",
-            f"{side.capitalize()}-sided {sev} pleural effusion is present.",
-        ))
-    out = [first]
+    variant = "bilateral" if side == "bilateral" else None
+    sentences = [_say(w, label, "sentences", variant, side=side, Side=side.capitalize(), **fields)]
     if d:
-        out.append(w.pick((
-            f"The pleural effusion measured approximately {d} mm at its thickest point.",
-            f"The thickest part of the effusion was {d} mm.",
-        )))
-    return out, w.pick(("Pleural effusion.", f"{'Bilateral p' if side == 'bilateral' else 'P'}leural effusion."))
+        sentences.append(_say(w, label, "sentences", "thickness", d=d))
+    return sentences, _say(w, label, "impressions", variant)
 
 
-def _calcification(arterial: dict | None, coronary: dict | None, w: _Writer) -> tuple[list[str], list[str]]:
-    if arterial and coronary:
-        s = w.pick((
-            "There are calcific atheroma plaques in the aorta and coronary arteries.",
-            "Atherosclerotic calcifications were observed in the thoracic aorta and coronary arteries.",
-            "Calcified atheromatous plaques are observed in the aortic wall and in the coronary arteries.",
-        ))
-        imp = w.pick(("Atherosclerotic changes in the aorta and coronary arteries.", "Aortic and coronary artery calcifications."))
-        return [s], [imp]
-    if arterial:
-        s = w.pick((
-            "There are calcific atheroma plaques in the aorta.",
-            "Atherosclerotic calcifications were observed in the thoracic aorta.",
-            "Calcified plaques are observed in the wall of the aortic arch and descending aorta.",
-            "Mural calcifications were observed in the thoracic aorta.",
-        ))
-        return [s], [w.pick(("Atherosclerotic changes in the aorta.", "Aortic calcification."))]
-    s = w.pick((
-        "There are calcific plaques in the coronary arteries.",
-        "Coronary artery calcifications were observed.",
-        "Calcified atheromas are observed along the course of the coronary arteries.",
-    ))
-    return [s], [w.pick(("Coronary artery calcification.", "Coronary atherosclerosis."))]
-
-
-# Incidental, non-label findings: sentence for the findings, optional impression phrase.
-_INCIDENTAL = {
-    "hepatosteatosis": (
-        ("Liver density decreased in favor of hepatosteatosis.", "Hepatosteatosis was observed in the liver sections included in the study.",
-         "Diffuse hypodensity of the liver is compatible with hepatosteatosis."),
-        "Hepatosteatosis.",
-    ),
-    "renal cyst": (
-        ("A simple cyst is observed in the upper pole of the left kidney.", "A cystic lesion compatible with a simple renal cyst is observed in the right kidney.",
-         "A hypodense lesion in the kidney in favor of a cyst was observed."),
-        "Renal cyst.",
-    ),
-    "thyroid nodule": (
-        ("A hypodense nodule was observed in the right lobe of the thyroid gland.", "A thyroid nodule is observed in the left lobe of the thyroid gland.",
-         "Nodular appearance in the thyroid gland; ultrasonography is recommended."),
-        "Thyroid nodule; correlation with ultrasonography is recommended.",
-    ),
-    "scoliosis": (("Scoliosis is observed in the thoracic spine.", "There is a mild scoliosis in the thoracic vertebrae."), "Scoliosis."),
-    "degenerative osteophytes": (
-        ("Degenerative changes with osteophytes are observed in the thoracic vertebrae.", "Degenerative osteophytes were observed at the vertebral corners."),
-        "Degenerative changes in the thoracic spine.",
-    ),
-    "costal cartilage calcification": (
-        ("Calcification is observed in the costal cartilages.", "Costal cartilage calcifications were noted."),
-        None,
-    ),
-}
-_INCIDENTAL_BLOCK = {
-    "thyroid nodule": "mediastinum",
-    "hepatosteatosis": "abdomen",
-    "renal cyst": "abdomen",
-    "scoliosis": "bones",
-    "degenerative osteophytes": "bones",
-    "costal cartilage calcification": "bones",
-}
-
-# Normal statements, several surface forms each. Both negation forms appear.
-_NORMAL = {
-    "airway": (
-        "Trachea, both main bronchi are open.",
-        "Trachea and both main bronchi are open.",
-        "The trachea and main bronchi are patent.",
-        "Trachea and lumen of both main bronchi are open and no obstructive lesion was detected.",
-        "The trachea and both main bronchi were evaluated as patent.",
-    ),
-    "mediastinum": (
-        "Mediastinal main vascular structures, heart contour, size are normal.",
-        "Heart contour and size are normal.",
-        "Mediastinal main vascular structures and heart size are within normal limits.",
-        "The heart is of normal size and the mediastinal vascular structures are of normal width.",
-    ),
-    "aorta": (
-        "Thoracic aorta diameter is normal.",
-        "The diameter of the thoracic aorta is within normal limits.",
-        "Thoracic aorta is of normal calibre.",
-    ),
-    "no_calcification": (
-        "No calcific atheroma plaque was observed in the aorta or coronary arteries.",
-        "Calcification was not detected in the aorta and coronary arteries.",
-        "There is no atherosclerotic calcification in the thoracic aorta or the coronary arteries.",
-    ),
-    "pericardium": (
-        "Pericardial effusion-thickening was not observed.",
-        "No pericardial effusion or thickening was detected.",
-        "Pericardial thickening-effusion was not detected.",
-        "There is no pericardial effusion.",
-    ),
-    "oesophagus": (
-        "Thoracic esophagus calibration was normal and no significant tumoral wall thickening was detected.",
-        "The esophagus is of normal calibre.",
-        "No hiatal hernia was detected.",
-        "Thoracic esophagus was evaluated as normal.",
-    ),
-    "lymph": (
-        "No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary pathological dimensions were detected.",
-        "No lymph node was detected in mediastinal and bilateral hilar regions in pathological size and appearance.",
-        "Lymph nodes of pathological size and appearance were not observed in the mediastinum or hila.",
-        "There is no lymphadenopathy in the mediastinum.",
-    ),
-    "lymph_millimetric": (
-        "Millimetric lymph nodes that did not reach pathological size were observed in the mediastinum.",
-        "A few lymph nodes not reaching pathological size were observed in the prevascular and pretracheal areas.",
-    ),
-    "window": (
-        "When examined in the lung parenchyma window;",
-        "In the lung parenchyma window examination;",
-        "Evaluation in the lung parenchyma window:",
-    ),
-    "lungs_clear": (
-        "Aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
-        "Both lung parenchyma are normally aerated, no nodular or infiltrative lesion was detected.",
-        "No mass, nodule or infiltrative lesion was observed in either lung.",
-        "Lung parenchyma aeration is normal; no active infiltration or nodule was detected.",
-    ),
-    "pleura": (
-        "Pleural effusion-thickening was not detected.",
-        "No pleural effusion or thickening was observed.",
-        "There is no pleural effusion.",
-        "Pleural effusion was not observed.",
-    ),
-    "pleura_pericardium": (
-        "No pleural or pericardial effusion was detected.",
-        "Pleural and pericardial effusion was not observed.",
-    ),
-    "abdomen": (
-        "No mass lesion was detected in the upper abdominal organs included in the study area.",
-        "Upper abdominal organs included in the sections are natural.",
-        "Upper abdominal sections within the study area are unremarkable.",
-    ),
-    "mediastinum_mass": (
-        "No mass lesion with distinguishable borders was detected in the mediastinum.",
-        "There is no mass lesion in the mediastinum.",
-        "A mass lesion was not observed in the mediastinum.",
-    ),
-    "thyroid": (
-        "Thyroid gland lobes are of normal size and density.",
-        "The sections of the thyroid gland included in the study are natural.",
-    ),
-    "axilla": (
-        "No pathologically enlarged lymph nodes were observed in both axillary regions.",
-        "Both axillary regions are natural.",
-        "Lymph nodes in pathological size were not detected in the axillary regions.",
-    ),
-    "trachea_lumen": (
-        "No pathological lesion was detected in the tracheal and bronchial lumens.",
-        "Tracheal and bronchial lumens are clear.",
-    ),
-    "pneumothorax": (
-        "No pneumothorax was detected.",
-        "Pneumothorax was not observed.",
-        "There is no pneumothorax.",
-    ),
-    "diaphragm": (
-        "Both hemidiaphragms are in normal position and contour.",
-        "The diaphragm contours are smooth.",
-    ),
-    "chest_wall": (
-        "Chest wall soft tissues are natural.",
-        "No pathological finding was detected in the soft tissues of the chest wall.",
-    ),
-    "bones": (
-        "Bone structures in the study area are natural.",
-        "Vertebral corpus heights are preserved.",
-        "No lytic or destructive lesion was detected in the bone structures within the study area.",
-    ),
-}
-
-# Lung-window labels named in grouped negations ("No emphysema, bronchiectasis or consolidation was detected.").
-_NEGATION_NAMES = {
-    "Emphysema": ("emphysema", "emphysematous change"),
-    "Lung nodule": ("nodule", "nodular lesion"),
-    "Lung opacity": ("ground-glass opacity", "infiltration"),
-    "Consolidation": ("consolidation",),
-    "Atelectasis": ("atelectasis",),
-    "Pulmonary fibrotic sequela": ("fibrotic sequela", "sequelae change"),
-    "Mosaic attenuation pattern": ("mosaic attenuation",),
-    "Peribronchial thickening": ("peribronchial thickening",),
-    "Bronchiectasis": ("bronchiectasis",),
-    "Interlobular septal thickening": ("interlobular septal thickening",),
-}
-
-_LUNG_ORDER = (
-    "Emphysema", "Lung nodule", "Lung opacity", "Consolidation", "Atelectasis", "Pulmonary fibrotic sequela",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening",
-)
-
-_POSITIVE = {
+#: The writer of each label's statement; atelectasis (which looks at the pleura) and the two
+#: calcifications (stated together) are written where their context is known.
+_WRITERS = {
+    "Medical material": _medical_material,
+    "Cardiomegaly": _simple_finding,
+    "Pericardial effusion": _pericardial_effusion,
+    "Hiatal hernia": _simple_finding,
+    "Lymphadenopathy": _lymphadenopathy,
     "Emphysema": _emphysema,
     "Lung nodule": _lung_nodule,
-    "Lung opacity": _lung_opacity,
-    "Consolidation": _consolidation,
-    "Pulmonary fibrotic sequela": _fibrotic,
-    "Mosaic attenuation pattern": _mosaic,
-    "Peribronchial thickening": _peribronchial,
-    "Bronchiectasis": _bronchiectasis,
-    "Interlobular septal thickening": _septal,
+    "Lung opacity": _simple_finding,
+    "Pulmonary fibrotic sequela": _simple_finding,
+    "Pleural effusion": _pleural_effusion,
+    "Mosaic attenuation pattern": _simple_finding,
+    "Peribronchial thickening": _simple_finding,
+    "Consolidation": _simple_finding,
+    "Bronchiectasis": _simple_finding,
+    "Interlobular septal thickening": _simple_finding,
 }
+assert set(_WRITERS) | {"Atelectasis", "Arterial wall calcification", "Coronary artery wall calcification"} == set(CTRATE_PATHOLOGIES)
 
-_INDICATIONS = {
-    "infection": ("Cough, fever.", "covid?", "Fever, cough, shortness of breath.", "Pneumonia?"),
-    "heart_failure": ("Shortness of breath.", "Dyspnea, leg swelling.", "Chest pain"),
-    "post_op": ("Postoperative control.", "Follow-up after surgery."),
-    "smoker": ("Cough.", "Smoker, cough.", "Follow-up of known lung nodule."),
-    "airway_disease": ("Chronic cough.", "Asthma?", "Shortness of breath."),
-    "prior_infection": ("History of tuberculosis.", "Cough, fatigue."),
-}
+
+# --------------------------------------------------------------------------------------------
+# The findings section, block by block, then the other sections.
+# --------------------------------------------------------------------------------------------
+
+
+class _Draft:
+    """One report while it is written: the record's findings by label, the sentences of each findings
+    block, the impression phrases, and the writer every random choice comes from."""
+
+    def __init__(self, record: dict[str, Any], w: _Writer):
+        self.w = w
+        self.by_label: dict[str, list[dict]] = {}
+        for f in record.get("findings") or []:
+            self.by_label.setdefault(f["label"], []).append(f)
+        self.present = set(self.by_label)
+        self.incidental = [i for i in record.get("incidental") or [] if i in INCIDENTAL]
+        self.blocks: dict[str, list[str]] = {k: [] for k in _BLOCKS}
+        self.impressions: list[str] = []
+        #: "No pleural or pericardial effusion": decided with the pericardium, written with the pleura
+        self.effusions_in_one_sentence = False
+
+    def state(self, block: str, key: str) -> None:
+        """Add one of the normal statements ``NORMAL[key]`` to ``block``."""
+        self.blocks[block].append(self.w.pick(NORMAL[key]))
+
+    def normal(self, block: str, key: str, keep_always: bool = False) -> None:
+        """The same, unless dropped (probability NORMAL_DROPOUT, not drawn when ``keep_always``)."""
+        if keep_always or not self.w.chance(NORMAL_DROPOUT):
+            self.state(block, key)
+
+    def add(self, block: str, result: tuple[list[str], str | None]) -> None:
+        sentences, imp = result
+        self.blocks[block].extend(sentences)
+        if imp:
+            self.impressions.append(imp)
+
+    def write(self, label: str) -> tuple[list[str], str]:
+        """The statement of the record's (first) finding with this label."""
+        f = self.by_label[label][0]
+        if label == "Atelectasis":
+            return _atelectasis(f, self.w, with_effusion="Pleural effusion" in self.present)
+        return _WRITERS[label](f, self.w)
+
+    def finding_or_normal(self, label: str, block: str, key: str) -> bool:
+        """The finding's statement when the record has it (True), else a normal statement (False)."""
+        if label not in self.present:
+            self.normal(block, key)
+            return False
+        self.add(block, self.write(label))
+        return True
+
+
+def _airways(d: _Draft) -> None:
+    d.normal("airway", "airway")
+    if d.w.chance(0.5):
+        d.normal("airway", "trachea_lumen")
+
+
+def _mediastinum(d: _Draft) -> None:
+    """Heart, devices (each kind once), the mediastinum and the thyroid."""
+    d.finding_or_normal("Cardiomegaly", "mediastinum", "mediastinum")
+    seen_devices = set()
+    for f in d.by_label.get("Medical material", []):
+        if f.get("subtype") in seen_devices:
+            continue
+        seen_devices.add(f.get("subtype"))
+        d.add("mediastinum", _medical_material(f, d.w))
+    if d.w.chance(0.25):
+        d.blocks["mediastinum"].append(NO_CONTRAST)
+    d.normal("mediastinum", "mediastinum_mass")
+    if "thyroid nodule" not in d.incidental and d.w.chance(0.4):
+        d.normal("mediastinum", "thyroid")
+
+
+def _aorta(d: _Draft) -> None:
+    d.normal("aorta", "aorta")
+    arterial = d.by_label.get("Arterial wall calcification", [None])[0]
+    coronary = d.by_label.get("Coronary artery wall calcification", [None])[0]
+    if arterial or coronary:
+        d.add("aorta", _calcification(arterial, coronary, d.w))
+    elif d.w.chance(0.5):
+        d.state("aorta", "no_calcification")
+
+
+def _pericardium(d: _Draft) -> None:
+    both_absent = "Pericardial effusion" not in d.present and "Pleural effusion" not in d.present
+    d.effusions_in_one_sentence = both_absent and d.w.chance(0.3)
+    if not d.effusions_in_one_sentence:
+        d.finding_or_normal("Pericardial effusion", "pericardium", "pericardium")
+
+
+def _oesophagus(d: _Draft) -> None:
+    d.finding_or_normal("Hiatal hernia", "oesophagus", "oesophagus")
+
+
+def _lymph_nodes(d: _Draft) -> None:
+    if not d.finding_or_normal("Lymphadenopathy", "lymph", "lymph") and d.w.chance(0.25):
+        d.state("lymph", "lymph_millimetric")  # hard negative: small nodes that are not lymphadenopathy
+    if d.w.chance(0.6):
+        d.normal("lymph", "axilla")
+
+
+def _lungs(d: _Draft) -> None:
+    """The lung findings in _LUNG_ORDER, a grouped negation of a few absent ones, pneumothorax."""
+    positive = [name for name in _LUNG_ORDER if name in d.present]
+    if not positive:
+        d.normal("lungs", "lungs_clear", keep_always=d.w.chance(0.7))
+    for name in positive:
+        d.add("lungs", d.write(name))
+    if positive:
+        _grouped_negation(d)
+    _swap_neighbours(d.blocks["lungs"], d.w)
+    if d.w.chance(0.6):
+        d.normal("lungs", "pneumothorax")
+
+
+def _grouped_negation(d: _Draft) -> None:
+    """0-3 absent lung labels in one sentence: "No emphysema or consolidation was detected." or the post-form."""
+    negatives = [n for n in _LUNG_ORDER if n not in d.present]
+    order = d.w.rng.permutation(len(negatives))
+    chosen = [negatives[i] for i in order[: int(d.w.rng.integers(0, 4))]]
+    if not chosen:
+        return
+    terms = _join([d.w.pick(NEGATION_NAMES[n]) for n in chosen], "or")
+    if d.w.chance(0.5):
+        d.blocks["lungs"].append(f"No {terms} was detected.")
+    else:
+        d.blocks["lungs"].append(f"{terms.capitalize()} {'were' if len(chosen) > 1 else 'was'} not observed.")
+
+
+def _swap_neighbours(sentences: list[str], w: _Writer) -> None:
+    """Sometimes swap two neighbouring sentences (of three or more), as radiologists do."""
+    if len(sentences) > 2 and w.chance(0.3):
+        i = int(w.rng.integers(len(sentences) - 1))
+        sentences[i], sentences[i + 1] = sentences[i + 1], sentences[i]
+
+
+def _pleura(d: _Draft) -> None:
+    if d.effusions_in_one_sentence:
+        d.state("pleura", "pleura_pericardium")
+    else:
+        d.finding_or_normal("Pleural effusion", "pleura", "pleura")
+
+
+def _incidental(d: _Draft) -> None:
+    """Incidental findings in their blocks; half of them (those with one) in the impressions."""
+    for name in d.incidental:
+        sentences, imp = INCIDENTAL[name]
+        d.blocks[INCIDENTAL_BLOCK[name]].append(d.w.pick(sentences))
+        if imp and d.w.chance(0.5):
+            d.impressions.append(imp)
+
+
+def _abdomen_diaphragm_bones(d: _Draft) -> None:
+    if not any("cyst" in s or "steatosis" in s for s in d.blocks["abdomen"]):
+        d.normal("abdomen", "abdomen")
+    if d.w.chance(0.4):
+        d.normal("pleura", "diaphragm")
+    if d.w.chance(0.4):
+        d.normal("bones", "chest_wall")
+    d.normal("bones", "bones")
+    if d.w.chance(0.4):
+        d.blocks["bones"].append(VERTEBRAE)
+    d.blocks["bones"] = list(dict.fromkeys(d.blocks["bones"]))
+
+
+def _findings(d: _Draft) -> str:
+    """Findings_EN: the blocks written in this order (the order of the draws), then joined in _BLOCKS order."""
+    for section in (_airways, _mediastinum, _aorta, _pericardium, _oesophagus, _lymph_nodes, _lungs, _pleura,
+                    _incidental, _abdomen_diaphragm_bones):
+        section(d)
+    window = d.w.pick(NORMAL["window"])
+    ordered: list[str] = []
+    for block in _BLOCKS:
+        if block == "lungs":
+            ordered.append(window)
+        ordered += d.blocks[block]
+    return " ".join(ordered)
+
+
+def _impressions(d: _Draft) -> str:
+    if d.impressions:
+        return "\n".join(dict.fromkeys(d.impressions))
+    return d.w.pick(NORMAL_IMPRESSIONS)
+
+
+def _clinical_information(record: dict[str, Any], w: _Writer) -> str:
+    """60 % of the time an indication matching one of the record's latent factors, else a generic one."""
+    latent = record.get("latent") or {}
+    active = [k for k in INDICATIONS if latent.get(k)]
+    if active and w.chance(0.6):
+        return w.pick(INDICATIONS[active[int(w.rng.integers(len(active)))]])
+    return w.pick(UNSPECIFIED_INDICATIONS)
 
 
 def _technique(thickness_mm: float | None, w: _Writer) -> str:
-    t = format_mm(thickness_mm) if thickness_mm else w.pick(("1", "1.5", "2"))
-    return w.pick((
-        f"Non-contrast images were taken in the axial plane with a section thickness of {t} mm.",
-        "Sections were taken without contrast medium and there were no reconstructions at the workstation.",
-        f"Non-contrast axial sections of {t} mm thickness were obtained and reconstruction was performed at the workstation.",
-        f"Thorax CT was performed without contrast material with {t} mm slice thickness.",
-        NOT_GIVEN,
-    ))
+    t = format_mm(thickness_mm) if thickness_mm else w.pick(TECHNIQUE_THICKNESSES)
+    return w.pick(TECHNIQUE).format(t=t)
 
 
 def generate_report(record: dict[str, Any], seed: int | None = None, slice_thickness_mm: float | None = None) -> dict[str, str]:
@@ -680,150 +496,13 @@ def generate_report(record: dict[str, Any], seed: int | None = None, slice_thick
     """
     base = int(record.get("seed", 0)) if seed is None else int(seed)
     w = _Writer(np.random.default_rng([base, 0x5E9047]))
-    findings = list(record.get("findings") or [])
-    by_label: dict[str, list[dict]] = {}
-    for f in findings:
-        by_label.setdefault(f["label"], []).append(f)
-    present = set(by_label)
-    incidental = [i for i in record.get("incidental") or [] if i in _INCIDENTAL]
-
-    def normal(key: str, keep_always: bool = False) -> list[str]:
-        if not keep_always and w.chance(NORMAL_DROPOUT):
-            return []
-        return [w.pick(_NORMAL[key])]
-
-    blocks: dict[str, list[str]] = {k: [] for k in ("airway", "mediastinum", "aorta", "pericardium", "oesophagus", "lymph", "lungs", "pleura", "abdomen", "bones")}
-    impressions: list[str] = []
-
-    def add(block: str, result: tuple[list[str], str | None]) -> None:
-        sentences, imp = result
-        blocks[block].extend(sentences)
-        if imp:
-            impressions.append(imp)
-
-    blocks["airway"] += normal("airway")
-    if w.chance(0.5):
-        blocks["airway"] += normal("trachea_lumen")
-
-    # Mediastinum, heart and devices.
-    if "Cardiomegaly" in present:
-        add("mediastinum", _cardiomegaly(by_label["Cardiomegaly"][0], w))
-    else:
-        blocks["mediastinum"] += normal("mediastinum")
-    seen_devices = set()
-    for f in by_label.get("Medical material", []):
-        if f.get("subtype") in seen_devices:
-            continue
-        seen_devices.add(f.get("subtype"))
-        add("mediastinum", _medical_material(f, w))
-    if w.chance(0.25):
-        blocks["mediastinum"].append("Mediastinal structures cannot be evaluated optimally because contrast material is not given.")
-    blocks["mediastinum"] += normal("mediastinum_mass")
-    if "thyroid nodule" not in incidental and w.chance(0.4):
-        blocks["mediastinum"] += normal("thyroid")
-
-    blocks["aorta"] += normal("aorta")
-    arterial = by_label.get("Arterial wall calcification", [None])[0]
-    coronary = by_label.get("Coronary artery wall calcification", [None])[0]
-    if arterial or coronary:
-        sentences, imps = _calcification(arterial, coronary, w)
-        blocks["aorta"] += sentences
-        impressions += imps
-    elif w.chance(0.5):
-        blocks["aorta"].append(w.pick(_NORMAL["no_calcification"]))
-
-    both_effusions_absent = "Pericardial effusion" not in present and "Pleural effusion" not in present
-    combined_effusion_sentence = both_effusions_absent and w.chance(0.3)
-    if "Pericardial effusion" in present:
-        add("pericardium", _pericardial_effusion(by_label["Pericardial effusion"][0], w))
-    elif not combined_effusion_sentence:
-        blocks["pericardium"] += normal("pericardium")
-
-    if "Hiatal hernia" in present:
-        add("oesophagus", _hiatal_hernia(by_label["Hiatal hernia"][0], w))
-    else:
-        blocks["oesophagus"] += normal("oesophagus")
-
-    if "Lymphadenopathy" in present:
-        add("lymph", _lymphadenopathy(by_label["Lymphadenopathy"][0], w))
-    else:
-        blocks["lymph"] += normal("lymph")
-        if w.chance(0.25):  # hard negative: small nodes that are not lymphadenopathy
-            blocks["lymph"].append(w.pick(_NORMAL["lymph_millimetric"]))
-    if w.chance(0.6):
-        blocks["lymph"] += normal("axilla")
-
-    # Lungs.
-    lung_positive = [name for name in _LUNG_ORDER if name in present]
-    if not lung_positive:
-        blocks["lungs"] += normal("lungs_clear", keep_always=w.chance(0.7))
-    for name in lung_positive:
-        f = by_label[name][0]
-        if name == "Atelectasis":
-            add("lungs", _atelectasis(f, w, with_effusion="Pleural effusion" in present))
-        else:
-            add("lungs", _POSITIVE[name](f, w))
-    if lung_positive:
-        negatives = [n for n in _LUNG_ORDER if n not in present]
-        order = w.rng.permutation(len(negatives))
-        chosen = [negatives[i] for i in order[: int(w.rng.integers(0, 4))]]
-        if chosen:
-            terms = [w.pick(_NEGATION_NAMES[n]) for n in chosen]
-            if w.chance(0.5):
-                blocks["lungs"].append(f"No {_join(terms, 'or')} was detected.")
-            else:
-                blocks["lungs"].append(f"{_join(terms, 'or').capitalize()} {'were' if len(terms) > 1 else 'was'} not observed.")
-    # Slight reordering inside the lung block, as radiologists do.
-    if len(blocks["lungs"]) > 2 and w.chance(0.3):
-        i = int(w.rng.integers(len(blocks["lungs"]) - 1))
-        blocks["lungs"][i], blocks["lungs"][i + 1] = blocks["lungs"][i + 1], blocks["lungs"][i]
-
-    if w.chance(0.6):
-        blocks["lungs"] += normal("pneumothorax")
-    if "Pleural effusion" in present:
-        add("pleura", _pleural_effusion(by_label["Pleural effusion"][0], w))
-    elif combined_effusion_sentence:
-        blocks["pleura"].append(w.pick(_NORMAL["pleura_pericardium"]))
-    else:
-        blocks["pleura"] += normal("pleura")
-
-    for name in incidental:
-        sentences, imp = _INCIDENTAL[name]
-        blocks[_INCIDENTAL_BLOCK[name]].append(w.pick(sentences))
-        if imp and w.chance(0.5):
-            impressions.append(imp)
-    if not any("cyst" in s or "steatosis" in s for s in blocks["abdomen"]):
-        blocks["abdomen"] += normal("abdomen")
-    if w.chance(0.4):
-        blocks["pleura"] += normal("diaphragm")
-    if w.chance(0.4):
-        blocks["bones"] += normal("chest_wall")
-    blocks["bones"] += normal("bones")
-    if w.chance(0.4):
-        blocks["bones"].append("Vertebral corpus heights are preserved.")
-    blocks["bones"] = list(dict.fromkeys(blocks["bones"]))
-
-    ordered = (
-        blocks["airway"] + blocks["mediastinum"] + blocks["aorta"] + blocks["pericardium"] + blocks["oesophagus"]
-        + blocks["lymph"] + [w.pick(_NORMAL["window"])] + blocks["lungs"] + blocks["pleura"] + blocks["abdomen"] + blocks["bones"]
-    )
-    findings_text = " ".join(ordered)
-
-    if impressions:
-        impression_text = "\n".join(f"{i}" for i in dict.fromkeys(impressions))
-    else:
-        impression_text = w.pick(("Thoracic CT examination within normal limits.", "Findings within normal limits.", NOT_GIVEN))
-
-    latent = record.get("latent") or {}
-    active = [k for k in _INDICATIONS if latent.get(k)]
-    if active and w.chance(0.6):
-        clinical = w.pick(_INDICATIONS[active[int(w.rng.integers(len(active)))]])
-    else:
-        clinical = w.pick((NOT_GIVEN, NOT_GIVEN, "Cough.", "Shortness of breath.", "Chest pain"))
-
+    draft = _Draft(record, w)
+    findings = _findings(draft)  # the sections draw in this order: findings, impressions, clinical, technique
+    impressions = _impressions(draft)
+    clinical = _clinical_information(record, w)
     return {
         "ClinicalInformation_EN": clinical,
         "Technique_EN": _technique(slice_thickness_mm, w),
-        "Findings_EN": findings_text,
-        "Impressions_EN": impression_text,
+        "Findings_EN": findings,
+        "Impressions_EN": impressions,
     }
