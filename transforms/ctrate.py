@@ -85,16 +85,31 @@ def _number(value: Any) -> float | None:
     return float(s)
 
 
+#: the decoding of a table cell that is not UTF-8 (CT-RATE's tables are UTF-8; a table edited in a Western
+#: European spreadsheet program is Windows-1252): the row is kept, with a warning that names its line
+FALLBACK_ENCODING = "cp1252"
+
+
+def _redecode(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode(FALLBACK_ENCODING, errors="replace")
+
+
 def _read_csv(path: str | os.PathLike, required: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
+            header = [_redecode(h).strip() for h in (reader.fieldnames or [])]
             reader.fieldnames = header
             rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except (UnicodeDecodeError, csv.Error) as e:
         raise CTRATETableError(f"{path}: cannot read CSV ({e})") from None
+    for row in rows:
+        bad = [k for k, v in row.items() if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v)]
+        for k in bad:
+            row[k] = _redecode(row[k])
+        if bad:
+            row["_encoding_note"] = f"not UTF-8 in {', '.join(bad)}: decoded as {FALLBACK_ENCODING}"
     missing = [c for c in required if c not in header]
     if missing:
         raise CTRATETableError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -125,6 +140,8 @@ def _index_rows(path, rows, strict: bool) -> tuple[dict[str, dict[str, str]], li
         seen[name] = i
         row["_line"] = str(i)
         table[name] = row
+        if "_encoding_note" in row:
+            issues.append((name, f"{Path(path).name} line {i}: {row.pop('_encoding_note')}"))
     return table, issues
 
 

@@ -33,7 +33,16 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = None) -> tuple[list[dict], list[dict]]:
+def _is_preprocessed(folder: Path) -> bool:
+    """A ct_preprocess output folder: its volumes are outputs, not inputs, even when it sits in a cohort."""
+    if (folder / "datalist.json").is_file() and (folder / "qc.csv").is_file():
+        logger.warning(f"not searched for inputs: {folder} (a preprocessed output folder)")
+        return True
+    return False
+
+
+def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = None,
+                    exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[dict], list[dict]]:
     """Find volumes and tables in a cohort folder and join them by volume name.
 
     Volumes: ``.nii``/``.nii.gz`` files and folders holding DICOM files (one series per folder),
@@ -44,6 +53,8 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
         input_dir: the cohort folder.
         patient_pattern: regex whose first group is the patient id (default CT-RATE naming);
             a ``PatientID`` metadata column wins when present.
+        exclude: folders not to search (the run's own output folder when it lies inside the input folder).
+            A folder that holds a ct_preprocess output (``datalist.json`` and ``qc.csv``) is never searched.
 
     Returns:
         ``(items, rejected)``: items to process (``name``, ``path``, ``input``, ``patient``,
@@ -56,12 +67,14 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
     search = [root / "volumes"] if (root / "volumes").is_dir() else (
         [root / "dataset"] if (root / "dataset").is_dir() else [root])
     skip_dirs = {"ground_truth", "metadata", "radiology_text_reports", "multi_abnormality_labels"}
+    excluded = {Path(p).resolve() for p in exclude}
     found: list[tuple[str, Path]] = []
     rejected: list[dict] = []
     for base in search:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
             here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs
+                                 and (here / d).resolve() not in excluded and not _is_preprocessed(here / d))
             files = sorted(f for f in filenames if not f.startswith("."))
             dicoms = [f for f in files if not f.lower().endswith(NIFTI_SUFFIXES) and is_dicom_file(here / f)]
             if dicoms and here != base:

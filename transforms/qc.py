@@ -28,6 +28,7 @@ __all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInput
            "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
 
 class QualityCheckError(ValueError):
@@ -87,15 +88,25 @@ def check_dicom_series(
         QualityCheckError: naming the folder and the reason.
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # what sits beside the slices and is not one (notes.txt, Thumbs.db, a DICOMDIR index) is ignored, not fatal
+    files = [p for p in candidates if is_dicom_file(p) and p.name.upper() != "DICOMDIR"]
     if not files:
-        raise QualityCheckError(f"{folder}: empty DICOM folder")
-    headers = []
+        raise QualityCheckError(f"{folder}: empty DICOM folder" if not candidates else
+                                f"{folder}: no DICOM file among {len(candidates)} file(s)")
+    headers, kept = [], []
     for p in files:
         try:
-            headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+            h = pydicom.dcmread(p, stop_before_pixels=True)
         except Exception as e:  # pydicom raises several types for non-DICOM input
             raise QualityCheckError(f"{p}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+        if str(getattr(h, "SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+            continue  # a DICOMDIR under another name
+        headers.append(h)
+        kept.append(p)
+    if not headers:
+        raise QualityCheckError(f"{folder}: no DICOM image among {len(candidates)} file(s)")
+    ignored = sorted(p.name for p in set(candidates) - set(kept))
     series = {str(getattr(h, "SeriesInstanceUID", "")) for h in headers}
     if len(series) > 1:
         raise QualityCheckError(f"{folder}: {len(series)} series in one folder")
@@ -118,15 +129,17 @@ def check_dicom_series(
     pos = ipps @ normal
     order = np.argsort(pos)
     pos, ipps = pos[order], ipps[order]
-    if len(files) > 1:
+    if len(headers) > 1:
         gaps = np.diff(pos)
         if np.any(gaps < 1e-3):
             raise QualityCheckError(f"{folder}: two slices at the same position")
         # Slices must advance along the normal; an in-plane drift is a gantry tilt (sheared volume).
         drift = (ipps[-1] - ipps[0]) - (pos[-1] - pos[0]) * normal
-        if np.linalg.norm(drift) > 0.01 * len(files) or abs(tilt) > 0.01:
+        if np.linalg.norm(drift) > 0.01 * len(headers):
             angle = np.degrees(np.arctan2(np.linalg.norm(drift), pos[-1] - pos[0]))
             raise QualityCheckError(f"{folder}: gantry tilt / slices not along the normal ({angle:.2f} deg)")
+        if abs(tilt) > 0.01:
+            raise QualityCheckError(f"{folder}: gantry tilt (GantryDetectorTilt {tilt:.2f} deg)")
         med = float(np.median(gaps))
         bad = np.abs(gaps - med) > spacing_tolerance * med + 1e-3
         if bad.any():
@@ -137,15 +150,18 @@ def check_dicom_series(
             )
     else:
         med = float(getattr(headers[0], "SliceThickness", 0) or 0)
+    spacing = _pixel_spacing(headers, folder)
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
-    if max_voxels is not None and rows * cols * len(files) > max_voxels:
-        raise QualityCheckError(f"{folder}: {rows}x{cols}x{len(files)} voxels exceeds the limit {max_voxels}")
+    if max_voxels is not None and rows * cols * len(headers) > max_voxels:
+        raise QualityCheckError(f"{folder}: {rows}x{cols}x{len(headers)} voxels exceeds the limit {max_voxels}")
     pixel_rep = int(getattr(headers[0], "PixelRepresentation", 0))
     pad = _padding_value(getattr(headers[0], "PixelPaddingValue", None), pixel_rep)
     pad_limit = _padding_value(getattr(headers[0], "PixelPaddingRangeLimit", None), pixel_rep)
     return {
-        "n_slices": len(files),
+        "n_slices": len(headers),
         "slice_spacing": med,
+        "pixel_spacing": spacing,
+        "ignored_files": ignored,
         "rows": rows,
         "columns": cols,
         "slope": float(getattr(headers[0], "RescaleSlope", 1) or 1),
@@ -155,6 +171,25 @@ def check_dicom_series(
         "pixel_representation": pixel_rep,
         "modality": modality,
     }
+
+
+def _pixel_spacing(headers: list, folder: Path) -> list[float]:
+    """PixelSpacing (row, column) in mm: required in a CT image, positive, the same on every slice. No
+    fallback is invented: ImagerPixelSpacing is the detector's, not the patient's, in a CT series."""
+    values = set()
+    for h in headers:
+        raw = getattr(h, "PixelSpacing", None)
+        try:
+            values.add(tuple(float(v) for v in raw))
+        except (TypeError, ValueError):
+            raise QualityCheckError(f"{folder}: no PixelSpacing in slice {getattr(h, 'InstanceNumber', '?')} "
+                                    "(the in-plane voxel size is unknown)") from None
+    if len(values) != 1:
+        raise QualityCheckError(f"{folder}: PixelSpacing differs between slices ({sorted(values)[:3]})")
+    spacing = list(values.pop())
+    if len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise QualityCheckError(f"{folder}: PixelSpacing {spacing} is not two positive numbers")
+    return spacing
 
 
 def _padding_value(value, pixel_representation: int) -> int | None:
@@ -250,6 +285,14 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     if max_voxels is not None and int(np.prod(shape)) > max_voxels:
         raise QualityCheckError(f"{path}: {'x'.join(map(str, shape))} voxels exceeds the limit {max_voxels}")
     hdr = img.header
+    # nibabel repairs a zero pixdim to 1 mm and drops a sign on load (a warning on stderr at most): the voxel
+    # size would be invented, so the header is read again as stored
+    with nib.openers.ImageOpener(str(path)) as f:
+        stored = type(hdr).from_fileobj(f, check=False)
+    zooms = [float(v) for v in stored["pixdim"][1:1 + min(len(shape), 3)]]
+    if not all(np.isfinite(v) and v > 0 for v in zooms):
+        raise QualityCheckError(f"{path}: voxel size pixdim {zooms} is not positive (the header does not say how "
+                                "large the voxels are)")
     # the data offset from the image proxy: nibabel's header["vox_offset"] reads 0 after loading, which
     # made every check of an intact .nii.gz miss the trailer test and decompress the whole file
     offset = int(getattr(img.dataobj, "offset", hdr["vox_offset"]))

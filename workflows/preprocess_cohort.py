@@ -10,10 +10,8 @@ or stop the run at the first one in strict mode.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.metadata as md
-import io
 import json
 import logging
 import os
@@ -33,12 +31,14 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from nibabel.orientations import aff2axcodes
 
-from ctclip_contract import atomic_write_json, atomic_write_text, file_sha256, load_model_config
+from ctclip_contract import atomic_write_json, file_sha256, load_model_config
 from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
 from transforms.preprocessing import build_preprocessing
 from transforms.qc import QualityCheckError, check_input, padding_range
+
+from .writers import write_csv_rows
 
 __all__ = ["build_preprocessing", "CTPreprocessor", "QC_COLUMNS", "PIPELINE_VERSION"]
 
@@ -217,6 +217,9 @@ class CTPreprocessor:
         warnings = [item.get("warning", "")]
         # the reader keeps NaN (ITK turned it into 0), so the structural QC finds it: no second read here
         header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"), check_finite=False)
+        if header.get("ignored_files"):
+            warnings.append(f"ignored {len(header['ignored_files'])} file(s) in the series folder that are not DICOM "
+                            f"slices: {', '.join(header['ignored_files'][:5])}")
         load, process = self.chains
         data = load({"image": item["path"], "name": item["name"],
                      "rescale_slope": item.get("rescale_slope"),
@@ -290,7 +293,9 @@ class CTPreprocessor:
         Returns:
             A summary: ``{"rank", "world_size", "processed", "resumed", "ok", "rejected"}`` (this rank).
         """
-        items, rejected = discover_inputs(self.input_dir, self.split["patient_pattern"])
+        items, rejected = discover_inputs(self.input_dir, self.split["patient_pattern"], exclude=[self.output_dir])
+        if not items and not rejected:
+            logger.warning(f"no NIfTI file or DICOM series found in {self.input_dir}: nothing to preprocess")
         if self.strict and rejected:
             raise QualityCheckError(rejected[0]["reason"])
         rank, world = self._dist()
@@ -351,11 +356,7 @@ class CTPreprocessor:
                 "warning": r.get("warning", ""),
             })
         rows.sort(key=lambda r: (r["name"], r["input"]))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=QC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.output_dir / "qc.csv", buf.getvalue())
+        write_csv_rows(self.output_dir / "qc.csv", rows, QC_COLUMNS)
 
         # Split over every discovered patient, so a fixed input later does not reshuffle the others.
         split_of = split_patients([it["patient"] for it in items], self.split["fractions"], self.split["seed"])

@@ -65,9 +65,21 @@ def write_csv_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], f
     return atomic_write_text(path, buf.getvalue())
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(v: Any) -> Any:
+    """A CSV cell: None/NaN empty; text that a spreadsheet would run as a formula (an input named
+    ``=HYPERLINK(...)``, and so a reason that quotes it) gets a leading apostrophe; numbers stay numbers."""
     v = to_jsonable(v)
-    return "" if v is None else v
+    if v is None:
+        return ""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        try:
+            float(v)
+        except ValueError:
+            return "'" + v
+    return v
 
 
 def per_class_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,146 @@
+"""Bad inputs that used to be invented, fatal or silently mixed in: each now gets its reason and costs
+nothing else (the good volume beside it still comes out, and nothing outside the output folder is written)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import struct
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_preprocess_phantom import SHAPE, SPACING, write_dicom_series, write_nifti  # noqa: E402
+
+from transforms.qc import QualityCheckError, check_dicom_series, check_input  # noqa: E402
+from workflows.preprocess_cohort import CTPreprocessor  # noqa: E402
+
+PIXDIM_OFFSET = 76  # NIfTI-1 header: float32 pixdim[8] at byte 76
+
+
+def _run(input_dir: Path, output_dir: Path) -> dict[str, dict]:
+    CTPreprocessor(str(input_dir), str(output_dir), "ctclip_tiny", spacing_mm=list(SPACING),
+                   spatial_size=list(SHAPE), progress=False).run()
+    with open(output_dir / "qc.csv", newline="", encoding="utf-8") as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def _with_pixdim(path: Path, axis: int, value: float) -> Path:
+    raw = bytearray(path.read_bytes())
+    raw[PIXDIM_OFFSET + 4 * axis: PIXDIM_OFFSET + 4 * axis + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, -1.5])
+def test_a_voxel_size_the_header_does_not_give_is_refused(tmp_path, value):
+    good = write_nifti(tmp_path / "in" / "good_1_a_1.nii")
+    bad = _with_pixdim(write_nifti(tmp_path / "in" / "bad_1_a_1.nii"), 2, value)
+    assert float(nib.load(str(good)).header["pixdim"][2]) > 0
+    with pytest.raises(QualityCheckError, match=r"bad_1_a_1\.nii: voxel size pixdim .* is not positive"):
+        check_input(bad)
+    rows = _run(tmp_path / "in", tmp_path / "out")
+    assert rows["good_1_a_1"]["status"] == "ok"
+    assert rows["bad_1_a_1"]["status"] == "rejected" and "pixdim" in rows["bad_1_a_1"]["reason"]
+    assert not (tmp_path / "out" / "volumes" / "bad_1_a_1.nii.gz").exists()
+
+
+def test_a_dicom_series_without_pixel_spacing_is_refused(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    folder = write_dicom_series(tmp_path / "in" / "volumes" / "nospacing_1_a_1")
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing
+        ds.save_as(f)
+    with pytest.raises(QualityCheckError, match="no PixelSpacing"):
+        check_dicom_series(folder)
+    write_dicom_series(tmp_path / "in" / "volumes" / "good_1_a_1", seed=1)
+    rows = _run(tmp_path / "in", tmp_path / "out")
+    assert rows["good_1_a_1"]["status"] == "ok"
+    assert rows["nospacing_1_a_1"]["status"] == "rejected" and "PixelSpacing" in rows["nospacing_1_a_1"]["reason"]
+
+
+def test_stray_files_beside_the_slices_are_ignored_with_a_warning(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    clean = write_dicom_series(tmp_path / "clean" / "volumes" / "series_1_a_1")
+    stray = write_dicom_series(tmp_path / "stray" / "volumes" / "series_1_a_1")
+    (stray / "notes.txt").write_text("acquired on the old scanner\n")
+    (stray / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
+    meta = pydicom.dataset.FileMetaDataset()  # a media index as a CD or PACS export writes it
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    index = pydicom.dataset.FileDataset(str(stray / "DICOMDIR"), {}, file_meta=meta, preamble=b"\0" * 128)
+    index.FileSetID = "EXPORT"
+    index.DirectoryRecordSequence = pydicom.sequence.Sequence()
+    index.save_as(stray / "DICOMDIR", enforce_file_format=True)
+    info = check_dicom_series(stray)
+    assert info["ignored_files"] == ["DICOMDIR", "Thumbs.db", "notes.txt"] and info["n_slices"] == SHAPE[2]
+    a = _run(tmp_path / "clean", tmp_path / "out_clean")["series_1_a_1"]
+    b = _run(tmp_path / "stray", tmp_path / "out_stray")["series_1_a_1"]
+    assert a["status"] == b["status"] == "ok", b["reason"]
+    assert "ignored 3 file(s)" in b["warning"] and "notes.txt" in b["warning"]
+    va = np.asarray(nib.load(str(tmp_path / "out_clean" / "volumes" / "series_1_a_1.nii.gz")).dataobj)
+    vb = np.asarray(nib.load(str(tmp_path / "out_stray" / "volumes" / "series_1_a_1.nii.gz")).dataobj)
+    np.testing.assert_array_equal(va, vb)
+
+
+def test_a_gantry_tilt_refused_by_its_tag_says_so(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    folder = write_dicom_series(tmp_path / "tilted")
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.GantryDetectorTilt = 12.5
+        ds.save_as(f)
+    with pytest.raises(QualityCheckError, match=r"GantryDetectorTilt 12\.50 deg"):
+        check_dicom_series(folder)
+
+
+def test_a_report_table_that_is_not_utf8_costs_one_warning_not_the_run(tmp_path):
+    write_nifti(tmp_path / "in" / "volumes" / "train_1_a_1.nii.gz")
+    write_nifti(tmp_path / "in" / "volumes" / "train_2_a_1.nii.gz")
+    header = "VolumeName,ClinicalInformation_EN,Technique_EN,Findings_EN,Impressions_EN\n"
+    body = ("train_1_a_1.nii.gz,Cough.,Non-contrast.,Pleural effusion 12 mm \u00b1 2.,Effusion.\n"
+            "train_2_a_1.nii.gz,Not given.,Non-contrast.,No finding.,Normal.\n")
+    (tmp_path / "in" / "reports.csv").write_bytes((header + body).encode("cp1252"))  # \u00b1 is 0xb1
+    rows = _run(tmp_path / "in", tmp_path / "out")
+    assert rows["train_1_a_1"]["status"] == rows["train_2_a_1"]["status"] == "ok"
+    assert "reports.csv line 2: not UTF-8 in Findings_EN: decoded as cp1252" in rows["train_1_a_1"]["warning"]
+    assert rows["train_2_a_1"]["warning"] == ""
+    items = {it["name"]: it for split in json.loads((tmp_path / "out" / "datalist.json").read_text()).values()
+             for it in split}
+    assert items["train_1_a_1"]["findings"] == "Pleural effusion 12 mm \u00b1 2."
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_taken_for_input(tmp_path):
+    cohort = tmp_path / "cohort"
+    write_nifti(cohort / "train_1_a_1.nii.gz")
+    write_nifti(cohort / "train_2_a_1.nii.gz")
+    first = _run(cohort, cohort / "preprocessed")
+    second = _run(cohort, cohort / "preprocessed")  # the outputs of the first run now sit in the input folder
+    assert set(first) == set(second) == {"train_1_a_1", "train_2_a_1"}
+    assert all(r["status"] == "ok" for r in second.values())
+    again = _run(cohort, tmp_path / "elsewhere")  # another run: the earlier output folder is still not input
+    assert set(again) == {"train_1_a_1", "train_2_a_1"}
+
+
+def test_an_input_name_is_not_run_as_a_spreadsheet_formula(tmp_path):
+    write_nifti(tmp_path / "in" / "train_1_a_1.nii.gz")
+    (tmp_path / "in" / "=HYPERLINK(1).nii.gz").write_bytes(b"not an image")
+    rows = _run(tmp_path / "in", tmp_path / "out")
+    bad = rows["'=HYPERLINK(1)"]  # the name cell itself is escaped
+    assert bad["status"] == "rejected" and bad["input"] == "'=HYPERLINK(1).nii.gz"
+    assert "unsafe volume name" in bad["reason"]
+    assert rows["train_1_a_1"]["status"] == "ok" and rows["train_1_a_1"]["hu_slope"] == "1.0"
+
+
+def test_an_empty_input_folder_warns(tmp_path, caplog):
+    (tmp_path / "in").mkdir()
+    with caplog.at_level(logging.WARNING):
+        _run(tmp_path / "in", tmp_path / "out")
+    assert any("nothing to preprocess" in r.getMessage() for r in caplog.records)
