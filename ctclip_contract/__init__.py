@@ -5,7 +5,7 @@ The lowest layer: ``custom_nets``, ``transforms``, ``chest_phantom`` and ``workf
 none of them, nor torch, MONAI or transformers (``tests/test_layering.py`` keeps it so).
 """
 
-from .files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, read_json
+from .files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, is_environment_fault, read_json
 from .ctrate_format import (METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS, REPORT_SECTION_KEYS,
                             normalise_report_sections)
 from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT_SCORINGS, TEXT_POOLINGS,
@@ -14,7 +14,7 @@ from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT
 from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
 
 __all__ = [
-    "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256", "read_json",
+    "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256", "is_environment_fault", "read_json",
     "METADATA_COLUMNS", "NOT_GIVEN", "REPORT_COLUMNS", "REPORT_SECTION_KEYS", "normalise_report_sections",
     "CONFIG_DIR", "DEFAULT_TEMPLATES", "IMAGE_POOLINGS", "PROMPT_SCORINGS", "TEXT_POOLINGS",
     "InputContract", "ModelConfig", "ModelConfigError", "PromptConfig", "TextContract",

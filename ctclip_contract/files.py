@@ -11,6 +11,7 @@ want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the oth
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256", "is_environment_fault"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -125,3 +126,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: errors of the machine, not of an input: a full disk or quota, a read-only file system, no permission, I/O
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def is_environment_fault(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps: MONAI wraps transform errors in RuntimeError) is a fault of the machine
+    (:data:`ENVIRONMENT_ERRNOS`, or memory exhausted). Such a fault stops a run; it is never recorded as a bad
+    input, since the same input succeeds once the machine is fixed."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -4,9 +4,12 @@ nothing else (the good volume beside it still comes out, and nothing outside the
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,3 +147,36 @@ def test_an_empty_input_folder_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _run(tmp_path / "in", tmp_path / "out")
     assert any("nothing to preprocess" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs for the output folder (a real full disk); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_and_the_rerun_completes(tmp_path, small_disk):
+    for i in range(3):
+        write_nifti(tmp_path / "in" / f"train_{i}_a_1.nii.gz")
+    out = small_disk / "out"
+    out.mkdir()
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 8 * 1024))  # room for a record or two, not for the volumes
+    with pytest.raises(OSError) as err:
+        _run(tmp_path / "in", out)
+    assert err.value.errno == errno.ENOSPC  # a fault of the machine, not a bad input
+    leftovers = [p.name for p in out.rglob(".*")]
+    assert leftovers == [], leftovers  # no temporary file is left behind
+    assert not (out / "qc.csv").exists()
+    for rec in (out / "records").glob("*.json"):
+        assert json.loads(rec.read_text())["status"] == "ok"  # nothing was recorded as a bad input
+    filler.unlink()
+    rows = _run(tmp_path / "in", out)  # space freed: the rerun finishes the rest
+    assert [r["status"] for r in rows.values()] == ["ok"] * 3

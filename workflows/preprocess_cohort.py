@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from nibabel.orientations import aff2axcodes
 
-from ctclip_contract import atomic_write_json, file_sha256, load_model_config
+from ctclip_contract import atomic_write_json, file_sha256, is_environment_fault, load_model_config
 from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
@@ -248,7 +248,13 @@ class CTPreprocessor:
         return data["image"], facts
 
     def process_item(self, item: dict) -> dict:
-        """Preprocess one volume and write its outputs; never raises for bad input (status in record)."""
+        """Preprocess one volume and write its outputs; never raises for bad input (status in record).
+
+        Raises:
+            OSError, MemoryError: a fault of the machine (full disk, read-only, no permission, out of memory,
+                :func:`ctclip_contract.is_environment_fault`) stops the run: the input is not to blame, and a rerun
+                once the machine is fixed resumes after the finished volumes.
+        """
         record = self._finished(item)
         if record is not None:
             record["_resumed"] = True
@@ -264,6 +270,8 @@ class CTPreprocessor:
             record.update(status="ok", reason="", output=f"volumes/{vol.name}",
                           output_shape=list(int(s) for s in out.shape[1:]), sha256=file_sha256(vol))
         except Exception as e:  # noqa: BLE001 - any failure of one input is a qc row, not a crash
+            if is_environment_fault(e):
+                raise
             while isinstance(e, RuntimeError) and e.__cause__ is not None:  # unwrap MONAI's wrapping
                 e = e.__cause__
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
