@@ -180,3 +180,23 @@ def test_a_full_disk_stops_the_run_and_the_rerun_completes(tmp_path, small_disk)
     filler.unlink()
     rows = _run(tmp_path / "in", out)  # space freed: the rerun finishes the rest
     assert [r["status"] for r in rows.values()] == ["ok"] * 3
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.01])
+def test_a_volume_with_nan_never_reaches_a_model(tmp_path, fraction):
+    """An all-NaN or partly NaN preprocessed volume gave plausible probabilities; the model input refuses it."""
+    import torch
+    from monai.data import MetaTensor
+
+    from transforms import ToModelInputd
+
+    vol = torch.full((1, 8, 8, 8), -1000.0)
+    vol.view(-1)[: max(1, int(fraction * vol.numel()))] = float("nan")
+    img = MetaTensor(vol, meta={"filename_or_obj": str(tmp_path / "valid_3_a_1.nii.gz")})
+    to_input = ToModelInputd.from_model_config("image", "ctclip_tiny")
+    with pytest.raises(ValueError, match=r"valid_3_a_1\.nii\.gz: \d+ non-finite voxels \(NaN/inf\)"):
+        to_input({"image": img, "name": "valid_3_a_1"})
+    with pytest.raises(ValueError, match=r"^valid_3_a_1: volume: \d+ non-finite voxels"):  # no file: the item's name
+        to_input({"image": vol, "name": "valid_3_a_1"})
+    ok = ToModelInputd.from_model_config("image", "ctclip_tiny")({"image": torch.full((1, 8, 8, 8), -1000.0)})
+    assert torch.isfinite(ok["image"]).all()

@@ -64,6 +64,12 @@ class ToModelInput(Transform):
             img = MetaTensor(img)  # identity affine: RAS in MONAI's convention
         out = self.orient(img)
         t = out.as_tensor().to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            # a clip keeps NaN, and a model turns it into plausible-looking probabilities: refuse here, where every
+            # stage forms its input
+            n_bad = int((~torch.isfinite(t)).sum())
+            source = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+            raise ValueError(f"{source or 'volume'}: {n_bad} non-finite voxels (NaN/inf) in the model input")
         t = (t.clamp(*self.hu_window) - self.hu_offset) / self.hu_scale
         meta = {k: v for k, v in out.meta.items() if k != "affine"}
         return MetaTensor(t.contiguous(), affine=out.affine, meta=meta)
@@ -102,5 +108,10 @@ class ToModelInputd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
+            try:
+                d[key] = self.converter(d[key])
+            except ValueError as err:
+                if "name" in d and str(d["name"]) not in str(err):
+                    raise ValueError(f"{d['name']}: {err}") from None
+                raise
         return d
