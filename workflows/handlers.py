@@ -13,8 +13,8 @@ Bundle wiring (validation section of a train config, handlers run in list order)
 
     "handlers": [
       {"_target_": "workflows.handlers.ClassificationEvaluationHandler", "output_dir": "@output_dir"},
-      {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-       "save_key_metric": true, "key_metric_name": "macro_auroc"},
+      {"_target_": "workflows.checkpoints.BestModelSaver", "model": "@network", "save_path": "@ckpt_path",
+       "metric_name": "macro_auroc"},
       {"_target_": "workflows.handlers.MetricsPerEpochWriter", "output_dir": "@output_dir"}
     ]
 """
@@ -140,7 +140,7 @@ class ClassificationEvaluationHandler:
     Results exposed on the engine:
 
     - ``engine.state.metrics[metric_name]``: macro AUROC (and ``<metric_name>_ci_low``/``_ci_high``);
-      a ``CheckpointSaver(key_metric_name=metric_name)`` listed after this handler keeps the best model.
+      a :class:`~workflows.checkpoints.BestModelSaver` listed after this handler keeps the best model.
     - ``setattr(engine.state, state_key, results)``: the full :func:`evaluate_classification` dict.
 
     Predictions are expected to be probabilities: apply the sigmoid in the network or the
