@@ -200,3 +200,22 @@ def test_a_volume_with_nan_never_reaches_a_model(tmp_path, fraction):
         to_input({"image": vol, "name": "valid_3_a_1"})
     ok = ToModelInputd.from_model_config("image", "ctclip_tiny")({"image": torch.full((1, 8, 8, 8), -1000.0)})
     assert torch.isfinite(ok["image"]).all()
+
+
+def test_resume_redoes_an_input_that_changed_after_a_finished_run(tmp_path):
+    for i in range(3):
+        write_nifti(tmp_path / "in" / f"train_{i}_a_1.nii.gz", axcodes="RAS")
+    out = tmp_path / "out"
+    assert all(r["status"] == "ok" for r in _run(tmp_path / "in", out).values())
+    replaced = tmp_path / "in" / "train_1_a_1.nii.gz"
+    write_nifti(replaced, axcodes="LPS")  # another valid file under the same name
+    truncated = tmp_path / "in" / "train_2_a_1.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    summary = CTPreprocessor(str(tmp_path / "in"), str(out), "ctclip_tiny", spacing_mm=list(SPACING),
+                             spatial_size=list(SHAPE), progress=False).run()
+    assert summary["resumed"] == 1 and sorted(summary["processed"]) == ["train_0_a_1", "train_1_a_1", "train_2_a_1"]
+    with open(out / "qc.csv", newline="", encoding="utf-8") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert rows["train_1_a_1"]["status"] == "ok" and rows["train_1_a_1"]["input_orientation"] == "LPS"
+    assert rows["train_2_a_1"]["status"] == "rejected" and "truncated" in rows["train_2_a_1"]["reason"]
+    assert not (out / "volumes" / "train_2_a_1.nii.gz").exists()  # no stale output of the old input

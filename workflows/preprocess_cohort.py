@@ -53,6 +53,25 @@ QC_COLUMNS = (
 
 
 
+def input_identity(path: str | os.PathLike) -> str:
+    """What a finished volume's record remembers of its input, to notice a changed input on resume: the size,
+    modification time and a content fingerprint (sha256 of the first and last MiB) of the file, or of every file
+    of a DICOM series folder. Cheap (no full second read of the input) and changed by a replaced, truncated or
+    rewritten file, or a slice added or removed."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
 def _geometry_from_metadata(geom: Mapping[str, Any], shape: Sequence[int] | None = None) -> np.ndarray | None:
     """RAS affine of voxel ``(i, j, k)`` from a CT-RATE metadata row, for NIfTI files written without
     orientation (sform_code and qform_code 0, as the original CT-RATE release): voxel i along the
@@ -191,6 +210,8 @@ class CTPreprocessor:
         return vol, rec
 
     def _finished(self, item: dict) -> dict | None:
+        """The record of a volume finished by an earlier run, or None when it must be (re)done: no record, other
+        parameters, a changed output, or a changed input (replaced, truncated, a slice added or removed)."""
         vol, rec = self._paths(item["name"])
         if not (self.resume and rec.is_file() and vol.is_file()):
             return None
@@ -199,7 +220,8 @@ class CTPreprocessor:
         except (OSError, json.JSONDecodeError):
             return None
         if (record.get("status") != "ok" or record.get("params_hash") != self.params_hash
-                or record.get("input") != item["input"] or record.get("sha256") != file_sha256(vol)):
+                or record.get("input") != item["input"] or record.get("input_identity") != input_identity(item["path"])
+                or record.get("sha256") != file_sha256(vol)):
             return None
         return record
 
@@ -260,7 +282,8 @@ class CTPreprocessor:
             record["_resumed"] = True
             return record
         record = {"name": item["name"], "input": item["input"], "params_hash": self.params_hash,
-                  "warning": item.get("warning", ""), "rank": self.rank}
+                  "input_identity": input_identity(item["path"]), "warning": item.get("warning", ""),
+                  "rank": self.rank}
         try:
             vol, rec = self._paths(item["name"])
             out, facts = self.preprocess_volume(item)
@@ -279,6 +302,7 @@ class CTPreprocessor:
             if item["input"] not in reason and item["name"] not in reason:
                 reason = f"{item['input']}: {reason}"
             record.update(status="rejected", reason=reason, output="")
+            self._paths(item["name"])[0].unlink(missing_ok=True)  # an earlier run's volume of a now-bad input
             if self.strict:
                 raise QualityCheckError(reason) from e
         rec_path = self._paths(item["name"])[1]
