@@ -1,11 +1,12 @@
 """The contract every stage shares, without torch: model configs, the 18 pathologies, prompts, the input contract,
-the CT-RATE table layout, and the atomic writer.
+the CT-RATE table layout, and the files every stage writes (atomic writer, JSON reader, output-folder lock).
 
 The lowest layer: ``custom_nets``, ``transforms``, ``chest_phantom`` and ``workflows`` import it; it imports
 none of them, nor torch, MONAI or transformers (``tests/test_layering.py`` keeps it so).
 """
 
-from .files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, is_environment_fault, read_json
+from .files import (OutputFolderLocked, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                    file_sha256, is_environment_fault, output_folder_lock, read_json)
 from .ctrate_format import (METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS, REPORT_SECTION_KEYS,
                             normalise_report_sections)
 from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT_SCORINGS, TEXT_POOLINGS,
@@ -15,6 +16,7 @@ from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
 
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256", "is_environment_fault", "read_json",
+    "OutputFolderLocked", "output_folder_lock",
     "METADATA_COLUMNS", "NOT_GIVEN", "REPORT_COLUMNS", "REPORT_SECTION_KEYS", "normalise_report_sections",
     "CONFIG_DIR", "DEFAULT_TEMPLATES", "IMAGE_POOLINGS", "PROMPT_SCORINGS", "TEXT_POOLINGS",
     "InputContract", "ModelConfig", "ModelConfigError", "PromptConfig", "TextContract",

@@ -10,22 +10,29 @@ want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the oth
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
+import logging
+import socket
+import time
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
 
 # the process umask, read once (reading it means setting it, which is not thread-safe)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256", "is_environment_fault"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256", "is_environment_fault",
+           "OutputFolderLocked", "output_folder_lock"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -143,3 +150,80 @@ def is_environment_fault(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+class OutputFolderLocked(RuntimeError):
+    """Another live run holds the output folder; the message names the folder, the holder and the lock file."""
+
+
+LOCK_NAME = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class _FolderLock:
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> "_FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    holder = {}  # half-written by a killed run
+                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return self  # this process holds it already
+                if holder and (holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1)))):
+                    raise OutputFolderLocked(
+                        f"{self.path.parent}: in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                        f"{holder.get('started')} (lock file {self.path}); wait for that run or choose another output "
+                        "folder (delete the lock file only if that run is gone)") from None
+                logger.warning(f"{self.path}: taking over the lock of a run that is gone ({holder or 'unreadable'})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+_HELD: dict[Path, _FolderLock] = {}
+
+
+def output_folder_lock(folder: str | os.PathLike, rank: Optional[int] = None) -> Optional[_FolderLock]:
+    """Take the lock of an output folder for this process, so that two runs never write into one folder.
+
+    The lock is a file ``<folder>/.lock`` with the holder's pid, host and start time. A lock whose process is
+    gone (same host) is taken over with a warning; a live one raises :class:`OutputFolderLocked` at once. Under
+    torchrun only rank 0 takes it (the ranks of one run share the folder by design). The lock is released at
+    exit, or by ``release()`` on the returned object (None on ranks other than 0).
+    """
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if rank != 0:
+        return None
+    folder = Path(folder).resolve()
+    lock = _HELD.get(folder)
+    if lock is None or not lock.held:
+        lock = _HELD[folder] = _FolderLock(folder)
+        lock.acquire()
+        atexit.register(lock.release)
+    return lock

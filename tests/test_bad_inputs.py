@@ -219,3 +219,26 @@ def test_resume_redoes_an_input_that_changed_after_a_finished_run(tmp_path):
     assert rows["train_1_a_1"]["status"] == "ok" and rows["train_1_a_1"]["input_orientation"] == "LPS"
     assert rows["train_2_a_1"]["status"] == "rejected" and "truncated" in rows["train_2_a_1"]["reason"]
     assert not (out / "volumes" / "train_2_a_1.nii.gz").exists()  # no stale output of the old input
+
+
+def test_a_second_run_into_a_held_output_folder_stops_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    from ctclip_contract import OutputFolderLocked
+
+    write_nifti(tmp_path / "in" / "train_1_a_1.nii.gz")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, ctclip_contract; "
+                               f"ctclip_contract.output_folder_lock({str(out)!r}); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputFolderLocked, match=rf"in use by pid {holder.pid} on .*\.lock"):
+            _run(tmp_path / "in", out)
+        assert not (out / "qc.csv").exists() and not (out / "volumes").exists()  # stopped before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING):
+        rows = _run(tmp_path / "in", out)  # the holder is gone: its lock is stale
+    assert rows["train_1_a_1"]["status"] == "ok"
+    assert any("taking over the lock of a run that is gone" in r.getMessage() for r in caplog.records)
+    assert not (out / ".lock").exists()  # released when the run ended

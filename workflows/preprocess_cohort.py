@@ -31,7 +31,8 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from nibabel.orientations import aff2axcodes
 
-from ctclip_contract import atomic_write_json, file_sha256, is_environment_fault, load_model_config
+from ctclip_contract import (atomic_write_json, file_sha256, is_environment_fault, load_model_config,
+                             output_folder_lock)
 from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
@@ -332,6 +333,14 @@ class CTPreprocessor:
             raise QualityCheckError(rejected[0]["reason"])
         rank, world = self._dist()
         self.rank = rank
+        lock = output_folder_lock(self.output_dir, rank)  # a second run into this folder stops here, at once
+        try:
+            return self._run(items, rejected, rank, world)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, items: list, rejected: list, rank: int, world: int) -> dict[str, Any]:
         mine = items[rank::world]
         for sub in ("volumes", "records"):
             (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
