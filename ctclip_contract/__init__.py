@@ -13,6 +13,10 @@ from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT
                            InputContract, ModelConfig, ModelConfigError, PromptConfig, TextContract,
                            image_input_shape, list_model_configs, load_model_config, merge_config)
 from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
+from .errors import install_bundle_excepthook
+
+# under `python -m monai.bundle` only: an error the project raises on purpose ends in one line, not a traceback
+install_bundle_excepthook()
 
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256", "is_environment_fault", "read_json",

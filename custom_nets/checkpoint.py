@@ -16,6 +16,7 @@ a CTCLIP checkpoint into a :class:`~custom_nets.ClassFineClassifier` loads the b
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -35,14 +36,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     """Read a checkpoint file with ``weights_only=True`` (memory-mapped when the format allows, so tensors
     that get dropped, like the 604 MB ``to_visual_latent_extra``, are never read into memory)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path}: a folder, not a weights file (give the .pt file inside it)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path}: empty file (0 bytes; an interrupted copy or download?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
 def _is_state_dict(obj) -> bool:

@@ -242,3 +242,56 @@ def test_a_second_run_into_a_held_output_folder_stops_and_a_dead_holder_is_taken
     assert rows["train_1_a_1"]["status"] == "ok"
     assert any("taking over the lock of a run that is gone" in r.getMessage() for r in caplog.records)
     assert not (out / ".lock").exists()  # released when the run ended
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bundle_last_lines(args, env=None):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=dict(os.environ, **(env or {})))
+    return res.returncode, [line for line in res.stderr.splitlines() if line.strip()]
+
+
+def test_an_expected_error_ends_in_one_line_that_names_the_file_and_the_reason(tmp_path):
+    """A bad model config under `python -m monai.bundle run`: the last line is the cause, not MONAI's wrapper;
+    the traceback comes on request."""
+    bad = tmp_path / "my_model.json"
+    bad.write_text(json.dumps({"input": {"spacing_mm": [-3, 3, 4], "spatial_size": [32, 32, 16]}}))
+    (tmp_path / "in").mkdir()
+    args = ["--config_file", "bundles/ct_preprocess/configs/preprocess.json", "--input", tmp_path / "in",
+            "--output_dir", tmp_path / "out", "--model_config", bad]
+    rc, lines = _bundle_last_lines(args)
+    assert rc != 0
+    assert lines[-1] == (f"error: ModelConfigError: model config {bad}: input.spacing_mm: expected three positive "
+                         "numbers (x, y, z), got [-3, 3, 4]")
+    assert not any(line.startswith("Traceback") for line in lines)
+    rc, lines = _bundle_last_lines(args, env={"CTCLIP_TRACEBACK": "1"})
+    assert rc != 0 and any(line.startswith("Traceback") for line in lines)  # MONAI's own printout
+    assert any("input.spacing_mm: expected three positive numbers" in line for line in lines)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b""), r"empty file \(0 bytes"),
+    (lambda p: p.mkdir(), "a folder, not a weights file"),
+    (lambda p: p.write_bytes(b"\x80\x02not a checkpoint"), "cannot read checkpoint"),
+])
+def test_a_bad_checkpoint_file_is_named_with_its_reason(tmp_path, make, reason):
+    from custom_nets import load_state_dict_file
+
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises((ValueError, OSError, RuntimeError), match=reason) as err:
+        load_state_dict_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_label_vector_of_the_wrong_length_names_the_item(tmp_path):
+    from transforms import load_datalist
+
+    write_nifti(tmp_path / "volumes" / "train_1_a_1.nii.gz")
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [
+        {"image": "volumes/train_1_a_1.nii.gz", "name": "train_1_a_1", "label": [0] * 17}]}))
+    with pytest.raises(ValueError, match=r"datalist\.json: 'train_1_a_1' in split 'training' has 17 labels, not 18"):
+        load_datalist(tmp_path, "training")

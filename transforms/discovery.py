@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from ctclip_contract import NOT_GIVEN, read_json
+from ctclip_contract import NOT_GIVEN, NUM_PATHOLOGIES, read_json
 
 from .ctrate import (find_ctrate_tables, is_safe_name, patient_id, read_labels_csv, read_metadata_csv,
                      read_reports_csv, volume_stem)
@@ -179,6 +179,9 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "d
             raise FileNotFoundError(f"{path}: volume {item['image']} of {item.get('name')!r} does not exist")
         if require_labels and item.get("label") is None:
             raise ValueError(f"{path}: {item.get('name')!r} in split {split!r} has no label vector")
+        if item.get("label") is not None and len(item["label"]) != NUM_PATHOLOGIES:
+            raise ValueError(f"{path}: {item.get('name')!r} in split {split!r} has {len(item['label'])} labels, "
+                             f"not {NUM_PATHOLOGIES}")
         items.append(item)
     if not items:
         raise ValueError(f"{path}: split {split!r} is empty")
