@@ -70,7 +70,7 @@ def test_a_dicom_series_without_pixel_spacing_is_refused(tmp_path):
 
 def test_stray_files_beside_the_slices_are_ignored_with_a_warning(tmp_path):
     pydicom = pytest.importorskip("pydicom")
-    clean = write_dicom_series(tmp_path / "clean" / "volumes" / "series_1_a_1")
+    write_dicom_series(tmp_path / "clean" / "volumes" / "series_1_a_1")
     stray = write_dicom_series(tmp_path / "stray" / "volumes" / "series_1_a_1")
     (stray / "notes.txt").write_text("acquired on the old scanner\n")
     (stray / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
