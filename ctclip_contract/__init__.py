@@ -19,8 +19,8 @@ from .errors import install_bundle_excepthook
 install_bundle_excepthook()
 
 __all__ = [
-    "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256", "is_environment_fault", "read_json",
-    "OutputFolderLocked", "output_folder_lock",
+    "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256",
+    "is_environment_fault", "read_json", "OutputFolderLocked", "output_folder_lock", "install_bundle_excepthook",
     "METADATA_COLUMNS", "NOT_GIVEN", "REPORT_COLUMNS", "REPORT_SECTION_KEYS", "normalise_report_sections",
     "CONFIG_DIR", "DEFAULT_TEMPLATES", "IMAGE_POOLINGS", "PROMPT_SCORINGS", "TEXT_POOLINGS",
     "InputContract", "ModelConfig", "ModelConfigError", "PromptConfig", "TextContract",

@@ -1,11 +1,11 @@
-"""Files the project writes and reads: the one atomic writer, and JSON read with errors that name the file.
+"""Files the project writes and reads: the one atomic writer, JSON read with errors that name the file, a file's
+sha256, the output-folder lock, and what counts as a fault of the machine rather than of an input.
 
-Every file the project writes appears whole or not at all.
-
-A temporary file in the destination folder takes the content, is flushed to disk, and is renamed over the
-destination; a kill at any moment leaves the old file or the new one, never a truncated one, and the
-temporary file is removed on any error. :func:`atomic_path` hands the temporary path to writers that
-want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the others are shorthands.
+Every file the project writes appears whole or not at all: a temporary file in the destination folder takes the
+content, is flushed to disk, and is renamed over the destination; a kill at any moment leaves the old file or the
+new one, never a truncated one, and the temporary file is removed on any error. :func:`atomic_path` hands the
+temporary path to writers that want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the
+others are shorthands.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import atexit
 import contextlib
 import errno
 import hashlib
-import logging
-import socket
-import time
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json", "file_sha256", "is_environment_fault",
-           "OutputFolderLocked", "output_folder_lock"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json",
+           "file_sha256", "is_environment_fault", "OutputFolderLocked", "output_folder_lock"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:

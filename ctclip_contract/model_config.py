@@ -170,8 +170,8 @@ class InputContract:
         if scale == 0:
             raise check.fail("input.hu_scale", "a non-zero number", scale)
         codes = sec.get("axis_codes", "SLP")
-        if (not isinstance(codes, str) or len(codes) != 3
-                or sorted(next((i for i, p in enumerate(_AXIS_PAIRS) if c in p), -1) for c in codes.upper()) != [0, 1, 2]):
+        pairs = sorted(next((i for i, p in enumerate(_AXIS_PAIRS) if c in p), -1) for c in str(codes).upper())
+        if not isinstance(codes, str) or len(codes) != 3 or pairs != [0, 1, 2]:
             raise check.fail("input.axis_codes", "three letters, one each of L/R, A/P and S/I (e.g. 'SLP')", codes)
         return cls(spacing_mm=check.triple(sec, "input.spacing_mm", float),
                    spatial_size=check.triple(sec, "input.spatial_size", int),
