@@ -295,3 +295,25 @@ def test_a_label_vector_of_the_wrong_length_names_the_item(tmp_path):
         {"image": "volumes/train_1_a_1.nii.gz", "name": "train_1_a_1", "label": [0] * 17}]}))
     with pytest.raises(ValueError, match=r"datalist\.json: 'train_1_a_1' in split 'training' has 17 labels, not 18"):
         load_datalist(tmp_path, "training")
+
+
+def test_a_header_that_would_need_more_memory_than_the_bound_is_refused_before_reading(tmp_path):
+    """A float64 header just under the voxel limit (a sparse file on disk): refused from the header, in no time
+    and without allocating; the bound is a qc option, and the good volume beside it still comes out."""
+    write_nifti(tmp_path / "in" / "good_1_a_1.nii")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float64)
+    hdr.set_data_shape((1024, 1024, 2000))
+    hdr.set_zooms((0.5, 0.5, 0.5))
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    bomb = tmp_path / "in" / "bomb_1_a_1.nii"
+    with open(bomb, "wb") as f:
+        f.write(hdr.binaryblock + b"\0" * 4)
+        f.truncate(352 + 1024 * 1024 * 2000 * 8)  # sparse: nothing is really written
+    with pytest.raises(QualityCheckError, match=r"bomb_1_a_1\.nii: reading 1024x1024x2000 voxels of 8 bytes .* "
+                                                r"would take 23\.4 GiB, above the limit of 8\.0 GiB \(qc max_bytes\)"):
+        check_input(bomb)
+    with pytest.raises(QualityCheckError, match=r"above the limit of 0\.0 GiB"):
+        check_input(tmp_path / "in" / "good_1_a_1.nii", max_bytes=1000)  # configurable
+    rows = _run(tmp_path / "in", tmp_path / "out")
+    assert rows["good_1_a_1"]["status"] == "ok" and "qc max_bytes" in rows["bomb_1_a_1"]["reason"]

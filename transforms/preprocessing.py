@@ -24,7 +24,7 @@ from ctclip_contract import load_model_config
 from .hu import RescaleToHUd
 from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
 from .model_input import ToModelInputd
-from .qc import CheckInputd, CTQualityCheckd
+from .qc import DEFAULT_MAX_READ_BYTES, CheckInputd, CTQualityCheckd
 
 __all__ = ["build_preprocessing", "raw_to_model_input_transforms", "inference_transforms"]
 
@@ -63,6 +63,7 @@ def build_preprocessing(
         resample = [ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16", axcodes="RAS",
                                        spatial_size=tuple(spatial_size), pad_value=pad_hu)]
     check_hu = qc.pop("check_hu", True)
+    qc.pop("max_bytes", None)  # a bound on reading, checked from the header before the read (CheckInputd)
     process = Compose([
         CTQualityCheckd(keys="image", check_hu=False, **qc),  # structure first: a 2-D image is "not 3-D"
         RescaleToHUd(keys="image", source=hu_source, padding_hu=pad_hu, inplace=True),
@@ -85,14 +86,17 @@ def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto"
     Args:
         config: model config (name, JSON path, dict or :class:`~ctclip_contract.ModelConfig`).
         hu_source: see :class:`transforms.RescaleToHUd`; the decision lands in ``hu_provenance``.
-        qc: keyword arguments of :class:`transforms.CTQualityCheckd` (``max_voxels`` also applies before the read).
+        qc: keyword arguments of :class:`transforms.CTQualityCheckd` (``max_voxels`` also applies before the read),
+            and ``max_bytes``, the bound on what reading one input may allocate (:func:`transforms.qc.check_input`).
         resampler: ``"separable"`` or ``"monai"`` (see :func:`build_preprocessing`).
         model_input: end with the model's :class:`~transforms.ToModelInputd`.
     """
     config = load_model_config(config)
     inp = config.input
     load, process = build_preprocessing(inp.spacing_mm, inp.spatial_size, inp.pad_hu, hu_source, qc, resampler)
-    chain = [CheckInputd(keys="image", max_voxels=dict(qc or {}).get("max_voxels")), load, process]
+    limits = dict(qc or {})
+    chain = [CheckInputd(keys="image", max_voxels=limits.get("max_voxels"),
+                         max_bytes=limits.get("max_bytes", DEFAULT_MAX_READ_BYTES)), load, process]
     return chain + [ToModelInputd.from_model_config("image", config)] if model_input else chain
 
 

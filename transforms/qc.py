@@ -29,6 +29,19 @@ __all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInput
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+#: what reading one input may allocate: the stored array plus a float32 working copy (qc ``max_bytes``). A voxel
+#: limit alone let a 9 MB gzip of zeros take 3.5 GB, and a float64 header just under it would need about 26 GB.
+DEFAULT_MAX_READ_BYTES = 8 * 2**30
+
+
+def _check_read_bytes(source: Any, shape: tuple, stored_itemsize: int, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    need = int(np.prod(shape, dtype=np.float64)) * (stored_itemsize + 4)
+    if need > max_bytes:
+        raise QualityCheckError(f"{source}: reading {'x'.join(map(str, shape))} voxels of {stored_itemsize} bytes "
+                                f"(plus a float32 working copy) would take {need / 2**30:.1f} GiB, above the limit of "
+                                f"{max_bytes / 2**30:.1f} GiB (qc max_bytes)")
 
 
 class QualityCheckError(ValueError):
@@ -70,6 +83,7 @@ def check_dicom_series(
     folder: str | os.PathLike,
     spacing_tolerance: float = 0.01,
     max_voxels: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_READ_BYTES,
 ) -> dict[str, Any]:
     """Header-level checks of a DICOM series folder (one file per slice).
 
@@ -78,6 +92,7 @@ def check_dicom_series(
         spacing_tolerance: relative deviation allowed between consecutive slice gaps. ITK silently
             averages a gap into one spacing (docs/monai_notes.md#readers-and-transforms), so a gap must be caught here.
         max_voxels: reject series with more voxels than this.
+        max_bytes: reject series whose reading would allocate more than this (ITK's int32 buffer and our int16 copy).
 
     Returns:
         ``{"n_slices", "slice_spacing", "rows", "columns", "slope", "intercept", "padding_value",
@@ -154,6 +169,7 @@ def check_dicom_series(
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     if max_voxels is not None and rows * cols * len(headers) > max_voxels:
         raise QualityCheckError(f"{folder}: {rows}x{cols}x{len(headers)} voxels exceeds the limit {max_voxels}")
+    _check_read_bytes(folder, (cols, rows, len(headers)), 2, max_bytes)  # ITK's int32 buffer + the int16 copy
     pixel_rep = int(getattr(headers[0], "PixelRepresentation", 0))
     pad = _padding_value(getattr(headers[0], "PixelPaddingValue", None), pixel_rep)
     pad_limit = _padding_value(getattr(headers[0], "PixelPaddingRangeLimit", None), pixel_rep)
@@ -255,13 +271,15 @@ def _check_complete(path: Path, expected: int) -> None:
 
 
 def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_tolerance: float = 0.01,
-                check_finite: bool = True) -> dict:
+                check_finite: bool = True, max_bytes: int | None = DEFAULT_MAX_READ_BYTES) -> dict:
     """Header-only checks before the voxels are read.
 
     Args:
         path: a NIfTI file or a DICOM series folder.
         max_voxels: reject inputs with more voxels than this (before reading them).
         spacing_tolerance: see :func:`check_dicom_series`.
+        max_bytes: reject inputs whose reading would allocate more than this: the stored array plus a float32
+            working copy, from the header (None: no limit).
         check_finite: scan float NIfTI files for NaN/inf here (needed before an ITK read, which
             turns NaN into 0; a reader that keeps NaN, like :class:`transforms.io.CTVolumeReader`,
             leaves it to :class:`CTQualityCheck` and saves a second read of the file).
@@ -274,7 +292,7 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     """
     path = Path(path)
     if path.is_dir():
-        return {"kind": "dicom", **check_dicom_series(path, spacing_tolerance, max_voxels)}
+        return {"kind": "dicom", **check_dicom_series(path, spacing_tolerance, max_voxels, max_bytes)}
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise QualityCheckError(f"{path}: not a recognised image file (expected .nii, .nii.gz or a DICOM folder)")
     try:
@@ -285,6 +303,7 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     if max_voxels is not None and int(np.prod(shape)) > max_voxels:
         raise QualityCheckError(f"{path}: {'x'.join(map(str, shape))} voxels exceeds the limit {max_voxels}")
     hdr = img.header
+    _check_read_bytes(path, shape, hdr.get_data_dtype().itemsize, max_bytes)
     # nibabel repairs a zero pixdim to 1 mm and drops a sign on load (a warning on stderr at most): the voxel
     # size would be invented, so the header is read again as stored
     with nib.openers.ImageOpener(str(path)) as f:
@@ -409,14 +428,17 @@ class CheckInputd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, padding_key: str = "pixel_padding", max_voxels: int | None = None,
-                 check_finite: bool = False, allow_missing_keys: bool = False):
+                 check_finite: bool = False, allow_missing_keys: bool = False,
+                 max_bytes: int | None = DEFAULT_MAX_READ_BYTES):
         super().__init__(keys, allow_missing_keys)
         self.padding_key, self.max_voxels, self.check_finite = padding_key, max_voxels, check_finite
+        self.max_bytes = max_bytes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            header = check_input(d[key], max_voxels=self.max_voxels, check_finite=self.check_finite)
+            header = check_input(d[key], max_voxels=self.max_voxels, check_finite=self.check_finite,
+                                 max_bytes=self.max_bytes)
             if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
                 raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
                                         "0); preprocess it with the ct_preprocess bundle and its metadata table")

@@ -37,7 +37,7 @@ from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import save_nifti_atomic
 from transforms.preprocessing import build_preprocessing
-from transforms.qc import QualityCheckError, check_input, padding_range
+from transforms.qc import DEFAULT_MAX_READ_BYTES, QualityCheckError, check_input, padding_range
 
 from .writers import write_csv_rows
 
@@ -185,7 +185,10 @@ class CTPreprocessor:
         }
         self.split = {"fractions": [float(f) for f in split_fractions], "seed": int(seed),
                       "patient_pattern": patient_pattern}
-        self.params_hash = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
+        # the read bound only decides which inputs are refused (and refused inputs are always retried), never what an
+        # accepted volume looks like: it stays out of the hash, so that finished volumes are not redone for it
+        hashed = {**self.params, "qc": {k: v for k, v in self.params["qc"].items() if k != "max_bytes"}}
+        self.params_hash = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
         self.num_workers = int(num_workers)
         self.strict = bool(strict)
         self.resume = bool(resume)
@@ -239,7 +242,8 @@ class CTPreprocessor:
         facts: dict[str, Any] = {}
         warnings = [item.get("warning", "")]
         # the reader keeps NaN (ITK turned it into 0), so the structural QC finds it: no second read here
-        header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"), check_finite=False)
+        header = check_input(item["path"], max_voxels=self.params["qc"].get("max_voxels"), check_finite=False,
+                             max_bytes=self.params["qc"].get("max_bytes", DEFAULT_MAX_READ_BYTES))
         if header.get("ignored_files"):
             warnings.append(f"ignored {len(header['ignored_files'])} file(s) in the series folder that are not DICOM "
                             f"slices: {', '.join(header['ignored_files'][:5])}")
