@@ -18,12 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional
 
+from .files import is_environment_fault
+
 __all__ = ["root_cause", "raised_by_the_project", "summary_line", "install_bundle_excepthook", "TRACEBACK_ENV"]
 
 TRACEBACK_ENV = "CTCLIP_TRACEBACK"
 _PROJECT_PACKAGES = ("ctclip_contract", "custom_nets", "transforms", "workflows", "chest_phantom")
 _PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / p) + os.sep for p in _PROJECT_PACKAGES)
-_MACHINE_FAULTS = (MemoryError,)
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -39,9 +40,9 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def raised_by_the_project(err: BaseException) -> bool:
-    """Whether ``err`` was raised on purpose: from the project's own code, or a fault of the machine (a full disk,
-    no permission, no memory)."""
-    if isinstance(err, _MACHINE_FAULTS) or (isinstance(err, OSError) and err.errno is not None):
+    """Whether ``err`` was raised on purpose: from the project's own code, a fault of the machine
+    (:func:`~ctclip_contract.files.is_environment_fault`), or an operating-system error about a named file."""
+    if is_environment_fault(err) or (isinstance(err, OSError) and err.filename is not None):
         return True
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     return bool(frames) and frames[-1].filename.startswith(_PROJECT_DIRS)
