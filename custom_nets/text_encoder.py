@@ -3,7 +3,8 @@
 A ``text_encoder`` config section looks like::
 
     {"pretrained": "microsoft/BiomedVLP-CXR-BERT-specialized",  # hub id, local dir or "package:<pkg>/<subdir>"
-     "load_pretrained_weights": false,   # false: random init from bert_config (weights come from a CT-CLIP checkpoint)
+     "load_pretrained_weights": false,   # false: random init from bert_config, else from pretrained's config.json
+                                         # (the weights come from a CT-CLIP checkpoint)
      "bert_config": {...},               # transformers.BertConfig kwargs, used when not loading pretrained weights
      "tokenizer": "microsoft/BiomedVLP-CXR-BERT-specialized",  # same forms, or "builtin:wordpiece"
      "model_class": "BertModel", "tokenizer_class": "BertTokenizer",  # transformers classes (default Auto*)
@@ -104,9 +105,16 @@ def build_text_encoder(section: Mapping[str, Any]) -> nn.Module:
             transformers.logging.set_verbosity(verbosity)
     else:
         bert_config = section.get("bert_config")
-        if not bert_config:
-            raise ValueError("text_encoder section needs 'bert_config' when no pretrained weights are loaded")
-        model = transformers.BertModel(transformers.BertConfig(**bert_config), add_pooling_layer=True)
+        if bert_config:
+            config = transformers.BertConfig(**bert_config)
+        elif pretrained:
+            # the architecture from a saved folder's config.json, the weights from the CT-CLIP checkpoint: what an
+            # exported bundle ships (its model.pt already holds the text weights, so they are not stored twice)
+            config = transformers.AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+        else:
+            raise ValueError("text_encoder section needs 'bert_config' or a 'pretrained' folder when no pretrained "
+                             "weights are loaded")
+        model = transformers.BertModel(config, add_pooling_layer=True)
     if section.get("freeze", False):
         # a pretrained sentence encoder kept as it is: only the latent projection learns (small data)
         model.requires_grad_(False)

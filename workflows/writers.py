@@ -25,6 +25,7 @@ __all__ = [
     "write_csv_rows",
     "per_class_rows",
     "write_per_class_tables",
+    "auroc_table_markdown",
     "markdown_table",
     "write_predictions_csv",
     "read_predictions_csv",
@@ -153,6 +154,24 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], di
     return "\n".join(lines) + "\n"
 
 
+def auroc_table_markdown(results: Mapping[str, Any], rows: Sequence[dict[str, Any]] | None = None) -> str:
+    """The per-class and macro AUROC of ``evaluate_classification`` results as Markdown, each with its bootstrap
+    confidence interval (and a line saying how it was computed).
+
+    Args:
+        results: the dict returned by ``evaluate_classification`` (a ``metrics.json``).
+        rows: its :func:`per_class_rows`, when already computed (given an ``auroc_ci`` column here).
+    """
+    rows = per_class_rows(results) if rows is None else rows
+    for r in rows:
+        lo, hi = r.get("auroc_ci_low"), r.get("auroc_ci_high")
+        r["auroc_ci"] = "n/a" if lo is None or hi is None or lo != lo or hi != hi else f"[{lo:.3f}, {hi:.3f}]"
+    boot = results.get("bootstrap") or {}
+    head = (f"AUROC with {int(boot['ci'] * 100)}% percentile bootstrap CI ({boot['n_bootstrap']} resamples, "
+            f"seed {boot['seed']}).\n\n" if boot else "")
+    return head + markdown_table(rows, ["class", "n_positive", "auroc", "auroc_ci"])
+
+
 def write_per_class_tables(results: Mapping[str, Any], output_dir: str | os.PathLike, stem: str = "per_class") -> dict[str, Path]:
     """Write the per-class table as ``<stem>.csv`` (every column) and ``<stem>.md`` (readable summary).
 
@@ -170,14 +189,7 @@ def write_per_class_tables(results: Mapping[str, Any], output_dir: str | os.Path
     output_dir = Path(output_dir)
     rows = per_class_rows(results)
     csv_path = write_csv_rows(output_dir / f"{stem}.csv", rows)
-    for r in rows:
-        lo, hi = r.get("auroc_ci_low"), r.get("auroc_ci_high")
-        r["auroc_ci"] = "n/a" if lo is None or hi is None or lo != lo or hi != hi else f"[{lo:.3f}, {hi:.3f}]"
-    boot = results.get("bootstrap") or {}
-    parts = [f"# Classification results ({results.get('n_cases')} cases)\n"]
-    if boot:
-        parts.append(f"AUROC with {int(boot['ci'] * 100)}% percentile bootstrap CI ({boot['n_bootstrap']} resamples, seed {boot['seed']}).\n")
-    parts.append(markdown_table(rows, ["class", "n_positive", "auroc", "auroc_ci"]))
+    parts = [f"# Classification results ({results.get('n_cases')} cases)\n", auroc_table_markdown(results, rows)]
     for pname, p in results.get("protocols", {}).items():
         title = f"## Protocol `{pname}`" + (" (optimistic)" if p.get("optimistic") else "")
         cols = ["class"] + [f"{pname}_{m}" for m in ("threshold", "f1", "precision", "recall", "specificity", "accuracy")]

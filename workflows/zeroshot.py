@@ -138,12 +138,11 @@ def build_zeroshot_network(model_config: str | Mapping[str, Any], prompt_file: s
 
 
 def find_clip_model(network: nn.Module):
-    """The :class:`~custom_nets.CTCLIP` inside a wrapper (``.model``), or the network itself."""
-    for m in (network, getattr(network, "model", None), getattr(network, "module", None)):
+    """The :class:`~custom_nets.CTCLIP` inside a wrapper (zero-shot ``.model``, ClassFine ``.trained_model``, DDP
+    ``.module``), or the network itself."""
+    for m in network.modules():
         if isinstance(m, CTCLIP):
             return m
-        if m is not None and isinstance(getattr(m, "model", None), CTCLIP):
-            return m.model
     raise TypeError(f"no CTCLIP model inside {type(network).__name__}")
 
 
@@ -306,7 +305,8 @@ class JsonStateWriter:
 
 # --------------------------------------------------------------------------------------------- export
 def export_network(network: nn.Module, export_dir: str | os.PathLike, example_shape: Sequence[int],
-                   torchscript: bool = True, onnx: bool | str = "auto", atol: float = 1e-5) -> dict[str, Any]:
+                   torchscript: bool = True, onnx: bool | str = "auto", atol: float = 1e-5,
+                   write_config: bool = True) -> dict[str, Any]:
     """Write the bundle's deployable files and check each of them against the eager network.
 
     - ``model.pt``: ``network.state_dict()`` (keys of ``network_def``, ``model.*``), what MONAI Label loads
@@ -323,6 +323,7 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
         torchscript: write ``model.ts``.
         onnx: ``True``, ``False`` or ``"auto"`` (when importable).
         atol: largest accepted difference between the exported and the eager outputs.
+        write_config: write ``model_config.json`` (an exported bundle embeds the config in its configs instead).
 
     Returns:
         a summary (files, checks, skipped formats with reasons), also written as ``export.json``.
@@ -337,7 +338,7 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
     summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
     clip = find_clip_model(network)
     cfg = getattr(clip, "config", None)
-    if cfg is not None:
+    if cfg is not None and write_config:
         write_json(out / "model_config.json", cfg)
         summary["files"]["model_config.json"] = {}
     # reload check: the exact key set MONAI Label will meet

@@ -1,0 +1,221 @@
+"""Bundles that travel: a zero-shot model exported with ``configs/export.json``, unzipped outside the repository and
+run in a new environment that has only the bundle's wheel (tests/received_bundle.py says how that environment is
+made in CI), on NIfTI files and a DICOM series; the probabilities equal the in-repository run. Then the four ways a
+received bundle goes wrong, each one line that names the file or package, with no output left behind.
+
+The ClassFine export is tested in test_classfine_bundle.py, on the model trained there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
+from custom_nets import create_model
+from received_bundle import bundle_env, received_python, run_bundle
+from transforms.qc import is_dicom_file
+from workflows.writers import read_predictions_csv
+from workflows.zeroshot import build_zeroshot_network
+
+REPO = Path(__file__).resolve().parents[1]
+ZEROSHOT = REPO / "bundles" / "ct_clip_zeroshot"
+
+
+def scan_folder(cohort: Path, dest: Path, nifti: int = 2) -> Path:
+    """A partner's input folder: ``nifti`` NIfTI files and one DICOM series folder from the tiny cohort."""
+    dest.mkdir()
+    for path in sorted(cohort.rglob("*.nii.gz"))[:nifti]:
+        shutil.copy(path, dest / path.name)
+    series = next(p for p in sorted(cohort.rglob("*")) if p.is_dir() and any(is_dicom_file(f) for f in p.iterdir()
+                                                                               if f.is_file()))
+    shutil.copytree(series, dest / series.name)
+    return dest
+
+
+def in_repo_run(configs: list[str], bundle: Path, args: list[str]) -> None:
+    config_arg = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in configs) + "]"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, "--bundle_root",
+                    str(bundle), *args], cwd=REPO, check=True, capture_output=True, timeout=300)
+
+
+def unzip(archive: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(dest)
+    (bundle,) = [p for p in dest.iterdir() if p.is_dir()]
+    return bundle
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="module")
+def received(tiny_clip_checkpoint, tiny_cohort_dir, tmp_path_factory):
+    """The zero-shot export, unzipped on the 'partner's machine', its environment, and the scans."""
+    work = tmp_path_factory.mktemp("zeroshot_export")
+    in_repo_run(["inference.json", "export.json"], ZEROSHOT,
+                ["--model_config", "ctclip_tiny", "--pretrained", str(tiny_clip_checkpoint),
+                 "--export_dir", str(work / "ct_clip_zeroshot_tiny")])
+    partner = tmp_path_factory.mktemp("partner_site")
+    bundle = unzip(work / "ct_clip_zeroshot_tiny.zip", partner / "unzipped")
+    python = received_python(partner / "venv", next((bundle / "wheels").glob("ctclip_monai-*.whl")))
+    scans = scan_folder(tiny_cohort_dir, partner / "scans")
+    return {"work": work, "bundle": bundle, "python": python, "scans": scans, "cache": partner / "cache",
+            "checkpoint": tiny_clip_checkpoint}
+
+
+def test_the_export_is_a_standard_bundle(received):
+    bundle = received["bundle"]
+    for rel in ("configs/inference.json", "configs/metadata.json", "configs/prompts.json", "models/model.pt",
+                "models/text_encoder/config.json", "docs/README.md", "docs/metadata_schema.json", "LICENSE",
+                "requirements.txt"):
+        assert (bundle / rel).is_file(), rel
+    texts = [p.read_text() for p in (bundle / "configs").glob("*.json")]
+    assert not any("bundles/" in t for t in texts), "a config still names a file of the repository"
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["required_packages_version"]["ctclip-monai"] == meta["exported"]["package_version"]
+    assert meta["compatible_packages"]["ctclip-monai"] == "==" + meta["exported"]["package_version"]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [16, 32, 32]  # ctclip_tiny, (D, H, W)
+    assert set(meta["files_sha256"]) == {p.relative_to(bundle).as_posix() for p in (bundle / "models").rglob("*")
+                                         if p.is_file()}
+    for rel, sha in meta["files_sha256"].items():
+        assert file_sha256(bundle / rel) == sha
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    network_def = build_zeroshot_network("ctclip_tiny", bundle / "configs" / "prompts.json")
+    assert set(state) == set(network_def.state_dict())
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "Research only" in readme and "pip install -r requirements.txt" in readme
+
+
+def test_the_received_bundle_runs_outside_the_repository_like_the_original(received, tmp_path):
+    python, bundle, scans = received["python"], received["bundle"], received["scans"]
+    where = subprocess.run([str(python), "-c", "import workflows, custom_nets; print(workflows.__file__)"],
+                           cwd=bundle, env=bundle_env(received["cache"]), capture_output=True, text=True, check=True)
+    assert not where.stdout.strip().startswith(str(REPO)), "the code must come from the bundle's wheel"
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    run_bundle(python, bundle, ["run", "--config_file", "configs/inference.json", "--input", scans,
+                                "--output_dir", theirs], received["cache"])
+    in_repo_run(["inference.json"], ZEROSHOT, ["--model_config", "ctclip_tiny", "--pretrained",
+                                               str(received["checkpoint"]), "--input", str(scans),
+                                               "--output_dir", str(ours)])
+    names_t, probs_t = read_predictions_csv(theirs / "predictions.csv", CTRATE_PATHOLOGIES)
+    names_o, probs_o = read_predictions_csv(ours / "predictions.csv", CTRATE_PATHOLOGIES)
+    assert len(names_t) == 3 and list(names_t) == list(names_o)  # two NIfTI files and a DICOM series
+    np.testing.assert_allclose(probs_t, probs_o, rtol=0, atol=1e-6)
+
+
+def test_metadata_and_network_io_verify_offline(received):
+    python, bundle, cache = received["python"], received["bundle"], received["cache"]
+    proc = run_bundle(python, bundle, ["verify_metadata", "--meta_file", "configs/metadata.json",
+                                       "--filepath", "docs/metadata_schema.json"], cache)
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    proc = run_bundle(python, bundle, ["verify_net_in_out", "network_def", "--config_file", "configs/inference.json",
+                                       "--meta_file", "configs/metadata.json", "--bundle_root", "."], cache)
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+def _other_architecture(bundle: Path) -> str:
+    """Weights of a CT-CLIP with another latent size in place of model.pt, its sha256 recorded as if exported so."""
+    other = create_model("ctclip_tiny", ctclip={"dim_latent": 16})
+    torch.save(other.state_dict(), bundle / "models" / "model.pt")
+    meta_path = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files_sha256"]["models/model.pt"] = file_sha256(bundle / "models" / "model.pt")
+    meta_path.write_text(json.dumps(meta))
+    return "size mismatch"
+
+
+def _numpy_out_of_range(bundle: Path) -> str:
+    meta_path = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["compatible_packages"]["numpy"] = ">=99.0,<99.1"
+    meta_path.write_text(json.dumps(meta))
+    return f"package numpy {np.__version__} is installed; this bundle needs numpy>=99.0,<99.1"
+
+
+def _tamper(bundle: Path) -> str:
+    path = bundle / "models" / "model.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "model.pt: sha256"
+
+
+def _remove_weights(bundle: Path) -> str:
+    (bundle / "models" / "model.pt").unlink()
+    return "model.pt: missing"
+
+
+@pytest.mark.parametrize("spoil", [_remove_weights, _tamper, _other_architecture, _numpy_out_of_range],
+                         ids=["missing_weights", "tampered_weights", "other_architecture", "package_out_of_range"])
+def test_a_spoilt_bundle_stops_with_one_line_and_no_output(received, tmp_path, spoil):
+    bundle = Path(shutil.copytree(received["bundle"], tmp_path / "bundle"))
+    expected = spoil(bundle)
+    out = tmp_path / "out"
+    proc = run_bundle(received["python"], bundle, ["run", "--config_file", "configs/inference.json",
+                                                   "--input", received["scans"], "--output_dir", out],
+                      received["cache"], check=False)
+    assert proc.returncode != 0
+    assert expected in last_line(proc), proc.stderr[-2000:]
+    assert not out.exists(), "a refused bundle wrote output"
+
+
+def test_a_missing_package_is_named(received, tmp_path):
+    python = received_python(tmp_path / "venv", next((received["bundle"] / "wheels").glob("*.whl")),
+                             without=["transformers"])
+    out = tmp_path / "out"
+    proc = run_bundle(python, received["bundle"], ["run", "--config_file", "configs/inference.json",
+                                                   "--input", received["scans"], "--output_dir", out],
+                      received["cache"], check=False)
+    assert proc.returncode != 0
+    assert "package transformers is not installed; this bundle needs transformers>=" in last_line(proc), \
+        proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_export_refuses_to_overwrite_and_names_the_folder(received):
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         f"['{ZEROSHOT}/configs/inference.json','{ZEROSHOT}/configs/export.json']", "--bundle_root", str(ZEROSHOT),
+         "--model_config", "ctclip_tiny", "--pretrained", str(received["checkpoint"]),
+         "--export_dir", str(received["work"] / "ct_clip_zeroshot_tiny")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ct_clip_zeroshot_tiny exists" in last_line(proc)
+
+
+@pytest.mark.skipif(os.environ.get("CTCLIP_FRESH_VENV") != "1",
+                    reason="installs torch and the bundle's requirements into a new venv from the package index "
+                           "(minutes); run with CTCLIP_FRESH_VENV=1")
+def test_fresh_virtualenv(received, tmp_path):
+    """What the bundle README says, to the letter: a new venv, torch first, then requirements.txt."""
+    bundle, root = received["bundle"], tmp_path / "fresh"
+    venv_python = root / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    subprocess.run([str(venv_python), "-m", "pip", "install", "--quiet", f"torch=={meta['pytorch_version']}"],
+                   check=True)
+    subprocess.run([str(venv_python), "-m", "pip", "install", "--quiet", "-r", "requirements.txt"], cwd=bundle,
+                   check=True)
+    out = tmp_path / "out"
+    run_bundle(venv_python, bundle, ["run", "--config_file", "configs/inference.json", "--input", received["scans"],
+                                     "--output_dir", out], received["cache"])
+    ours = tmp_path / "ours"
+    in_repo_run(["inference.json"], ZEROSHOT, ["--model_config", "ctclip_tiny", "--pretrained",
+                                               str(received["checkpoint"]), "--input", str(received["scans"]),
+                                               "--output_dir", str(ours)])
+    _, theirs_p = read_predictions_csv(out / "predictions.csv", CTRATE_PATHOLOGIES)
+    _, ours_p = read_predictions_csv(ours / "predictions.csv", CTRATE_PATHOLOGIES)
+    np.testing.assert_allclose(theirs_p, ours_p, rtol=0, atol=1e-6)
