@@ -260,8 +260,8 @@ def test_an_expected_error_ends_in_one_line_that_names_the_file_and_the_reason(t
     bad = tmp_path / "my_model.json"
     bad.write_text(json.dumps({"input": {"spacing_mm": [-3, 3, 4], "spatial_size": [32, 32, 16]}}))
     (tmp_path / "in").mkdir()
-    args = ["--config_file", "bundles/ct_preprocess/configs/preprocess.json", "--input", tmp_path / "in",
-            "--output_dir", tmp_path / "out", "--model_config", bad]
+    args = ["--config_file", "bundles/ct_preprocess/configs/preprocess.json", "--bundle_root", "bundles/ct_preprocess",
+            "--input", tmp_path / "in", "--output_dir", tmp_path / "out", "--model_config", bad]
     rc, lines = _bundle_last_lines(args)
     assert rc != 0
     assert lines[-1] == (f"error: ModelConfigError: model config {bad}: input.spacing_mm: expected three positive "

@@ -35,3 +35,17 @@ def test_generate_stage_gets_the_cohort_options(tmp_path):
         "two_recon_fraction": 0.0}
     assert generate(balanced=True)["balanced"] == 0.4  # the generator's meaning of True
     assert "balanced" not in generate(balanced=False)  # CT-RATE prevalences: the generator's default
+
+
+def test_every_stage_passes_its_bundle_folder(tmp_path):
+    """Each stage names its bundle's folder: its configs come from there and ``--bundle_root`` points there, so no
+    default path of the bundle depends on the working directory; the command the report shows says so too."""
+    stages = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0)
+    repo = Path(demo.__file__).resolve().parent.parent
+    for stage in stages:
+        assert (repo / stage.bundle / "configs").is_dir(), stage.bundle
+        cmd = stage.command()
+        assert cmd[cmd.index("--bundle_root") + 1] == stage.bundle
+        config_arg = cmd[cmd.index("--config_file") + 1]
+        assert all(f"{stage.bundle}/configs/{f}" in config_arg for f in stage.config_files)
+        assert f"--bundle_root {stage.bundle}" in stage.shell_command()

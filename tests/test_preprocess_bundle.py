@@ -95,9 +95,9 @@ def make_cohort(root: Path, bad: bool = True, good=GOOD) -> Path:
 
 
 def _bundle_cmd(inp, out, *extra):
-    return [PY, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--input_dir", str(inp),
-            "--output_dir", str(out), "--model_config", "ctclip_tiny", "--num_workers", "0", "--progress", "False",
-            *extra]
+    return [PY, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--bundle_root", str(CONFIG.parents[1]),
+            "--input_dir", str(inp), "--output_dir", str(out), "--model_config", "ctclip_tiny", "--num_workers", "0",
+            "--progress", "False", *extra]
 
 
 def _all_files(root: Path) -> set:

@@ -29,7 +29,7 @@ def _env():
 
 def _run(args, out_dir, timeout=240, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
-           else [sys.executable]) + ["-m", "monai.bundle", "run"] + args
+           else [sys.executable]) + ["-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE)] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     (Path(out_dir) / "log.txt").parent.mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "log.txt").write_text(proc.stdout + proc.stderr)
@@ -82,8 +82,9 @@ def test_one_epoch_run_writes_every_output(tiny_preprocessed_dir, tmp_path, tiny
 def test_properties_complete(tiny_preprocessed_dir, tmp_path):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=TRAIN, workflow_type="train", dataset_dir=str(tiny_preprocessed_dir),
-                        output_dir=str(tmp_path), model_config="ctclip_tiny", num_workers=0)
+    wf = ConfigWorkflow(config_file=TRAIN, workflow_type="train", bundle_root=str(BUNDLE),
+                        dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path), model_config="ctclip_tiny",
+                        num_workers=0)
     wf.initialize()
     assert wf.check_properties() == []
 
@@ -100,8 +101,8 @@ def test_init_from_published_style_checkpoint(tiny_preprocessed_dir, tmp_path):
     assert "text_transformer.embeddings.position_ids" in _state(ckpt)
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"dataset_dir": str(tiny_preprocessed_dir), "output_dir": str(tmp_path), "model_config": "ctclip_tiny",
-                   "pretrained": str(ckpt)})
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tiny_preprocessed_dir), "output_dir": str(tmp_path),
+                   "model_config": "ctclip_tiny", "pretrained": str(ckpt)})
     net = parser.get_parsed_content("network_def")
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(net.model.state_dict()[k], v, msg=k)
@@ -126,7 +127,7 @@ def test_sigkill_and_resume_continues_from_saved_iteration(tiny_preprocessed_dir
     out = tmp_path / "kill"
     args = ["--config_file", TRAIN, "--dataset_dir", str(tiny_preprocessed_dir), "--output_dir", str(out),
             "--epochs", "3", "--save_interval", "1"] + FAST
-    cmd = [sys.executable, "-m", "monai.bundle", "run"] + args
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE)] + args
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180

@@ -284,7 +284,8 @@ def test_bundle_files_are_complete():
     assert classes and all(c in ("StreamHandler", "FileHandler") or c.startswith("logging.") for c in classes)
     assert "Apache License" in (BUNDLE / "LICENSE").read_text() and "Version 2.0" in (BUNDLE / "LICENSE").read_text()
     readme = (BUNDLE / "docs" / "README.md").read_text()
-    assert "python -m monai.bundle run --config_file bundles/synthetic_chest_ct/configs/generate.json" in readme
+    assert "python -m monai.bundle run --config_file configs/generate.json" in readme  # from the bundle's folder
+    assert "--bundle_root bundles/synthetic_chest_ct" in readme  # from elsewhere
     cfg = json.loads((BUNDLE / "configs" / "generate.json").read_text())
     for key in ("output_dir", "num_cases", "seed", "geometry", "prevalence", "balanced", "encodings", "orientations",
                 "dicom_fraction", "two_recon_fraction", "two_scan_fraction", "label_noise", "num_workers", "run"):
@@ -295,6 +296,7 @@ def test_bundle_files_are_complete():
 def test_bundle_run_writes_a_cohort(tmp_path):
     out = tmp_path / "cohort"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "generate.json"),
+           "--bundle_root", str(BUNDLE),
            "--output_dir", str(out), "--num_cases", "1", "--seed", "4", "--geometry", "tests", "--num_workers", "1",
            "--progress", "False"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -40,21 +40,24 @@ class Stage:
 
     Args:
         name: short stage name (log file and marker name).
-        config_files: bundle config files, merged in order.
+        bundle: the bundle's folder, relative to the repository root (``bundles/<name>``); passed as
+            ``--bundle_root``, so every default path of the bundle derives from it.
+        config_files: config file names in the bundle's ``configs/`` folder, merged in order.
         overrides: ``--key value`` overrides.
         title: what the stage does, for the console and the report.
     """
 
     name: str
+    bundle: str
     config_files: Sequence[str]
     overrides: dict[str, Any]
     title: str
     seconds: float | None = field(default=None)
 
     def command(self) -> list[str]:
-        files = list(self.config_files)
+        files = [f"{self.bundle}/configs/{f}" for f in self.config_files]
         config_arg = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, "--bundle_root", self.bundle]
         for key, value in self.overrides.items():
             cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
         return cmd
@@ -81,30 +84,27 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
         cohort_options["balanced"] = 0.4 if balanced is True else float(balanced)  # the generator's True
     b = "bundles"
     return [
-        Stage("generate", [f"{b}/synthetic_chest_ct/configs/generate.json"],
+        Stage("generate", f"{b}/synthetic_chest_ct", ["generate.json"],
               {"output_dir": str(cohort), "num_cases": num_cases, "seed": seed, "num_workers": num_workers,
                **cohort_options},
               "Generate the synthetic chest-CT cohort (CT-RATE layout, NIfTI and DICOM)"),
-        Stage("preprocess", [f"{b}/ct_preprocess/configs/preprocess.json"],
+        Stage("preprocess", f"{b}/ct_preprocess", ["preprocess.json"],
               {"input": str(cohort), "output_dir": str(pre), "model_config": model_config,
                "num_workers": num_workers},
               "Preprocess: RAS, HU with provenance, spacing, crop/pad, QC, patient-wise splits"),
-        Stage("pretrain", [f"{b}/ct_clip_pretrain/configs/train.json"],
+        Stage("pretrain", f"{b}/ct_clip_pretrain", ["train.json"],
               {**common, "output_dir": str(pretrain), "epochs": pretrain_epochs},
               "Contrastive pretraining (CT-CLIP loss) with zero-shot validation per epoch"),
-        Stage("classfine_train", [f"{b}/ct_clip_classfine/configs/train.json"],
+        Stage("classfine_train", f"{b}/ct_clip_classfine", ["train.json"],
               {**common, "output_dir": str(classfine), "pretrained": str(pretrained), "epochs": classfine_epochs},
               "ClassFine: 18-label head on the pretrained image encoder"),
-        Stage("classfine_evaluate", [f"{b}/ct_clip_classfine/configs/train.json",
-                                     f"{b}/ct_clip_classfine/configs/evaluate.json"],
+        Stage("classfine_evaluate", f"{b}/ct_clip_classfine", ["train.json", "evaluate.json"],
               {**common, "output_dir": str(classfine), "pretrained": str(pretrained)},
               "ClassFine evaluation on validation and held-out test patients"),
-        Stage("zeroshot_evaluate", [f"{b}/ct_clip_zeroshot/configs/inference.json",
-                                    f"{b}/ct_clip_zeroshot/configs/evaluate.json"],
+        Stage("zeroshot_evaluate", f"{b}/ct_clip_zeroshot", ["inference.json", "evaluate.json"],
               {**common, "output_dir": str(zeroshot), "pretrained": str(pretrained)},
               "Zero-shot classification of the 18 findings (prompt pairs, no training)"),
-        Stage("zeroshot_retrieval", [f"{b}/ct_clip_zeroshot/configs/inference.json",
-                                     f"{b}/ct_clip_zeroshot/configs/retrieval.json"],
+        Stage("zeroshot_retrieval", f"{b}/ct_clip_zeroshot", ["inference.json", "retrieval.json"],
               {**common, "output_dir": str(zeroshot), "pretrained": str(pretrained)},
               "Report-to-volume and volume-to-report retrieval, latent map"),
     ]
