@@ -12,12 +12,16 @@ one. ``CTCLIP_FRESH_VENV=1`` runs the real install instead (``test_bundle_export
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 from typing import Sequence
+
+from transforms.qc import is_dicom_file
 
 PROJECT_SITE = Path(sysconfig.get_paths()["purelib"])
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -71,3 +75,36 @@ def run_bundle(python: Path, bundle: Path, args: Sequence[str], cache: Path, che
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def scan_folder(cohort: Path, dest: Path, nifti: int = 2) -> Path:
+    """A partner's input folder: ``nifti`` NIfTI files and one DICOM series folder from the tiny cohort."""
+    dest.mkdir()
+    for path in sorted(cohort.rglob("*.nii.gz"))[:nifti]:
+        shutil.copy(path, dest / path.name)
+    series = next(p for p in sorted(cohort.rglob("*")) if p.is_dir() and any(is_dicom_file(f) for f in p.iterdir()
+                                                                               if f.is_file()))
+    shutil.copytree(series, dest / series.name)
+    return dest
+
+
+def unzip(archive: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(dest)
+    (bundle,) = [p for p in dest.iterdir() if p.is_dir()]
+    return bundle
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def verify_offline(python: Path, bundle: Path, cache: Path) -> None:
+    """MONAI's ``verify_metadata`` (against the schema the bundle ships) and ``verify_net_in_out`` pass."""
+    proc = run_bundle(python, bundle, ["verify_metadata", "--meta_file", "configs/metadata.json",
+                                       "--filepath", "docs/metadata_schema.json"], cache)
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    proc = run_bundle(python, bundle, ["verify_net_in_out", "network_def", "--config_file", "configs/inference.json",
+                                       "--meta_file", "configs/metadata.json", "--bundle_root", "."], cache)
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr

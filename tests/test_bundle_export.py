@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ import torch
 
 from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
 from custom_nets import create_model
-from received_bundle import bundle_env, received_python, run_bundle
-from transforms.qc import is_dicom_file
+from received_bundle import (bundle_env, last_line, received_python, run_bundle, scan_folder, unzip,
+                             verify_offline)
 from workflows.writers import read_predictions_csv
 from workflows.zeroshot import build_zeroshot_network
 
@@ -31,33 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 ZEROSHOT = REPO / "bundles" / "ct_clip_zeroshot"
 
 
-def scan_folder(cohort: Path, dest: Path, nifti: int = 2) -> Path:
-    """A partner's input folder: ``nifti`` NIfTI files and one DICOM series folder from the tiny cohort."""
-    dest.mkdir()
-    for path in sorted(cohort.rglob("*.nii.gz"))[:nifti]:
-        shutil.copy(path, dest / path.name)
-    series = next(p for p in sorted(cohort.rglob("*")) if p.is_dir() and any(is_dicom_file(f) for f in p.iterdir()
-                                                                               if f.is_file()))
-    shutil.copytree(series, dest / series.name)
-    return dest
-
-
 def in_repo_run(configs: list[str], bundle: Path, args: list[str]) -> None:
     config_arg = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in configs) + "]"
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, "--bundle_root",
                     str(bundle), *args], cwd=REPO, check=True, capture_output=True, timeout=300)
-
-
-def unzip(archive: Path, dest: Path) -> Path:
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(dest)
-    (bundle,) = [p for p in dest.iterdir() if p.is_dir()]
-    return bundle
-
-
-def last_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +93,7 @@ def test_the_received_bundle_runs_outside_the_repository_like_the_original(recei
 
 
 def test_metadata_and_network_io_verify_offline(received):
-    python, bundle, cache = received["python"], received["bundle"], received["cache"]
-    proc = run_bundle(python, bundle, ["verify_metadata", "--meta_file", "configs/metadata.json",
-                                       "--filepath", "docs/metadata_schema.json"], cache)
-    assert "metadata is verified with no error" in proc.stdout + proc.stderr
-    proc = run_bundle(python, bundle, ["verify_net_in_out", "network_def", "--config_file", "configs/inference.json",
-                                       "--meta_file", "configs/metadata.json", "--bundle_root", "."], cache)
-    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+    verify_offline(received["python"], received["bundle"], received["cache"])
 
 
 def _other_architecture(bundle: Path) -> str:
@@ -219,3 +189,25 @@ def test_fresh_virtualenv(received, tmp_path):
     _, theirs_p = read_predictions_csv(out / "predictions.csv", CTRATE_PATHOLOGIES)
     _, ours_p = read_predictions_csv(ours / "predictions.csv", CTRATE_PATHOLOGIES)
     np.testing.assert_allclose(theirs_p, ours_p, rtol=0, atol=1e-6)
+
+
+def test_the_preprocessing_travels_with_its_geometry(received, tmp_path):
+    """ct_preprocess exported at a model's geometry prepares a partner's scans byte for byte as the repository does."""
+    source = REPO / "bundles" / "ct_preprocess"
+    export = tmp_path / "ct_preprocess_tiny"
+    in_repo_run(["preprocess.json", "export.json"], source, ["--model_config", "ctclip_tiny", "--export_dir",
+                                                             str(export)])
+    bundle = unzip(export.with_name(export.name + ".zip"), tmp_path / "partner")
+    assert json.loads((bundle / "configs" / "preprocess.json").read_text())["model_config"]["name"] == "ctclip_tiny"
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    run_bundle(received["python"], bundle, ["run", "--config_file", "configs/preprocess.json", "--input",
+                                            received["scans"], "--output_dir", theirs], received["cache"])
+    in_repo_run(["preprocess.json"], source, ["--model_config", "ctclip_tiny", "--input", str(received["scans"]),
+                                              "--output_dir", str(ours)])
+    volumes = sorted(p.name for p in (ours / "volumes").iterdir())
+    assert len(volumes) == 3 and volumes == sorted(p.name for p in (theirs / "volumes").iterdir())
+    for name in volumes:
+        assert (theirs / "volumes" / name).read_bytes() == (ours / "volumes" / name).read_bytes(), name
+    assert (theirs / "qc.csv").read_text() == (ours / "qc.csv").read_text()
+    run_bundle(received["python"], bundle, ["verify_metadata", "--meta_file", "configs/metadata.json",
+                                            "--filepath", "docs/metadata_schema.json"], received["cache"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from custom_nets import ClassFineClassifier, create_model, load_checkpoint
+from received_bundle import received_python, run_bundle, scan_folder, unzip, verify_offline
 from transforms import CTRATE_PATHOLOGIES
 from transforms.qc import is_dicom_file
 
@@ -211,3 +212,41 @@ def test_evaluate_without_zeroshot_baseline(trained, tiny_preprocessed_dir, tiny
     assert (tmp_path / "eval" / "test" / "metrics.json").is_file()
     assert not (tmp_path / "eval" / "zeroshot").exists()
     assert set(json.loads((tmp_path / "eval" / "comparison.json").read_text())["test"]) == {"ClassFine"}
+
+
+def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed_dir, tmp_path):
+    """The trained ClassFine model exported with export.json, unzipped outside the repository and run in a new
+    environment with only the bundle's wheel (tests/received_bundle.py): the probabilities and decisions of the
+    in-repository run on two NIfTI files and a DICOM series, its README quoting the evaluation."""
+    out = evaluated
+    ckpt = str(out / "models" / "model.pt")
+    export = tmp_path / "export" / "ct_clip_classfine_tiny"
+    run(workflow(["inference.json", "export.json"], "infer", model_config="ctclip_tiny", ckpt_path=ckpt,
+                 export_dir=str(export), metrics_file=str(out / "eval" / "test" / "metrics.json"),
+                 dataset_dir=str(tiny_preprocessed_dir)))
+    bundle = unzip(export.with_name(export.name + ".zip"), tmp_path / "partner")
+    assert (bundle / "models" / "thresholds.json").read_bytes() == (out / "models" / "thresholds.json").read_bytes()
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(state) == set(ClassFineClassifier(create_model("ctclip_tiny")).state_dict())
+    metrics = json.loads((out / "eval" / "test" / "metrics.json").read_text())
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert f"{metrics['auroc']['macro']:.3f}" in readme and "Research only" in readme
+
+    python = received_python(tmp_path / "venv", next((bundle / "wheels").glob("*.whl")))
+    scans, cache = scan_folder(Path(tiny_cohort_dir), tmp_path / "scans"), tmp_path / "cache"
+    run_bundle(python, bundle, ["run", "--config_file", "configs/inference.json", "--input", scans,
+                                "--output_dir", tmp_path / "theirs"], cache)
+    run(workflow(["inference.json"], "infer", input=str(scans), output_dir=str(tmp_path / "ours"),
+                 model_config="ctclip_tiny", ckpt_path=ckpt))
+    rows = {}
+    for side in ("theirs", "ours"):
+        with open(tmp_path / side / "inference" / "predictions.csv", newline="") as f:
+            rows[side] = list(csv.DictReader(f))
+    assert len(rows["theirs"]) == 3 and [r["VolumeName"] for r in rows["theirs"]] == \
+        [r["VolumeName"] for r in rows["ours"]]
+    for theirs, ours in zip(rows["theirs"], rows["ours"]):
+        np.testing.assert_allclose([float(theirs[c]) for c in CTRATE_PATHOLOGIES],
+                                   [float(ours[c]) for c in CTRATE_PATHOLOGIES], rtol=0, atol=1e-6)
+        assert {k: v for k, v in theirs.items() if k.endswith("_pred_val_youden")} == \
+            {k: v for k, v in ours.items() if k.endswith("_pred_val_youden")}
+    verify_offline(python, bundle, cache)

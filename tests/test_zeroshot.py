@@ -324,14 +324,17 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
     assert metrics["n_cases"] == len(json.loads((tiny_preprocessed_dir / "datalist.json").read_text())["test"])
 
 
-def test_export_for_monai_label(tiny_preprocessed_dir, tiny_clip_checkpoint, stored_run, tmp_path):
-    models = tmp_path / "models"  # tmp_path plays the bundle root
+def test_export_keeps_the_model(tiny_preprocessed_dir, tiny_clip_checkpoint, stored_run, tmp_path):
+    """The exported bundle's weights and TorchScript give this bundle's probabilities (tests/test_bundle_export.py
+    runs the exported bundle itself, outside the repository)."""
+    bundle = tmp_path / "bundle"
     run_bundle("inference.json", "export.json", model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint),
-               export_dir=str(models))
+               export_dir=str(bundle))
+    models = bundle / "models"
     summary = json.loads((models / "export.json").read_text())
     assert "model.ts" in summary["files"], summary["skipped"]
     # MONAI Label loads models/model.pt into network_def with strict=False: every key must match
-    net = zeroshot.build_zeroshot_network(str(models / "model_config.json"), CONFIGS / "prompts.json")
+    net = zeroshot.build_zeroshot_network("ctclip_tiny", CONFIGS / "prompts.json")
     sd = torch.load(models / "model.pt", weights_only=True)
     assert set(sd) == set(net.state_dict())
     result = net.load_state_dict(sd, strict=False)
@@ -347,7 +350,5 @@ def test_export_for_monai_label(tiny_preprocessed_dir, tiny_clip_checkpoint, sto
     x = torch.rand(summary["files"]["model.ts"]["input_shape"]) * 2 - 1
     with torch.no_grad():
         assert float((ts(x) - net(x)).abs().max()) <= TOL
-    # and the inference config picks up the exported architecture by default (MONAI Label passes no overrides)
-    assert zeroshot.default_model_config(tmp_path) == str(models / "model_config.json")
-    assert json.loads((models / "model_config.json").read_text())["name"] == "ctclip_tiny"
-    assert zeroshot.default_model_config(tmp_path / "elsewhere") == "ctclip_v2"
+    # the exported inference.json carries the architecture (MONAI Label passes no overrides)
+    assert json.loads((bundle / "configs" / "inference.json").read_text())["model_config"]["name"] == "ctclip_tiny"

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ctclip_contract import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, ModelConfig, atomic_path, atomic_write_text,
@@ -43,9 +44,9 @@ from ctclip_contract import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, Mo
 from custom_nets import build_tokenizer
 
 from .writers import auroc_table_markdown, write_json
-from .zeroshot import export_network, find_clip_model
+from .zeroshot import find_clip_model
 
-__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "export_bundle", "VERIFY_EXPRESSION"]
+__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "export_network", "export_bundle", "VERIFY_EXPRESSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,77 @@ def exported_packages() -> dict[str, str]:
 
 def _release(version: str) -> str:
     return version.split("+")[0]
+
+
+# --------------------------------------------------------------------------------------------- weights
+def export_network(network: nn.Module, export_dir: str | os.PathLike, example_shape: Sequence[int],
+                   torchscript: bool = True, onnx: bool | str = "auto", atol: float = 1e-5) -> dict[str, Any]:
+    """Write the bundle's deployable files and check each of them against the eager network.
+
+    - ``model.pt``: ``network.state_dict()`` (keys of ``network_def``), what MONAI Label loads into
+      ``network_def`` (with ``strict=False``: a key mismatch would silently keep random weights, so the file is
+      reloaded here with ``strict=True``);
+    - ``model.ts``: TorchScript trace ``image -> output`` (zero-shot: with the prompt latents baked in);
+    - ``model.onnx``: only when ``onnx`` and ``onnxscript`` are installed.
+
+    Args:
+        network: the weighted network (zero-shot classifier, ClassFine classifier).
+        export_dir: output folder (the bundle's ``models/``).
+        example_shape: ``(B, 1, D, H, W)`` example input for tracing.
+        torchscript: write ``model.ts``.
+        onnx: ``True``, ``False`` or ``"auto"`` (when importable).
+        atol: largest accepted difference between the exported and the eager outputs.
+
+    Returns:
+        a summary (files, checks, skipped formats with reasons), also written as ``export.json``.
+    """
+    out = Path(export_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    network = network.eval()
+    summary: dict[str, Any] = {"files": {}, "skipped": {}, "max_abs_diff": {}}
+    sd = network.state_dict()
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(sd, tmp)
+    summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
+    # reload check: the exact key set MONAI Label will meet
+    reloaded = torch.load(out / "model.pt", weights_only=True)
+    result = network.load_state_dict(reloaded, strict=True)
+    summary["strict_reload"] = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+    device = next(network.parameters()).device
+    example = torch.randn(*example_shape, device=device).clamp(-1, 1)
+    with torch.no_grad():
+        expected = network(example)
+        if torchscript:
+            try:
+                traced = torch.jit.trace(network, example, check_trace=False)
+                traced.save(str(out / "model.ts"))
+                got = torch.jit.load(str(out / "model.ts"), map_location=device)(example)
+                diff = float((got - expected).abs().max())
+                summary["max_abs_diff"]["model.ts"] = diff
+                if diff > atol:
+                    raise RuntimeError(f"TorchScript output differs from the eager network by {diff:.3g} > {atol}")
+                summary["files"]["model.ts"] = {"input_shape": list(example_shape)}
+            except Exception as e:  # noqa: BLE001 - an unsupported format is reported, not fatal
+                summary["skipped"]["model.ts"] = f"{type(e).__name__}: {e}"
+        want_onnx = onnx is True or onnx == "auto"
+        if want_onnx:
+            if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+                summary["skipped"]["model.onnx"] = "onnx/onnxscript not installed (pip install onnx onnxscript)"
+                if onnx is True:
+                    raise RuntimeError("ONNX export requested but onnx/onnxscript are not installed")
+            else:
+                try:
+                    torch.onnx.export(network, (example,), str(out / "model.onnx"), input_names=["image"],
+                                      output_names=["probabilities"])
+                    summary["files"]["model.onnx"] = {"input_shape": list(example_shape)}
+                except Exception as e:  # noqa: BLE001
+                    summary["skipped"]["model.onnx"] = f"{type(e).__name__}: {e}"
+                    if onnx is True:
+                        raise
+    write_json(out / "export.json", summary)
+    logger.info(f"exported {sorted(summary['files'])} to {out}; skipped {summary['skipped']}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -354,7 +426,7 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
         models = tmp / "models"
         if network is not None:
             shape = [1] + list(model_cfg.input.model_input_shape)
-            summary = export_network(network, models, shape, onnx=False, write_config=False)
+            summary = export_network(network, models, shape, onnx=False)
             text_dir = models / "text_encoder"
             clip.text_transformer.config.save_pretrained(text_dir)
             build_tokenizer(model_cfg).save_pretrained(str(text_dir))

@@ -7,6 +7,8 @@
 3. ``bundles/ct_clip_pretrain``    contrastive pretraining with zero-shot validation every epoch
 4. ``bundles/ct_clip_classfine``   ClassFine training, then evaluation on held-out test patients
 5. ``bundles/ct_clip_zeroshot``    zero-shot evaluation and retrieval with the pretrained model
+6. ``configs/export.json``         the zero-shot and ClassFine models exported as self-contained bundles into
+                                   ``<output_dir>/bundles/`` (docs/sharing_bundles.md)
 
 and then prints a summary table and writes ``<output_dir>/report.md`` with the tables and pictures.
 Each stage runs in its own process through ``python -m monai.bundle run`` (exactly the command a
@@ -78,6 +80,8 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
     cohort, pre = out / "cohort", out / "preprocessed"
     pretrain, classfine, zeroshot = out / "pretrain", out / "classfine", out / "zeroshot"
     pretrained = pretrain / "models" / "model.pt"
+    bundles = out / "bundles"
+    export_options = {"overwrite": True, "make_zip": False}  # a rerun replaces them; no second copy as a .zip
     common = {"dataset_dir": str(pre), "model_config": model_config}
     cohort_options = {"two_recon_fraction": two_recon_fraction}
     if balanced not in (False, None):
@@ -107,6 +111,15 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
         Stage("zeroshot_retrieval", f"{b}/ct_clip_zeroshot", ["inference.json", "retrieval.json"],
               {**common, "output_dir": str(zeroshot), "pretrained": str(pretrained)},
               "Report-to-volume and volume-to-report retrieval, latent map"),
+        Stage("zeroshot_export", f"{b}/ct_clip_zeroshot", ["inference.json", "export.json"],
+              {**common, "pretrained": str(pretrained), "metrics_file": str(zeroshot / "eval" / "test" / "metrics.json"),
+               "export_dir": str(bundles / f"ct_clip_zeroshot_{model_config}"), **export_options},
+              "Export the zero-shot model as a bundle another group runs outside this repository"),
+        Stage("classfine_export", f"{b}/ct_clip_classfine", ["inference.json", "export.json"],
+              {**common, "ckpt_path": str(classfine / "models" / "model.pt"),
+               "metrics_file": str(classfine / "eval" / "test" / "metrics.json"),
+               "export_dir": str(bundles / f"ct_clip_classfine_{model_config}"), **export_options},
+              "Export the ClassFine model as a bundle another group runs outside this repository"),
     ]
 
 
@@ -288,6 +301,13 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
     shown = [(t, p) for t, p in pictures if (out / p).is_file()]
     if shown:
         lines += ["## Pictures", ""] + [f"### {t}\n\n![{t}]({p})\n" for t, p in shown]
+    exported = sorted(p for p in (out / "bundles").glob("*") if p.is_dir()) if (out / "bundles").is_dir() else []
+    if exported:
+        lines += ["## Bundles to share", "",
+                  "Self-contained MONAI bundles that another group installs and runs outside this repository, "
+                  "offline; each one's `docs/README.md` says how (`--make_zip true` in the export also packs each "
+                  "into one `.zip`):", ""]
+        lines += [f"- `bundles/{p.name}`" for p in exported] + [""]
     lines += ["## Stages and commands", "", "| stage | time | command |", "|---|---|---|"]
     for s in stages:
         lines.append(f"| {s.title} | {_fmt_seconds(s.seconds) if s.seconds is not None else 'resumed'} | "

@@ -1,5 +1,5 @@
 """Glue of the ``ct_clip_zeroshot`` bundle: prompt file, network and weights, datalists, raw-input checks,
-image-latent export, retrieval summary and the MONAI Label / TorchScript export.
+image-latent export and retrieval summary.
 
 The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
 
@@ -10,13 +10,11 @@ The bundle configs wire these pieces into MONAI ``SupervisedEvaluator`` runs:
 - ``evaluate.json``: validation then test split, test thresholds fitted on validation.
 - ``retrieval.json``: :class:`~custom_nets.ImageReportLatents` gives image and report latents per volume;
   :class:`~workflows.handlers.RetrievalEvaluationHandler` computes the metrics.
-- ``export.json``: :func:`export_network` writes ``models/model.pt`` (keys of ``network_def``),
-  ``models/model_config.json`` and a TorchScript module.
+- ``export.json``: :func:`workflows.bundle_export.export_bundle` packs the model into a bundle for another site.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +35,6 @@ from .writers import read_predictions_csv, write_json
 
 __all__ = [
     "load_prompt_file",
-    "default_model_config",
     "build_zeroshot_network",
     "load_pretrained",
     "find_clip_model",
@@ -45,7 +42,6 @@ __all__ = [
     "ImageLatentsWriter",
     "DeferredValidationEvaluationHandler",
     "JsonStateWriter",
-    "export_network",
 ]
 
 logger = logging.getLogger("ct_clip_zeroshot")
@@ -103,16 +99,6 @@ def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"prompt file {path}: duplicate class names {dup}")
     return {"path": str(path), "classes": classes, "prompt_names": prompt_names,
             "templates": None if templates is None else [tuple(t) for t in templates]}
-
-
-def default_model_config(bundle_root: str | os.PathLike, fallback: str = "ctclip_v2") -> str:
-    """The model config exported next to the weights (``models/model_config.json``), else ``fallback``.
-
-    MONAI Label reads ``inference.json`` without command-line overrides: the exported config keeps the
-    architecture in step with ``models/model.pt``.
-    """
-    exported = Path(bundle_root) / "models" / "model_config.json"
-    return str(exported) if exported.is_file() else fallback
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -301,82 +287,3 @@ class JsonStateWriter:
         if results is None:
             raise RuntimeError(f"engine.state.{self.state_key} is not set: attach the handler that computes it first")
         write_json(self.path, {**self.extra, **results})
-
-
-# --------------------------------------------------------------------------------------------- export
-def export_network(network: nn.Module, export_dir: str | os.PathLike, example_shape: Sequence[int],
-                   torchscript: bool = True, onnx: bool | str = "auto", atol: float = 1e-5,
-                   write_config: bool = True) -> dict[str, Any]:
-    """Write the bundle's deployable files and check each of them against the eager network.
-
-    - ``model.pt``: ``network.state_dict()`` (keys of ``network_def``, ``model.*``), what MONAI Label loads
-      into ``network_def`` (with ``strict=False``: a key mismatch would silently keep random weights, so the
-      file is reloaded here with ``strict=True``);
-    - ``model_config.json``: the merged model config (``inference.json`` picks it up by default);
-    - ``model.ts``: TorchScript trace ``image -> probabilities`` with the prompt latents baked in;
-    - ``model.onnx``: only when ``onnx`` and ``onnxscript`` are installed.
-
-    Args:
-        network: the (weighted) zero-shot network.
-        export_dir: output folder (the bundle's ``models/``).
-        example_shape: ``(B, 1, D, H, W)`` example input for tracing.
-        torchscript: write ``model.ts``.
-        onnx: ``True``, ``False`` or ``"auto"`` (when importable).
-        atol: largest accepted difference between the exported and the eager outputs.
-        write_config: write ``model_config.json`` (an exported bundle embeds the config in its configs instead).
-
-    Returns:
-        a summary (files, checks, skipped formats with reasons), also written as ``export.json``.
-    """
-    out = Path(export_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    network = network.eval()
-    summary: dict[str, Any] = {"files": {}, "skipped": {}, "max_abs_diff": {}}
-    sd = network.state_dict()
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save(sd, tmp)
-    summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
-    clip = find_clip_model(network)
-    cfg = getattr(clip, "config", None)
-    if cfg is not None and write_config:
-        write_json(out / "model_config.json", cfg)
-        summary["files"]["model_config.json"] = {}
-    # reload check: the exact key set MONAI Label will meet
-    reloaded = torch.load(out / "model.pt", weights_only=True)
-    result = network.load_state_dict(reloaded, strict=True)
-    summary["strict_reload"] = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-
-    device = next(network.parameters()).device
-    example = torch.randn(*example_shape, device=device).clamp(-1, 1)
-    with torch.no_grad():
-        expected = network(example)
-        if torchscript:
-            try:
-                traced = torch.jit.trace(network, example, check_trace=False)
-                traced.save(str(out / "model.ts"))
-                got = torch.jit.load(str(out / "model.ts"), map_location=device)(example)
-                diff = float((got - expected).abs().max())
-                summary["max_abs_diff"]["model.ts"] = diff
-                if diff > atol:
-                    raise RuntimeError(f"TorchScript output differs from the eager network by {diff:.3g} > {atol}")
-                summary["files"]["model.ts"] = {"input_shape": list(example_shape)}
-            except Exception as e:  # noqa: BLE001 - an unsupported format is reported, not fatal
-                summary["skipped"]["model.ts"] = f"{type(e).__name__}: {e}"
-        want_onnx = onnx is True or onnx == "auto"
-        if want_onnx:
-            if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
-                summary["skipped"]["model.onnx"] = "onnx/onnxscript not installed (pip install onnx onnxscript)"
-                if onnx is True:
-                    raise RuntimeError("ONNX export requested but onnx/onnxscript are not installed")
-            else:
-                try:
-                    torch.onnx.export(network, (example,), str(out / "model.onnx"), input_names=["image"],
-                                      output_names=["probabilities"])
-                    summary["files"]["model.onnx"] = {"input_shape": list(example_shape)}
-                except Exception as e:  # noqa: BLE001
-                    summary["skipped"]["model.onnx"] = f"{type(e).__name__}: {e}"
-                    if onnx is True:
-                        raise
-    write_json(out / "export.json", summary)
-    logger.info(f"exported {sorted(summary['files'])} to {out}; skipped {summary['skipped']}")
-    return summary
