@@ -12,7 +12,7 @@ from .ctrate_format import (METADATA_COLUMNS, NOT_GIVEN, REPORT_COLUMNS, REPORT_
 from .model_config import (CONFIG_DIR, DEFAULT_TEMPLATES, IMAGE_POOLINGS, PROMPT_SCORINGS, TEXT_POOLINGS,
                            InputContract, ModelConfig, ModelConfigError, PromptConfig, TextContract,
                            image_input_shape, list_model_configs, load_model_config, merge_config)
-from .bundle import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, BundleError, compatible_range, verify_bundle,
+from .bundle import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, BundleError, release, verify_bundle,
                      version_in_range)
 from .pathologies import CTRATE_PATHOLOGIES, NUM_PATHOLOGIES, pathology_index
 from .errors import install_bundle_excepthook
@@ -28,6 +28,6 @@ __all__ = [
     "InputContract", "ModelConfig", "ModelConfigError", "PromptConfig", "TextContract",
     "image_input_shape", "list_model_configs", "load_model_config", "merge_config",
     "CTRATE_PATHOLOGIES", "NUM_PATHOLOGIES", "pathology_index",
-    "BundleError", "FILES_SHA256_KEY", "METADATA_SCHEMA", "PACKAGES_KEY", "compatible_range", "verify_bundle",
+    "BundleError", "FILES_SHA256_KEY", "METADATA_SCHEMA", "PACKAGES_KEY", "release", "verify_bundle",
     "version_in_range",
 ]

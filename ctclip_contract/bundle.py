@@ -4,8 +4,8 @@ are the ones it was exported with.
 An exported bundle's ``configs/metadata.json`` records
 
 - ``files_sha256``: ``{"models/model.pt": "<hex sha256>", ...}``, every file of ``models/``;
-- ``compatible_packages``: ``{"transformers": ">=5.25.0,<5.26", "ctclip-monai": "==0.1.0", ...}``, the range of
-  each package the bundle accepts (see :func:`compatible_range`; the exporter picks the level per package).
+- ``compatible_packages``: ``{"transformers": ">=4.40,<6", "ctclip-monai": "==0.1.0", ...}``, the range of each
+  package the bundle accepts (``workflows.bundle_export.accepted_ranges`` says how the exporter sets them).
 
 :func:`verify_bundle` checks both and raises one :class:`BundleError` that names the file or package and the
 reason. It needs only the standard library, so it runs (and says what is missing) even when a required package
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from .files import file_sha256, read_json
 
 __all__ = ["BundleError", "FILES_SHA256_KEY", "PACKAGES_KEY", "METADATA_SCHEMA", "verify_bundle", "verify_files", "verify_packages",
-           "compatible_range", "version_in_range"]
+           "release", "version_in_range"]
 
 #: metadata.json key of the recorded sha256 of every file under ``models/`` (paths relative to the bundle root)
 FILES_SHA256_KEY = "files_sha256"
@@ -42,7 +42,7 @@ class BundleError(RuntimeError):
     """A received bundle does not match what was exported, or the environment lacks what it needs."""
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release(version: str) -> tuple[int, ...]:
     """The numeric release of a version string (``"2.13.0+cpu"`` -> ``(2, 13, 0)``; pre-release tags dropped)."""
     m = re.match(r"\d+(?:\.\d+)*", version.strip())
     if m is None:
@@ -67,31 +67,14 @@ def version_in_range(version: str, spec: str) -> bool:
     """
     ops = {"==": lambda c: c == 0, "!=": lambda c: c != 0, ">=": lambda c: c >= 0, "<=": lambda c: c <= 0,
            ">": lambda c: c > 0, "<": lambda c: c < 0}
-    have = _release(version)
+    have = release(version)
     for clause in spec.split(","):
         m = _CLAUSE.match(clause)
         if m is None:
             raise ValueError(f"version range {spec!r}: {clause!r} is not <op><version>")
-        if not ops[m.group(1)](_compare(have, _release(m.group(2)))):
+        if not ops[m.group(1)](_compare(have, release(m.group(2)))):
             return False
     return True
-
-
-def compatible_range(version: str, level: str = "minor") -> str:
-    """The range a bundle exported with ``version`` accepts.
-
-    Args:
-        version: the exported version.
-        level: ``"minor"``: up to the next minor release (``"5.25.0"`` -> ``">=5.25.0,<5.26"``); ``"major"``: up
-            to the next major one (``">=5.25.0,<6"``); ``"exact"``: that release only (``"==5.25.0"``).
-    """
-    release = _release(version)
-    text = ".".join(map(str, release))
-    major, minor = (release + (0,))[:2]
-    ranges = {"exact": f"=={text}", "minor": f">={text},<{major}.{minor + 1}", "major": f">={text},<{major + 1}"}
-    if level not in ranges:
-        raise ValueError(f"level must be one of {sorted(ranges)}, got {level!r}")
-    return ranges[level]
 
 
 def verify_files(bundle_root: str | os.PathLike, recorded: Mapping[str, str]) -> None:

@@ -40,21 +40,18 @@ import torch
 from torch import nn
 
 from ctclip_contract import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, ModelConfig, atomic_path, atomic_write_text,
-                             compatible_range, file_sha256, read_json)
+                             file_sha256, read_json, release)
 from custom_nets import build_tokenizer
 
 from .writers import auroc_table_markdown, write_json
 from .zeroshot import find_clip_model
 
-__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "export_network", "export_bundle", "VERIFY_EXPRESSION"]
+__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "accepted_ranges", "export_network", "export_bundle", "VERIFY_EXPRESSION"]
 
 logger = logging.getLogger(__name__)
 
 #: this project's distribution name (setup.cfg)
 DIST_NAME = "ctclip-monai"
-#: packages whose minor release may change the model's numbers or the configs' API: an exported bundle accepts
-#: them up to the next minor release (the others up to the next major one, this package only exactly)
-NUMERIC_PACKAGES = frozenset({"torch", "monai", "transformers", "numpy", "itk", "nibabel", "pydicom", "scipy"})
 #: the first step of an exported bundle's ``initialize``
 VERIFY_EXPRESSION = "$ctclip_contract.verify_bundle(@bundle_root)"
 #: the text-encoder folder inside an exported bundle, as a config expression
@@ -118,21 +115,46 @@ def build_wheel(dest_dir: str | os.PathLike) -> Path:
     return dest
 
 
-def _requirement_name(requirement: str) -> str | None:
-    """The package name of a ``Requires-Dist`` line, or None for an optional extra's."""
-    if "extra ==" in requirement.replace("extra==", "extra =="):
-        return None
-    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
-    return m.group(1) if m else None
+def _declared_requirements() -> dict[str, str]:
+    """``{name: version specifier}`` of every core dependency this package declares (``Requires-Dist`` without an
+    extra's marker), e.g. ``{"torch": ">=2.4", "monai": "<1.7,>=1.6"}``."""
+    declared = {}
+    for requirement in importlib.metadata.requires(DIST_NAME) or []:
+        requirement, _, marker = requirement.partition(";")
+        if "extra" in marker:
+            continue
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$", requirement)
+        if m:
+            declared[m.group(1)] = m.group(3).replace(" ", "")
+    return declared
 
 
 def exported_packages() -> dict[str, str]:
     """``{name: installed version}`` of this package and of every core dependency it declares."""
-    names = [DIST_NAME] + [n for n in map(_requirement_name, importlib.metadata.requires(DIST_NAME) or []) if n]
+    names = [DIST_NAME] + list(_declared_requirements())
     return {name: importlib.metadata.version(name) for name in dict.fromkeys(names)}
 
 
-def _release(version: str) -> str:
+def accepted_ranges(packages: Mapping[str, str]) -> dict[str, str]:
+    """The version range a received bundle accepts for each package: this package exactly; every other one as this
+    package declares it (the versions its code works with), below the next major release after the exported one.
+
+    Exact versions would refuse the environments a bundle must also run in (MONAI Label's, for one, needs torch and
+    pydicom at other releases); ``required_packages_version`` and ``requirements.txt`` keep the exact ones.
+    """
+    declared = _declared_requirements()
+    ranges = {}
+    for name, version in packages.items():
+        numbers = release(version)
+        if name == DIST_NAME:
+            ranges[name] = "==" + ".".join(map(str, numbers))
+            continue
+        spec = declared.get(name) or ">=" + ".".join(map(str, numbers))
+        ranges[name] = spec if "<" in spec else f"{spec},<{numbers[0] + 1}"
+    return ranges
+
+
+def _public_version(version: str) -> str:
     return version.split("+")[0]
 
 
@@ -280,10 +302,9 @@ def _metadata(source_meta: dict[str, Any], packages: Mapping[str, str], files_sh
     own = {"torch": "pytorch_version", "monai": "monai_version", "numpy": "numpy_version"}
     for package, key in own.items():
         if package in packages:
-            meta[key] = _release(packages[package])
-    meta["required_packages_version"] = {n: _release(v) for n, v in packages.items() if n not in own}
-    meta[PACKAGES_KEY] = {n: compatible_range(v, "exact" if n == DIST_NAME else "minor" if n in NUMERIC_PACKAGES
-                                              else "major") for n, v in packages.items()}
+            meta[key] = _public_version(packages[package])
+    meta["required_packages_version"] = {n: _public_version(v) for n, v in packages.items() if n not in own}
+    meta[PACKAGES_KEY] = accepted_ranges(packages)
     meta[FILES_SHA256_KEY] = dict(files_sha256)
     if network_data_format is not None:
         meta["network_data_format"] = network_data_format
@@ -445,7 +466,7 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
         if (source_root / "configs" / "logging.conf").is_file():
             shutil.copyfile(source_root / "configs" / "logging.conf", tmp / "configs" / "logging.conf")
         wheel = build_wheel(tmp / "wheels")
-        requirements = [f"./wheels/{wheel.name}"] + [f"{n}=={_release(v)}" for n, v in packages.items()
+        requirements = [f"./wheels/{wheel.name}"] + [f"{n}=={_public_version(v)}" for n, v in packages.items()
                                                       if n != DIST_NAME] + ["jsonschema>=4  # verify_metadata only"]
         atomic_write_text(tmp / "requirements.txt", "\n".join(requirements) + "\n")
         files_sha256 = {p.relative_to(tmp).as_posix(): file_sha256(p)
