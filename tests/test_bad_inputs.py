@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -317,3 +318,104 @@ def test_a_header_that_would_need_more_memory_than_the_bound_is_refused_before_r
         check_input(tmp_path / "in" / "good_1_a_1.nii", max_bytes=1000)  # configurable
     rows = _run(tmp_path / "in", tmp_path / "out")
     assert rows["good_1_a_1"]["status"] == "ok" and "qc max_bytes" in rows["bomb_1_a_1"]["reason"]
+
+
+def _stored_volume(path: Path, seed: int = 0) -> Path:
+    """A volume as ct_preprocess stores it at the ctclip_tiny contract: int16 HU, RAS, 8x8x10 mm, 32x32x16."""
+    rng = np.random.default_rng(seed)
+    data = np.full((32, 32, 16), -1000, np.int16)
+    data[6:26, 6:26, 2:14] = rng.integers(-900, 400, size=(20, 20, 12), dtype=np.int16)
+    affine = np.diag([8.0, 8.0, 10.0, 1.0])
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """ctclip_tiny weights for the two inference bundles that read stored volumes: (ClassFine, CT-CLIP)."""
+    import torch
+
+    from custom_nets import ClassFineClassifier, create_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    clip = create_model("ctclip_tiny")
+    torch.save(clip.state_dict(), folder / "clip.pt")
+    torch.save(ClassFineClassifier(clip, num_classes=18).state_dict(), folder / "classfine.pt")
+    return folder / "classfine.pt", folder / "clip.pt"
+
+
+_NOT_AN_IMAGE = {
+    "text_renamed": (lambda good, bad: bad.write_bytes(b"VolumeName,Findings\nvalid_1_a_1,none\n"),
+                     "not a readable NIfTI file"),
+    "truncated": (lambda good, bad: bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2]),
+                  r"truncated or corrupt gzip stream \(\d+ of \d+ bytes\)"),
+}
+
+
+@pytest.mark.parametrize("kind, bundle", [("text_renamed", "ct_clip_classfine"), ("truncated", "ct_clip_zeroshot")])
+def test_a_stored_volume_that_is_not_an_image_ends_in_one_line(tmp_path, tiny_weights, kind, bundle):
+    """``--dataset_dir`` (volumes read as stored, by ITK): a text file under a .nii.gz name, or a truncated .nii.gz,
+    listed in datalist.json. ITK reported the first with every reader MONAI tried and read the second without a
+    word (predictions from a half-filled volume); the header checks of raw inputs now run first. ClassFine reads
+    in the main process, zero-shot in two DataLoader workers (the error comes back as text and is read back).
+    Both configs share the check (``transforms.CheckInputd``); one kind each keeps the test short."""
+    make, reason = _NOT_AN_IMAGE[kind]
+    data = tmp_path / "preprocessed"
+    good = _stored_volume(data / "volumes" / "valid_1_a_1.nii.gz")
+    bad = data / "volumes" / "valid_2_a_1.nii.gz"
+    make(good, bad)
+    labels = [0] * 17 + [1]
+    (data / "datalist.json").write_text(json.dumps({"test": [
+        {"image": "volumes/valid_1_a_1.nii.gz", "name": "valid_1_a_1", "label": labels},
+        {"image": "volumes/valid_2_a_1.nii.gz", "name": "valid_2_a_1", "label": labels[::-1]}]}))
+    classfine, clip = tiny_weights
+    out = tmp_path / "out"
+    args = ["--config_file", f"bundles/{bundle}/configs/inference.json", "--bundle_root", f"bundles/{bundle}",
+            "--dataset_dir", data, "--output_dir", out, "--model_config", "ctclip_tiny"]
+    args += (["--ckpt_path", classfine] if bundle == "ct_clip_classfine" else
+             ["--pretrained", clip, "--num_workers", "2", "--n_bootstrap", "10"])
+    rc, lines = _bundle_last_lines(args)
+    assert rc != 0
+    assert re.fullmatch(rf"error: QualityCheckError: {re.escape(str(bad))}: {reason}.*", lines[-1]), lines[-3:]
+    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert written == []  # no partial output
+
+
+class _OneBadVolume:
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from transforms import CheckInputd
+
+        return CheckInputd(keys="image", padding_key=None)({"image": str(self.path)})
+
+
+def test_an_error_from_a_dataloader_worker_is_summarised_by_its_own_cause(tmp_path):
+    """torch re-raises a worker's error as text ("Caught ... in DataLoader worker process 0" and the worker's whole
+    traceback); the one-line summary reads the worker's innermost exception back from it."""
+    import torch
+
+    from ctclip_contract.errors import raised_by_the_project, summary_line
+
+    bad = tmp_path / "valid_1_a_1.nii.gz"
+    bad.write_bytes(b"not an image")
+    loader = torch.utils.data.DataLoader(_OneBadVolume(bad), batch_size=None, num_workers=1)
+    with pytest.raises(Exception) as err:
+        next(iter(loader))
+    assert "DataLoader worker process 0" in str(err.value)
+    assert raised_by_the_project(err.value)
+    assert summary_line(err.value).startswith(f"QualityCheckError: {bad}: not a readable NIfTI file (")
+    assert "\n" not in summary_line(err.value)
+    plain = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"/usr/lib/python3/site-packages/lib.py\", line 3, in f\n    g()\n"
+                         "ValueError: a library's own failure\n")
+    assert not raised_by_the_project(plain) and summary_line(plain) == "ValueError: a library's own failure"

@@ -106,8 +106,9 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
 
     ``raw=True``: :func:`raw_to_model_input_transforms` (header checks, then the ct_preprocess chain
     at the model config's spacing and size, then :class:`~transforms.ToModelInputd`). ``raw=False``: for volumes
-    already written by ct_preprocess at this model's geometry (loader, channel first, ToModelInputd only). Both
-    end with a plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and ``label`` when present).
+    already written by ct_preprocess at this model's geometry (the same header checks, loader, channel first,
+    ToModelInputd only). Both end with a plain float32 tensor (no metadata) and keep only ``image``, ``name`` (and
+    ``label`` when present).
 
     Args:
         model_config: model config name, path or dict (its ``input`` section is the contract).
@@ -120,7 +121,11 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
     if raw:
         head = raw_to_model_input_transforms(cfg, hu_source, qc, resampler)
     else:
-        head = [LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image"),
+        # a stored volume passes the raw inputs' header checks before ITK reads it: a file that is not an image,
+        # a truncated one or one whose header promises more voxels than it holds ends in one line naming it
+        head = [CheckInputd(keys="image", padding_key=None,
+                            max_bytes=dict(qc or {}).get("max_bytes", DEFAULT_MAX_READ_BYTES)),
+                LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image"),
                 ToModelInputd.from_model_config("image", cfg)]
     return Compose(head + [
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),

@@ -413,21 +413,25 @@ class CTQualityCheckd(MapTransform):
 
 
 class CheckInputd(MapTransform):
-    """Header-only checks of a raw input before its voxels are read (:func:`check_input`: DICOM series with a
-    slice gap, gantry tilt or several series, files that are not images, too many voxels; NIfTI without any
-    orientation, whose axis layout would be a guess), and the DICOM padding range for
-    :class:`transforms.RescaleToHUd` (``PixelPaddingValue`` voxels become air). The raw-scan inference
-    chains use it; the ct_preprocess bundle runs the same checks itself (and can restore a missing
-    orientation from a CT-RATE metadata row).
+    """Header-only checks of an input before its voxels are read (:func:`check_input`: DICOM series with a
+    slice gap, gantry tilt or several series, files that are not images, truncated or corrupt files, a voxel size
+    the header does not give, too many voxels; NIfTI without any orientation, whose axis layout would be a
+    guess), and the DICOM padding range for :class:`transforms.RescaleToHUd` (``PixelPaddingValue`` voxels
+    become air). The raw-scan inference chains use it; so does every chain that reads stored ct_preprocess
+    volumes (``padding_key=None``): MONAI's ``ITKReader`` answers a file that is not an image with the failure of
+    every reader it tried, and reads a truncated file, or a header that promises more voxels than the file holds,
+    without a word (missing voxels filled). The ct_preprocess bundle runs the same checks itself (and can restore
+    a missing orientation from a CT-RATE metadata row).
 
     Args:
         keys: entries holding a NIfTI path or a DICOM series folder (before ``LoadImaged``).
-        padding_key: entry receiving the ``(low, high)`` padding range in reader units, or None.
+        padding_key: entry receiving the ``(low, high)`` padding range in reader units, or None (stored volumes:
+            no entry is added).
         max_voxels: reject inputs with more voxels than this (before reading them).
         check_finite: see :func:`check_input`.
     """
 
-    def __init__(self, keys: KeysCollection, padding_key: str = "pixel_padding", max_voxels: int | None = None,
+    def __init__(self, keys: KeysCollection, padding_key: str | None = "pixel_padding", max_voxels: int | None = None,
                  check_finite: bool = False, allow_missing_keys: bool = False,
                  max_bytes: int | None = DEFAULT_MAX_READ_BYTES):
         super().__init__(keys, allow_missing_keys)
@@ -442,5 +446,6 @@ class CheckInputd(MapTransform):
             if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
                 raise QualityCheckError(f"{d[key]}: no orientation in the NIfTI header (sform_code and qform_code "
                                         "0); preprocess it with the ct_preprocess bundle and its metadata table")
-            d[self.padding_key] = padding_range(header)
+            if self.padding_key is not None:
+                d[self.padding_key] = padding_range(header)
         return d
