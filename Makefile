@@ -9,7 +9,7 @@ DEMO_DIR ?= demo_output
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv label clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,27 @@ demo: venv
 
 # The test suite (CPU, tiny generated data). pytest exits 5 when it collected no test:
 # that is a failure here, never a silent pass.
-test: venv
+# The MONAI Label app's tests need the label environment (`make label`); they skip, with the reason, without it.
+test: venv label
 	$(PIP) install --quiet -e ".[test]"
 	$(PY) -m pytest -q --timeout 900 tests
 
+# The MONAI Label app (monailabel_app/README.md) in its own environment: MONAI Label 0.8.5 imports torchvision, and
+# the only torchvision that imports on this kind of machine (x86_64, CPU) is PyPI's 0.29.1 beside torch 2.14.1, a
+# CUDA build of about 5.5 GB that also runs on the CPU. The core environment keeps TORCH_SPEC.
+LABEL_VENV ?= .venv-label
+LABEL_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+LABEL_PY := $(LABEL_VENV)/bin/python
+
+$(LABEL_PY):
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --quiet --upgrade pip
+
+label: $(LABEL_PY)
+	$(LABEL_PY) -m pip install --quiet $(LABEL_TORCH_SPEC)
+	$(LABEL_PY) -m pip install --quiet -e ".[label]"
+	$(LABEL_PY) -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	$(LABEL_PY) -c "import torchvision, monailabel.app, monailabel.tasks.train.bundle"
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(LABEL_VENV) $(DEMO_DIR)

@@ -82,10 +82,15 @@ def scan_folder(cohort: Path, dest: Path, nifti: int = 2) -> Path:
     dest.mkdir()
     for path in sorted(cohort.rglob("*.nii.gz"))[:nifti]:
         shutil.copy(path, dest / path.name)
-    series = next(p for p in sorted(cohort.rglob("*")) if p.is_dir() and any(is_dicom_file(f) for f in p.iterdir()
-                                                                               if f.is_file()))
+    series = dicom_series_folder(cohort)
     shutil.copytree(series, dest / series.name)
     return dest
+
+
+def dicom_series_folder(cohort: Path) -> Path:
+    """The first DICOM series folder of a cohort."""
+    return next(p for p in sorted(cohort.rglob("*")) if p.is_dir() and any(is_dicom_file(f) for f in p.iterdir()
+                                                                            if f.is_file()))
 
 
 def unzip(archive: Path, dest: Path) -> Path:
