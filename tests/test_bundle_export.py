@@ -23,6 +23,7 @@ from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
 from custom_nets import create_model
 from received_bundle import (bundle_env, last_line, received_python, run_bundle, scan_folder, unzip,
                              verify_offline)
+from workflows.served_bundle import ServedBundle
 from workflows.writers import read_predictions_csv
 from workflows.zeroshot import build_zeroshot_network
 
@@ -90,6 +91,12 @@ def test_the_received_bundle_runs_outside_the_repository_like_the_original(recei
     names_o, probs_o = read_predictions_csv(ours / "predictions.csv", CTRATE_PATHOLOGIES)
     assert len(names_t) == 3 and list(names_t) == list(names_o)  # two NIfTI files and a DICOM series
     np.testing.assert_allclose(probs_t, probs_o, rtol=0, atol=1e-6)
+    # one scan at a time through the bundle held in memory (what the MONAI Label app serves): the same numbers
+    served = ServedBundle(bundle)
+    for name, probs in zip(names_o, probs_o):
+        scan = next(p for p in scans.iterdir() if p.name.split(".")[0] == name)
+        got = served.predict(scan)["probabilities"]
+        np.testing.assert_allclose([got[c] for c in CTRATE_PATHOLOGIES], probs, rtol=0, atol=1e-6)
 
 
 def test_metadata_and_network_io_verify_offline(received):

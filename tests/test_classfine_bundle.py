@@ -16,6 +16,7 @@ import torch
 
 from custom_nets import ClassFineClassifier, create_model, load_checkpoint
 from received_bundle import received_python, run_bundle, scan_folder, unzip, verify_offline
+from workflows.served_bundle import ServedBundle, read_confirmed_labels
 from transforms import CTRATE_PATHOLOGIES
 from transforms.qc import is_dicom_file
 
@@ -250,3 +251,22 @@ def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed
         assert {k: v for k, v in theirs.items() if k.endswith("_pred_val_youden")} == \
             {k: v for k, v in ours.items() if k.endswith("_pred_val_youden")}
     verify_offline(python, bundle, cache)
+
+    # the head fine-tuned from confirmed labels (the MONAI Label app's train task), in this environment
+    served = ServedBundle(bundle, weights=tmp_path / "finetuned" / "model.pt")
+    labels = tmp_path / "confirmed.json"
+    labels.write_text(json.dumps({"Cardiomegaly": 1, "Emphysema": 0}))
+    confirmed = read_confirmed_labels(labels, served.class_names)
+    assert confirmed[CTRATE_PATHOLOGIES.index("Cardiomegaly")] == 1 and np.isnan(confirmed).sum() == 16
+    scan = next(scans.glob("*.nii.gz"))
+    before = served.predict(scan)["probabilities"]["Cardiomegaly"]
+    summary = served.fine_tune_head([(scan, confirmed)], served.weights, epochs=50)
+    assert summary["loss_after"] < summary["loss_before"] and summary["confirmed_labels"] == 2
+    fresh = ServedBundle(bundle, weights=served.weights)  # a new process would load the written file strictly
+    assert fresh.predict(scan)["probabilities"]["Cardiomegaly"] > before
+    labels.write_text(json.dumps({"Cardiomegaly": 2}))
+    with pytest.raises(ValueError, match="'Cardiomegaly' is 2, expected 0 or 1"):
+        read_confirmed_labels(labels, served.class_names)
+    labels.write_text(json.dumps({"Pneumothorax": 1}))
+    with pytest.raises(ValueError, match="not classes of this model"):
+        read_confirmed_labels(labels, served.class_names)

@@ -49,3 +49,10 @@ def test_every_stage_passes_its_bundle_folder(tmp_path):
         config_arg = cmd[cmd.index("--config_file") + 1]
         assert all(f"{stage.bundle}/configs/{f}" in config_arg for f in stage.config_files)
         assert f"--bundle_root {stage.bundle}" in stage.shell_command()
+
+
+def test_boolean_overrides_reach_the_config_as_booleans(tmp_path):
+    """MONAI's command line reads Python literals: `--make_zip false` would be the (truthy) string "false"."""
+    stages = {s.name: s for s in demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0)}
+    cmd = stages["classfine_export"].command()
+    assert cmd[cmd.index("--make_zip") + 1] == "False" and cmd[cmd.index("--overwrite") + 1] == "True"

@@ -435,7 +435,7 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
         raise FileNotFoundError("; ".join(f"{src}: not found (exported as {rel})" for rel, src in missing.items()))
     source_root, export_dir = Path(source_root), Path(export_dir)
     if export_dir.exists() and not overwrite:
-        raise FileExistsError(f"export folder {export_dir} exists; choose another or pass --overwrite true")
+        raise FileExistsError(f"export folder {export_dir} exists; choose another or pass --overwrite True")
     source_meta = read_json(source_root / "configs" / "metadata.json", "bundle metadata")
     metrics = read_json(metrics_file, "metrics file") if metrics_file else None
     packages = exported_packages()

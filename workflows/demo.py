@@ -61,7 +61,9 @@ class Stage:
         config_arg = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, "--bundle_root", self.bundle]
         for key, value in self.overrides.items():
-            cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+            # fire (MONAI's command line) reads Python literals: True/False, not JSON's true/false (a string)
+            text = value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)
+            cmd += [f"--{key}", text]
         return cmd
 
     def shell_command(self) -> str:
@@ -305,7 +307,7 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
     if exported:
         lines += ["## Bundles to share", "",
                   "Self-contained MONAI bundles that another group installs and runs outside this repository, "
-                  "offline; each one's `docs/README.md` says how (`--make_zip true` in the export also packs each "
+                  "offline; each one's `docs/README.md` says how (`--make_zip True` in the export also packs each "
                   "into one `.zip`):", ""]
         lines += [f"- `bundles/{p.name}`" for p in exported] + [""]
     lines += ["## Stages and commands", "", "| stage | time | command |", "|---|---|---|"]
