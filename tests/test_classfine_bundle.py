@@ -250,7 +250,7 @@ def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed
                                    [float(ours[c]) for c in CTRATE_PATHOLOGIES], rtol=0, atol=1e-6)
         assert {k: v for k, v in theirs.items() if k.endswith("_pred_val_youden")} == \
             {k: v for k, v in ours.items() if k.endswith("_pred_val_youden")}
-    verify_offline(python, bundle, cache)
+    verify_offline(bundle)
 
     # the head fine-tuned from confirmed labels (the MONAI Label app's train task), in this environment
     served = ServedBundle(bundle, weights=tmp_path / "finetuned" / "model.pt")
