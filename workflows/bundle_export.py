@@ -43,6 +43,7 @@ from ctclip_contract import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, Mo
                              file_sha256, read_json, release)
 from custom_nets import build_tokenizer
 
+from .checkpoints import atomic_torch_save
 from .writers import auroc_table_markdown, write_json
 from .zeroshot import find_clip_model
 
@@ -185,8 +186,7 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
     network = network.eval()
     summary: dict[str, Any] = {"files": {}, "skipped": {}, "max_abs_diff": {}}
     sd = network.state_dict()
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save(sd, tmp)
+    atomic_torch_save(sd, out / "model.pt")
     summary["files"]["model.pt"] = {"keys": len(sd), "key_prefixes": sorted({k.split(".")[0] for k in sd})}
     # reload check: the exact key set MONAI Label will meet
     reloaded = torch.load(out / "model.pt", weights_only=True)
@@ -208,6 +208,7 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
                     raise RuntimeError(f"TorchScript output differs from the eager network by {diff:.3g} > {atol}")
                 summary["files"]["model.ts"] = {"input_shape": list(example_shape)}
             except Exception as e:  # noqa: BLE001 - an unsupported format is reported, not fatal
+                (out / "model.ts").unlink(missing_ok=True)  # a trace that failed its check is not shipped
                 summary["skipped"]["model.ts"] = f"{type(e).__name__}: {e}"
         want_onnx = onnx is True or onnx == "auto"
         if want_onnx:
