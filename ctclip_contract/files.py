@@ -3,9 +3,9 @@ sha256, the output-folder lock, and what counts as a fault of the machine rather
 
 Every file the project writes appears whole or not at all: a temporary file in the destination folder takes the
 content, is flushed to disk, and is renamed over the destination; a kill at any moment leaves the old file or the
-new one, never a truncated one, and the temporary file is removed on any error. :func:`atomic_path` hands the
-temporary path to writers that want a file name (nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the
-others are shorthands.
+new one, never a truncated one, and the temporary file is removed on any error (after a kill, by the next run
+that takes the folder's lock). :func:`atomic_path` hands the temporary path to writers that want a file name
+(nibabel, ``torch.save``, matplotlib, ``numpy.savez``); the others are shorthands.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -32,7 +33,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json",
-           "file_sha256", "is_environment_fault", "OutputFolderLocked", "output_folder_lock"]
+           "file_sha256", "is_environment_fault", "OutputFolderLocked", "output_folder_lock",
+           "remove_stale_temporaries"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -59,7 +61,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = Fal
         directory: the temporary path is a new empty folder that replaces a folder at ``path`` (a DICOM
             series written file by file).
 
-    On an exception nothing is renamed and the temporary file or folder is removed.
+    On an exception nothing is renamed and the temporary file or folder is removed. A fault of the machine met on
+    the way (a full disk, :func:`is_environment_fault`) is made to name ``path``: a writer that reports it without a
+    file name (``f.write``), or wrapped in its own error (``torch.save`` into a file object), then still says which
+    file could not be written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,11 +88,60 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = Fal
             fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)  # the rename itself, durable
+    except BaseException as err:
+        _name_the_destination(err, path, tmp)
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _name_the_destination(err: BaseException, path: Path, tmp: Path) -> None:
+    """Give every machine fault in ``err``'s chain (an OSError of :data:`ENVIRONMENT_ERRNOS`; a failed write is often
+    followed by a failed flush on close) the destination as its file name when it has none or names the temporary
+    file (which is removed)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS and err.filename2 is None and (
+                err.filename is None or str(err.filename).startswith(str(tmp))):
+            err.filename = str(path)
+        err = err.__cause__ or err.__context__
+
+
+#: the names :func:`atomic_path` gives its temporary files and folders: ``.<name>.<8 random characters>.tmp<suffix>``
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\..+)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, max_depth: int = 3) -> list[Path]:
+    """Remove what :func:`atomic_path` left behind in ``folder`` and its subfolders (down to ``max_depth``) when a run
+    was killed mid-write: hidden ``.<name>.*.tmp`` files and folders. Call it only while holding the folder's lock
+    (:func:`output_folder_lock` does): a live writer's temporary file would be taken too.
+
+    Returns:
+        the paths removed.
+    """
+    removed: list[Path] = []
+
+    def walk(d: Path, depth: int) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            if _TEMPORARY.match(e.name):
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    Path(e.path).unlink(missing_ok=True)
+                removed.append(Path(e.path))
+            elif depth < max_depth and e.is_dir(follow_symlinks=False) and not e.name.startswith("."):
+                walk(Path(e.path), depth + 1)
+
+    walk(Path(folder), 0)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -198,6 +252,11 @@ class _FolderLock:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
             self.held = True
+            stale = remove_stale_temporaries(self.path.parent)  # ours now: no live writer can own them
+            if stale:
+                logger.warning(f"{self.path.parent}: removed {len(stale)} temporary file(s) a killed run left behind "
+                               f"({', '.join(str(p.relative_to(self.path.parent)) for p in stale[:5])}"
+                               f"{', ...' if len(stale) > 5 else ''})")
             return self
 
     def release(self) -> None:
@@ -213,7 +272,8 @@ def output_folder_lock(folder: str | os.PathLike, rank: Optional[int] = None) ->
     """Take the lock of an output folder for this process, so that two runs never write into one folder.
 
     The lock is a file ``<folder>/.lock`` with the holder's pid, host and start time. A lock whose process is
-    gone (same host) is taken over with a warning; a live one raises :class:`OutputFolderLocked` at once. Under
+    gone (same host) is taken over with a warning; a live one raises :class:`OutputFolderLocked` at once. Once
+    taken, the temporary files a killed run left (:func:`remove_stale_temporaries`) are removed, with a warning. Under
     torchrun only rank 0 takes it (the ranks of one run share the folder by design). The lock is released at
     exit, or by ``release()`` on the returned object (None on ranks other than 0).
     """

@@ -143,5 +143,5 @@ def save_reference_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
         sd.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
     else:
         sd = model.reference_state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(sd, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: a full disk is an OSError, not C++'s
+        torch.save(sd, f)

@@ -102,6 +102,60 @@ def test_atomic_writer_leaves_nothing_on_error_and_keeps_the_old_file(tmp_path):
     assert file_sha256(folder / "1.dcm") == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
 
 
+
+def test_a_full_disk_names_the_file_the_writer_could_not_write(tmp_path):
+    """f.write and torch.save into a file object report ENOSPC without a file name (torch wraps it in its own
+    RuntimeError): the atomic writer names the destination in every machine fault of the chain."""
+    import errno
+
+    from ctclip_contract import is_environment_fault
+
+    target = tmp_path / "models" / "model.pt"
+    with pytest.raises(RuntimeError) as err:
+        with atomic_path(target) as tmp:
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    fault = err.value.__context__
+    assert is_environment_fault(err.value) and fault.filename == str(target)
+    assert str(fault) == f"[Errno 28] No space left on device: '{target}'"
+    assert not tmp.exists() and list(target.parent.iterdir()) == []
+    other = tmp_path / "input.nii"
+    with pytest.raises(OSError) as err:
+        with atomic_path(target):
+            raise PermissionError(errno.EACCES, "Permission denied", str(other))
+    assert err.value.filename == str(other)  # a fault about another file keeps its name
+
+
+def test_the_next_run_that_takes_the_lock_removes_what_a_killed_run_left(tmp_path, caplog):
+    import logging
+
+    from ctclip_contract import output_folder_lock
+    from ctclip_contract.files import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    left = [out / "models" / ".model.pt.k1ll3d00.tmp", out / "eval" / "run" / ".metrics.json.a_b4c9z1.tmp",
+            out / "volumes" / ".x_1_a_1.nii.gz.abcdefgh.tmp.nii.gz"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    (out / "eval" / ".best.q1w2e3r4.tmp").mkdir()  # atomic_path(directory=True)
+    kept = [out / ".hidden_note", out / "models" / "model.pt", out / "models" / ".model.pt.short.tmp",
+            out / "a" / "b" / "c" / "d" / ".deep.pt.k1ll3d00.tmp"]  # not ours, or deeper than a run writes
+    for p in kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        lock = output_folder_lock(out)
+    try:
+        assert all(not p.exists() for p in left) and not (out / "eval" / ".best.q1w2e3r4.tmp").exists()
+        assert all(p.exists() for p in kept)
+        assert any("removed 4 temporary file(s) a killed run left behind" in r.getMessage() for r in caplog.records)
+        assert remove_stale_temporaries(out) == []
+    finally:
+        lock.release()
+
 def test_read_json_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"thresholds file not found: .*t\.json"):
         read_json(tmp_path / "t.json", "thresholds file")

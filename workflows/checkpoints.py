@@ -33,9 +33,14 @@ logger = logging.getLogger(__name__)
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through the atomic writer (a temporary file in the same folder, fsync, rename): a SIGKILL at
-    any moment leaves either the old file or the new one, never a truncated one."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    any moment leaves either the old file or the new one, never a truncated one.
+
+    torch writes into a Python file object here, not to a file name: its own C++ writer reports a full disk as
+    ``RuntimeError: basic_ios::clear: iostream error``, while Python's write raises ``OSError(ENOSPC)``, which
+    stays in the chain (a fault of the machine, and :func:`~ctclip_contract.atomic_path` names ``path`` in it).
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 
