@@ -8,6 +8,7 @@ The exported bundle (``export_dir``, and the same tree zipped as ``export_dir.zi
                                compatible_packages (accepted ranges) and files_sha256 (every file of models/)
     models/model.pt            state dict with the keys of network_def (weights_only loadable)
     models/model.ts            TorchScript, when the network traces and matches the eager outputs
+    models/export.json         the export's checks (strict reload, TorchScript difference or why it was skipped)
     models/text_encoder/       text-encoder config.json and tokenizer (save_pretrained): no hub access needed
     models/thresholds.json     ClassFine: the thresholds fitted on validation
     wheels/ctclip_monai-*.whl  this package, built from the code that ran the export
