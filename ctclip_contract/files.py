@@ -115,14 +115,21 @@ def _name_the_destination(err: BaseException, path: Path, tmp: Path) -> None:
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\..+)?$")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, max_depth: int = 3) -> list[Path]:
+#: when this process started writing nothing yet (this module is imported before any write of the project)
+_PROCESS_START = time.time()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, max_depth: int = 3,
+                             older_than: Optional[float] = None) -> list[Path]:
     """Remove what :func:`atomic_path` left behind in ``folder`` and its subfolders (down to ``max_depth``) when a run
-    was killed mid-write: hidden ``.<name>.*.tmp`` files and folders. Call it only while holding the folder's lock
-    (:func:`output_folder_lock` does): a live writer's temporary file would be taken too.
+    was killed mid-write: hidden ``.<name>.*.tmp`` files and folders last modified before ``older_than`` (default:
+    this process's start). Call it only while holding the folder's lock (:func:`output_folder_lock` does); the time
+    bound keeps the files that the other ranks of this run (torchrun, one shared folder) are writing already.
 
     Returns:
         the paths removed.
     """
+    older_than = _PROCESS_START if older_than is None else older_than
     removed: list[Path] = []
 
     def walk(d: Path, depth: int) -> None:
@@ -131,7 +138,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, max_depth: int = 3) -> l
         except OSError:
             return
         for e in entries:
-            if _TEMPORARY.match(e.name):
+            if _TEMPORARY.match(e.name) and e.stat(follow_symlinks=False).st_mtime < older_than:
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(e.path, ignore_errors=True)
                 else:

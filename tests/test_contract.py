@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import pickle
 
 import pytest
@@ -146,6 +147,12 @@ def test_the_next_run_that_takes_the_lock_removes_what_a_killed_run_left(tmp_pat
     for p in kept:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600  # written by a run that was killed before this process started
+    for p in left + kept + [out / "eval" / ".best.q1w2e3r4.tmp"]:
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    in_flight = out / "volumes" / ".y_1_a_1.nii.gz.zzzzzzzz.tmp.nii.gz"  # another rank of this run, writing now
+    in_flight.write_bytes(b"half")
+    kept.append(in_flight)
     with caplog.at_level(logging.WARNING):
         lock = output_folder_lock(out)
     try:
