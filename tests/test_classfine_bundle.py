@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets import ClassFineClassifier, create_model, load_checkpoint
-from received_bundle import received_python, run_bundle, scan_folder, unzip, verify_offline
+from custom_nets import ClassFineClassifier, create_model
+from received_bundle import dicom_series_folder, received_python, run_bundle, scan_folder, unzip, verify_offline
 from workflows.served_bundle import ServedBundle, read_confirmed_labels
 from transforms import CTRATE_PATHOLOGIES
-from transforms.qc import is_dicom_file
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_clip_classfine"
 CONFIGS = BUNDLE / "configs"
@@ -148,17 +147,9 @@ def test_evaluate_writes_every_result(evaluated):
     assert f"{CTRATE_PATHOLOGIES[0]}_pred_val_youden" in header and f"{CTRATE_PATHOLOGIES[0]}_label" in header
 
 
-def _dicom_series(root: Path) -> Path:
-    for d in sorted(p for p in root.rglob("*") if p.is_dir()):
-        files = [f for f in d.iterdir() if f.is_file()]
-        if files and all(is_dicom_file(f) for f in files):
-            return d
-    pytest.skip("no DICOM series in the tiny cohort")
-
-
 def test_inference_on_a_dicom_folder(evaluated, tiny_cohort_dir, tmp_path):
     out = evaluated
-    series = _dicom_series(Path(tiny_cohort_dir))
+    series = dicom_series_folder(Path(tiny_cohort_dir))
     w = workflow(["inference.json"], "infer", dataset_dir=str(series), output_dir=str(tmp_path),
                  model_config="ctclip_tiny", ckpt_path=str(out / "models" / "model.pt"))
     run(w)
