@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from workflows.bundle_export import repository_paths
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 
@@ -42,19 +44,6 @@ DEFAULT_OUTPUT_DIR = {"ct_preprocess": "", "synthetic_chest_ct": "synthetic_coho
                       "ct_clip_classfine": "runs", "ct_clip_zeroshot": "runs"}
 
 _IGNORE = shutil.ignore_patterns("runs", "synthetic_cohort", "models", "__pycache__")
-
-
-def _strings(node, where=""):
-    """Every string in a config (keys included), with where it is."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield f"{where}#{k} (key)", str(k)
-            yield from _strings(v, f"{where}#{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _strings(v, f"{where}#{i}")
-    elif isinstance(node, str):
-        yield where, node
 
 
 def test_every_bundle_and_config_is_covered():
@@ -88,7 +77,7 @@ def test_paths_derive_from_bundle_root(bundle, files, bundle_copies, tmp_path, m
         pytest.skip(f"{bundle}: {missing} not in this checkout")
     parser = _parser(folder, files)
     assert parser["bundle_root"] == ".", "bundle_root defaults to the folder the bundle runs from"
-    repo_paths = [f"{where}: {s}" for where, s in _strings(parser.get()) if "bundles/" in s]
+    repo_paths = repository_paths(parser.get())
     assert not repo_paths, f"{bundle} {files} names paths of this repository: {repo_paths}"
 
     # from anywhere else, with bundle_root set: every default path lies in the bundle folder

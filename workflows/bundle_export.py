@@ -48,7 +48,7 @@ from .checkpoints import atomic_torch_save
 from .writers import auroc_table_markdown, write_json
 from .zeroshot import find_clip_model
 
-__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "accepted_ranges", "export_network", "export_bundle", "VERIFY_EXPRESSION"]
+__all__ = ["DIST_NAME", "build_wheel", "exported_packages", "accepted_ranges", "repository_paths", "export_network", "export_bundle", "VERIFY_EXPRESSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,16 +232,17 @@ def export_network(network: nn.Module, export_dir: str | os.PathLike, example_sh
 
 
 # --------------------------------------------------------------------------------------------- configs
-def _strings(obj: Any):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield str(k)
-            yield from _strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _strings(v)
+def repository_paths(config: Any, where: str = "") -> list[str]:
+    """Every string of a config (keys included) that names a path of this repository (``bundles/...``), as
+    ``"<id>: <string>"``: what a bundle that runs outside the repository must not contain."""
+    if isinstance(config, Mapping):
+        found = [f"{where}#{k} (key): {k}" for k in config if "bundles/" in str(k)]
+        for k, v in config.items():
+            found += repository_paths(v, f"{where}#{k}")
+        return found
+    if isinstance(config, (list, tuple)):
+        return [p for i, v in enumerate(config) for p in repository_paths(v, f"{where}#{i}")]
+    return [f"{where}: {config}"] if isinstance(config, str) and "bundles/" in config else []
 
 
 def _embedded_model_config(model_cfg: ModelConfig, text_encoder_saved: bool) -> dict[str, Any]:
@@ -461,7 +462,7 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
         (tmp / "configs").mkdir(exist_ok=True)
         for i, name in enumerate(entry_points):
             config = _export_config(read_json(source_root / "configs" / name, "bundle config"), embedded, base=i == 0)
-            repo_paths = sorted({s for s in _strings(config) if "bundles/" in s})
+            repo_paths = repository_paths(config)
             if repo_paths:
                 raise ValueError(f"{source_root / 'configs' / name}: still names files of the repository: {repo_paths}")
             write_json(tmp / "configs" / name, config)
