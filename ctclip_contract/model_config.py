@@ -13,8 +13,9 @@ Typed sections (the contract the stages share):
 * ``text`` -> :class:`TextContract`: tokenizer length, sentences per report, pooling, report sections;
 * ``prompts`` -> :class:`PromptConfig`: zero-shot template pairs, scoring and ridge.
 
-The architecture sections (``ctvit``, ``text_encoder``, ``ctclip``) are the model factory's; they stay plain
-mappings here (``config["ctvit"]``), and the factory checks them against the input contract. A
+The architecture sections (``image_encoder`` or its older form ``ctvit``, ``text_encoder``, ``ctclip``) are the
+model factory's; they stay plain mappings here (``config["ctclip"]``; :attr:`ModelConfig.image_encoder` gives the
+image encoder's type and settings), and the factory checks them against the input contract. A
 :class:`ModelConfig` is a read-only mapping of the whole JSON, so ``config["input"]["spacing_mm"]`` and
 ``json.dumps(config.to_dict())`` work as for the file.
 """
@@ -282,6 +283,18 @@ class ModelConfig(Mapping):
         return _from_dict(merge_config(self._raw, overrides), self.source)
 
     @property
+    def image_encoder(self) -> tuple[str, dict[str, Any]]:
+        """``(type, settings)`` of the image encoder: the ``image_encoder`` section's ``type`` and the rest of it,
+        or ``("ctvit", <the ctvit section>)`` for a config written before the registry."""
+        section = self._raw.get("image_encoder")
+        if section is None:
+            if "ctvit" not in self._raw:
+                raise ModelConfigError(f"model config {self.source}: no 'image_encoder' (or 'ctvit') section")
+            return "ctvit", copy.deepcopy(dict(self._raw["ctvit"]))
+        settings = copy.deepcopy(dict(section))
+        return settings.pop("type"), settings
+
+    @property
     def image_pooling(self) -> str:
         """Depth pooling of the image tokens (``ctclip.image_pooling``, one of :data:`IMAGE_POOLINGS`)."""
         return self._raw.get("ctclip", {}).get("image_pooling", "depth_mean")
@@ -295,6 +308,16 @@ def _from_dict(raw: Mapping[str, Any], source: str) -> ModelConfig:
     name = raw.setdefault("name", Path(source).stem if source != "<dict>" else "unnamed")
     if not isinstance(name, str):
         raise check.fail("name", "a string", name)
+    encoder = check.section(raw, "image_encoder", required=False)
+    if encoder:
+        if not isinstance(encoder.get("type"), str) or not encoder["type"]:
+            raise check.fail("image_encoder.type", "the name of a registered image encoder (e.g. 'slice_fusion')",
+                             encoder.get("type"))
+        if "ctvit" in raw:
+            raise ModelConfigError(f"model config {source}: both a 'ctvit' and an 'image_encoder' section: keep one "
+                                   "(a 'ctvit' section alone is the same as image_encoder type 'ctvit')")
+    elif "ctvit" in raw:
+        check.section(raw, "ctvit")
     ctclip = check.section(raw, "ctclip", required=False)
     check.choice(ctclip, "ctclip.image_pooling", IMAGE_POOLINGS, "depth_mean")
     return ModelConfig(name=name, source=source,

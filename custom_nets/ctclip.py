@@ -24,7 +24,8 @@ from transformers import BertConfig, BertModel
 
 from ctclip_contract import IMAGE_POOLINGS, TEXT_POOLINGS
 
-from .ctvit import CTViT, param_versions
+from .ctvit import CTViT, param_versions, pool_depth
+from .image_encoders import ImageEncoding
 from .losses import clip_loss
 
 __all__ = ["CTCLIP", "EXTRA_KEYS", "POSITION_IDS_KEY", "pool_depth"]
@@ -39,29 +40,20 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def pool_depth(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Image-encoder tokens ``(B, T, h, w, dim)`` pooled over depth ``T`` to ``(B, h * w, dim)``, as the model
-    config's ``ctclip.image_pooling`` says: the mean (the reference) or the max. The one depth pooling of the
-    project: the global embedding, FILIP's token latents and the trainer all go through it."""
-    if tokens.ndim != 5:
-        raise ValueError(f"depth pooling needs (B, T, h, w, dim) image tokens, the encoder gave {tuple(tokens.shape)}")
-    if pooling not in IMAGE_POOLINGS:
-        raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
-    pooled = tokens.amax(dim=1) if pooling == "depth_max" else tokens.mean(dim=1)
-    return pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
-
-
 def _has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
 class CTCLIP(nn.Module):
-    """CT-CLIP dual encoder, key-compatible with ``CT-CLIP_v2.pt`` / ``CT_VocabFine_v2.pt``.
+    """CT-CLIP dual encoder, key-compatible with ``CT-CLIP_v2.pt`` / ``CT_VocabFine_v2.pt`` with a CTViT.
 
     Args:
-        image_encoder: a :class:`~custom_nets.ctvit.CTViT` (stored as ``visual_transformer``).
+        image_encoder: any registered image encoder (:mod:`custom_nets.image_encoders`: ``encode_volume`` gives a
+            global embedding and, optionally, tokens), stored as ``visual_transformer``; the published model's is
+            a :class:`~custom_nets.ctvit.CTViT`.
         text_encoder: a ``transformers`` BERT-family model (stored as ``text_transformer``).
-        dim_image: width of the pooled image embedding, ``(H/p) * (W/p) * ctvit_dim`` (v2: 294912).
+        dim_image: width of the image encoder's global embedding (``embedding_dim``); for CTViT
+            ``(H/p) * (W/p) * ctvit_dim`` (v2: 294912).
         dim_text: hidden size of the text encoder (v2: 768).
         dim_latent: width of the joint latent space (v2: 512).
         extra_latent_projection: reference option (off in v2): the image-to-text direction of the loss uses the
@@ -78,18 +70,18 @@ class CTCLIP(nn.Module):
             ``(B, L)`` ids are one sentence each (the prompts): the same direction as ``"mean"``.
         keep_reference_extras: hold the ``*_extra`` copies as modules like the reference does (benchmark
             baseline only; costs 605 MB at full size).
-        token_level_similarity: FILIP-style late interaction (off by default): image tokens (CTViT tokens pooled
-            over depth as ``image_pooling`` says, through a new ``to_visual_token_latent``) and text tokens (through
-            ``to_text_latent``)
+        token_level_similarity: FILIP-style late interaction (off by default): image tokens (the encoder's
+            tokens, through a new ``to_visual_token_latent``) and text tokens (through ``to_text_latent``)
             are l2-normalised and the pair score is the mean of the two directions' token-wise max similarity.
             :meth:`forward` then returns these scores (scaled), so :class:`~custom_nets.losses.ClipLoss` is unchanged.
         fixed_text_projection: ``to_text_latent`` is the identity and is not trained (needs ``dim_latent ==
             dim_text``): the latent space is the text encoder's own. Small-data option for a frozen sentence
             encoder: a projection learned from a few hundred reports drifts away from what the prompts mean.
-        image_pooling: how the CTViT tokens ``(B, t, h, w, dim)`` are pooled over depth before flattening to
-            ``dim_image = h * w * dim``: ``"depth_mean"`` (the reference) or ``"depth_max"`` (same width and keys).
-            The mean dilutes a finding that sits at one level (apical scarring, a hiatal hernia above the
-            diaphragm) by the number of depth tokens; the max keeps it (small-data option).
+        image_pooling: CTViT only: how its tokens ``(B, t, h, w, dim)`` are pooled over depth before flattening
+            to ``dim_image = h * w * dim`` (sets the CTViT's ``depth_pooling``): ``"depth_mean"`` (the reference) or
+            ``"depth_max"`` (same width and keys). The mean dilutes a finding that sits at one level (apical
+            scarring, a hiatal hernia above the diaphragm) by the number of depth tokens; the max keeps it
+            (small-data option). Other encoders pool for themselves.
         text_cache_size: sequences whose pooled embedding is kept while the text encoder is frozen and in eval
             mode (a frozen encoder gives a report's sentences the same embedding every epoch, and template
             sentences recur across reports); cleared when its weights change; 0 disables.
@@ -114,6 +106,14 @@ class CTCLIP(nn.Module):
             raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {text_pooling!r}")
         if image_pooling not in IMAGE_POOLINGS:
             raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {image_pooling!r}")
+        if hasattr(image_encoder, "depth_pooling"):
+            image_encoder.depth_pooling = image_pooling
+        elif image_pooling != "depth_mean":
+            raise ValueError(f"image_pooling {image_pooling!r} is CTViT's depth pooling; "
+                             f"{type(image_encoder).__name__} pools its own tokens")
+        encoder_dim = getattr(image_encoder, "embedding_dim", dim_image)
+        if encoder_dim != dim_image:
+            raise ValueError(f"dim_image is {dim_image} but the image encoder's embedding_dim is {encoder_dim}")
         self.dim_image, self.dim_text, self.dim_latent = dim_image, dim_text, dim_latent
         self.image_pooling = image_pooling
         self.text_cache_size = int(text_cache_size)
@@ -136,7 +136,7 @@ class CTCLIP(nn.Module):
             self.to_text_latent.requires_grad_(False)
         self.token_level_similarity = token_level_similarity
         if token_level_similarity:
-            self.to_visual_token_latent = nn.Linear(image_encoder.dim, dim_latent, bias=False)
+            self.to_visual_token_latent = nn.Linear(image_encoder.token_dim, dim_latent, bias=False)
         self.holds_extras = bool(extra_latent_projection or keep_reference_extras)
         if self.holds_extras:
             self.to_text_latent_extra = copy.deepcopy(self.to_text_latent)
@@ -164,9 +164,9 @@ class CTCLIP(nn.Module):
         return cls(image, text, **dict(ctclip), **options)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Activation checkpointing in the image encoder's transformers and (if supported) the text encoder."""
-        if isinstance(self.visual_transformer, CTViT):
-            self.visual_transformer.set_options(gradient_checkpointing=enabled)
+        """Activation checkpointing in the image encoder (if supported) and the text encoder (if supported)."""
+        if hasattr(self.visual_transformer, "set_gradient_checkpointing"):
+            self.visual_transformer.set_gradient_checkpointing(enabled)
         text = self.text_transformer
         if enabled and hasattr(text, "gradient_checkpointing_enable"):
             text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -185,7 +185,7 @@ class CTCLIP(nn.Module):
     def train(self, mode: bool = True) -> "CTCLIP":
         super().train(mode)
         if mode and not _has_trainable(self.text_transformer):
-            self.text_transformer.eval()  # frozen stays frozen (CTViT handles itself the same way)
+            self.text_transformer.eval()  # frozen stays frozen (image encoders handle themselves the same way)
         return self
 
     # ----------------------------------------------------------------------------------------- state dict
@@ -322,16 +322,24 @@ class CTCLIP(nn.Module):
         proj = self.to_text_latent_extra if extra else self.to_text_latent
         return F.normalize(proj(self.text_embedding(input_ids, attention_mask, token_type_ids)), dim=-1)
 
-    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """CTViT tokens pooled over depth (:func:`pool_depth` with ``image_pooling``), ``(B, h * w, dim)``, float32."""
+    def image_encoding(self, image: torch.Tensor) -> ImageEncoding:
+        """The image encoder's output (:class:`~custom_nets.image_encoders.ImageEncoding`), float32: the global
+        embedding ``(B, dim_image)`` and, if the encoder gives them, its tokens with their positions."""
         with self._autocast(image.device):
-            tokens = self.visual_transformer(image, return_encoded_tokens=True)
-        return pool_depth(tokens.float(), self.image_pooling)
+            encoding = self.visual_transformer.encode_volume(image)
+        return encoding.float()
+
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens ``(B, N, token_dim)``, float32 (for CTViT all ``t * h * w`` of them)."""
+        tokens = self.image_encoding(image).tokens
+        if tokens is None:
+            raise ValueError(f"the image encoder {type(self.visual_transformer).__name__} gives no tokens")
+        return tokens
 
     def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
-        """Pooled image embedding before the latent projection, ``(B, dim_image)``: :meth:`image_tokens`
-        flattened in (h, w, dim) order."""
-        return self.image_tokens(image).flatten(1)
+        """Global image embedding before the latent projection, ``(B, dim_image)`` (for CTViT its tokens pooled
+        over depth as ``image_pooling`` says and flattened in (h, w, dim) order)."""
+        return self.image_encoding(image).embedding
 
     def encode_image(self, image: torch.Tensor, extra: bool = False) -> torch.Tensor:
         """L2-normalised image latents ``(B, dim_latent)``.
@@ -361,7 +369,7 @@ class CTCLIP(nn.Module):
 
     # ----------------------------------------------------------------------------------------- token level
     def image_token_latents(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-token image latents ``(B, h*w, dim_latent)``, l2-normalised (token-level option)."""
+        """Per-token image latents ``(B, N, dim_latent)``, l2-normalised (token-level option)."""
         return F.normalize(self.to_visual_token_latent(self.image_tokens(image)), dim=-1)
 
     def text_token_latents(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):

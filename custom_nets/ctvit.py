@@ -26,13 +26,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctclip_contract import IMAGE_POOLINGS
+
+from .image_encoders import ImageEncoding, grid_positions
+
 __all__ = ["CTViT", "HUBandPatchEmbedding", "LayerNorm", "PEG", "Attention", "FeedForward", "Transformer",
-           "ContinuousPositionBias", "CosineSimCodebook", "VectorQuantize", "param_versions"]
+           "ContinuousPositionBias", "CosineSimCodebook", "VectorQuantize", "param_versions", "pool_depth"]
 
 
 def param_versions(module: nn.Module) -> tuple:
     """Identity and in-place version of every parameter: changes when weights are loaded or stepped."""
     return tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
+
+
+def pool_depth(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """CTViT tokens ``(B, T, h, w, dim)`` pooled over depth ``T`` to ``(B, h * w, dim)``, as the model config's
+    ``ctclip.image_pooling`` says: the mean (the reference) or the max. Flattened, it is CTViT's global embedding."""
+    if tokens.ndim != 5:
+        raise ValueError(f"depth pooling needs (B, T, h, w, dim) image tokens, the encoder gave {tuple(tokens.shape)}")
+    if pooling not in IMAGE_POOLINGS:
+        raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
+    pooled = tokens.amax(dim=1) if pooling == "depth_max" else tokens.mean(dim=1)
+    return pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
 
 
 class LayerNorm(nn.Module):
@@ -393,6 +408,8 @@ class CTViT(nn.Module):
         quantize: return the VQ-quantised tokens (the published model). False returns the encoded tokens
             themselves (small-data option: 512 codes for every token are a bottleneck a few hundred volumes
             cannot train through); the codebook is then neither used nor updated, its keys stay.
+        depth_pooling: how :meth:`encode_volume` pools the tokens over depth for the global embedding
+            (:func:`pool_depth`; the model config's ``ctclip.image_pooling``, set by :class:`~custom_nets.CTCLIP`).
     """
 
     def __init__(self, *, dim: int, codebook_size: int, image_size: int, patch_size: int, temporal_patch_size: int,
@@ -400,8 +417,11 @@ class CTViT(nn.Module):
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, vq_decay: float = 0.8,
                  use_fused_attention: bool = True, gradient_checkpointing: bool = False,
                  reference_semantics: bool = False, band_edges: Optional[Sequence[float]] = None,
-                 quantize: bool = True):
+                 quantize: bool = True, depth_pooling: str = "depth_mean"):
         super().__init__()
+        if depth_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"CTViT: depth_pooling must be one of {IMAGE_POOLINGS}, got {depth_pooling!r}")
+        self.depth_pooling = depth_pooling
         if image_size % patch_size:
             raise ValueError(f"CTViT: image_size {image_size} is not divisible by patch_size {patch_size}")
         self.dim = dim
@@ -452,6 +472,20 @@ class CTViT(nn.Module):
             self.enc_spatial_transformer.gradient_checkpointing = gradient_checkpointing
             self.enc_temporal_transformer.gradient_checkpointing = gradient_checkpointing
         return self
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer layer in backward (the image-encoder contract's switch)."""
+        self.set_options(gradient_checkpointing=enabled)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens :meth:`encode_volume` returns."""
+        return self.dim
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the global embedding: the depth-pooled tokens flattened, ``(H/p) * (W/p) * dim``."""
+        return self.patch_height_width[0] * self.patch_height_width[1] * self.dim
 
     def train(self, mode: bool = True) -> "CTViT":
         # frozen stays frozen: without trainable parameters the encoder (and its EMA codebook) stays in eval
@@ -511,3 +545,14 @@ class CTViT(nn.Module):
         if return_only_codebook_ids:
             return indices
         return quantized
+
+    def encode_volume(self, video: torch.Tensor) -> ImageEncoding:
+        """The image-encoder contract (:mod:`custom_nets.image_encoders`): the tokens of :meth:`forward`, pooled over
+        depth (``depth_pooling``) and flattened in (h, w, dim) order as the global embedding, and all
+        ``t * h * w`` tokens with their centres in model-input voxels."""
+        tokens = self(video, return_encoded_tokens=True).float()
+        b, t, h, w, d = tokens.shape
+        positions = grid_positions((t, h, w), (self.temporal_patch_size, self.patch_size, self.patch_size),
+                                   device=tokens.device)
+        return ImageEncoding(pool_depth(tokens, self.depth_pooling).flatten(1), tokens.reshape(b, t * h * w, d),
+                             positions)

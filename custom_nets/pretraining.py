@@ -33,8 +33,8 @@ class PretrainingNetwork(nn.Module):
     synchronises their gradients; they are saved with the training state only.
 
     Args:
-        model: the :class:`~custom_nets.CTCLIP` (any image encoder whose ``image_embedding`` works; FILIP needs
-            5-D ``(B, T, H, W, C)`` encoder tokens like CTViT's).
+        model: the :class:`~custom_nets.CTCLIP` with any registered image encoder (FILIP needs one that gives
+            tokens).
         loss: the :class:`~custom_nets.losses.PretrainingLoss` (decides which outputs and heads exist).
         temperature_init: set ``model.temperature`` (log of the logit scale) at construction; None keeps the
             model's (1.0 for a new CT-CLIP v2, or the checkpoint's). CLIP's choice is ``log(1/0.07)``.
@@ -73,9 +73,10 @@ class PretrainingNetwork(nn.Module):
             model.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
         heads = nn.ModuleDict()
         if "tokens" in self.needs:
-            token_dim = getattr(model.visual_transformer, "dim", None)
+            token_dim = getattr(model.visual_transformer, "token_dim", None)
             if token_dim is None:
-                raise ValueError("FILIP needs an image encoder with token width attribute 'dim' (CTViT)")
+                raise ValueError(f"FILIP needs an image encoder that gives tokens; "
+                                 f"{type(model.visual_transformer).__name__} gives none")
             heads["image_tokens"] = nn.Linear(token_dim, model.dim_latent, bias=False)
         if "mlm" in self.needs:
             if mask_token_id is None:
@@ -90,8 +91,8 @@ class PretrainingNetwork(nn.Module):
 
     # ------------------------------------------------------------------------------------------- features
     def _image(self, image: torch.Tensor, with_tokens: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        tokens = self.model.image_tokens(image)  # the model config's depth pooling, shared with the global embedding
-        return tokens.flatten(1), (tokens if with_tokens else None)
+        encoding = self.model.image_encoding(image)  # one encoder pass for the embedding and the tokens
+        return encoding.embedding, (encoding.tokens if with_tokens else None)
 
     def _mask_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # BERT recipe: of the chosen tokens 80% [MASK], 10% a random token, 10% unchanged

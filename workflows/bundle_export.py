@@ -245,10 +245,15 @@ def repository_paths(config: Any, where: str = "") -> list[str]:
     return [f"{where}: {config}"] if isinstance(config, str) and "bundles/" in config else []
 
 
-def _embedded_model_config(model_cfg: ModelConfig, text_encoder_saved: bool) -> dict[str, Any]:
+def _embedded_model_config(model_cfg: ModelConfig, text_encoder_saved: bool,
+                           image_encoder: nn.Module | None = None) -> dict[str, Any]:
     """The model config as exported: when the text encoder was saved into the bundle, its section points there
-    (architecture from ``config.json``, weights from ``model.pt``, tokenizer files beside them)."""
+    (architecture from ``config.json``, weights from ``model.pt``, tokenizer files beside them); an image encoder
+    that loads pretrained parts (e.g. a DINOv2 backbone from the hub) gives settings that rebuild its
+    architecture offline (``exportable_settings``), its weights being in ``model.pt`` too."""
     cfg = model_cfg.to_dict()
+    if image_encoder is not None and hasattr(image_encoder, "exportable_settings"):
+        cfg["image_encoder"] = {"type": model_cfg.image_encoder[0], **image_encoder.exportable_settings()}
     if text_encoder_saved:
         section = {k: v for k, v in cfg["text_encoder"].items()
                    if k not in ("bert_config", "from_pretrained_kwargs", "model_class", "tokenizer_extra_words")}
@@ -458,7 +463,9 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
             if src:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / rel)
-        embedded = _embedded_model_config(model_cfg, network is not None) if model_cfg is not None else None
+        embedded = (_embedded_model_config(model_cfg, network is not None,
+                                           clip.visual_transformer if clip is not None else None)
+                    if model_cfg is not None else None)
         (tmp / "configs").mkdir(exist_ok=True)
         for i, name in enumerate(entry_points):
             config = _export_config(read_json(source_root / "configs" / name, "bundle config"), embedded, base=i == 0)
