@@ -105,7 +105,7 @@ def _choice(sec: Mapping, section: str, key: str, choices: Sequence[str], defaul
 def _known_keys(sec: Any, section: str, known: Sequence[str]) -> Mapping:
     if not isinstance(sec, Mapping):
         raise SettingsError(section, "an object", sec)
-    unknown = sorted(set(sec) - set(known))
+    unknown = sorted(k for k in set(sec) - set(known) if not str(k).startswith("_"))  # "_doc": a comment
     if unknown:  # a misspelt option would otherwise silently keep its default
         raise SettingsError(f"{section}.{unknown[0]}", f"one of the keys {list(known)}", unknown[0])
     return sec
@@ -284,11 +284,13 @@ class SliceFusionEncoder(nn.Module):
         super().__init__()
         backbone = _known_keys(backbone, "backbone", _BACKBONE_KEYS)
         fusion = _known_keys(fusion or {}, "fusion", tuple(_FUSION_DEFAULTS))
-        windows_t = torch.as_tensor([list(map(float, w)) for w in windows], dtype=torch.float32)
-        if windows_t.ndim != 2 or windows_t.shape[0] not in (1, 3) or windows_t.shape[1] != 2:
-            raise SettingsError("hu_windows", "1 or 3 [low, high] windows", [list(w) for w in windows])
-        if bool((windows_t[:, 0] == windows_t[:, 1]).any()):
-            raise SettingsError("hu_windows", "windows with low != high", windows_t.tolist())
+        # checked in Python: the encoder may be built on the meta device (sizing without memory)
+        windows = [[float(v) for v in w] for w in windows]
+        if len(windows) not in (1, 3) or any(len(w) != 2 for w in windows):
+            raise SettingsError("hu_windows", "1 or 3 [low, high] windows", windows)
+        if any(low == high for low, high in windows):
+            raise SettingsError("hu_windows", "windows with low != high", windows)
+        windows_t = torch.tensor(windows, dtype=torch.float32)
         self._backbone_settings = copy.deepcopy(dict(backbone))
         self.hu_windows = None if hu_windows is None else [list(map(float, w)) for w in hu_windows]
         self.slice_features_kind = _choice(backbone, "backbone", "slice_features", SLICE_FEATURES, "cls")
@@ -323,7 +325,7 @@ class SliceFusionEncoder(nn.Module):
                 for module in (*self.backbone.encoder.layer[-top:], self.backbone.layernorm):
                     module.requires_grad_(True)
 
-        self.fusion_settings = {**_FUSION_DEFAULTS, **fusion}
+        self.fusion_settings = {**_FUSION_DEFAULTS, **{k: v for k, v in fusion.items() if k in _FUSION_DEFAULTS}}
         self.fusion_settings.update(
             dim=_integer(fusion, "fusion", "dim", _FUSION_DEFAULTS["dim"], 1),
             depth=_integer(fusion, "fusion", "depth", _FUSION_DEFAULTS["depth"], 0),
@@ -462,7 +464,7 @@ def build_slice_fusion(settings: dict, config: ModelConfig) -> SliceFusionEncode
     def fail(key: str, message: str) -> ModelConfigError:
         return ModelConfigError(f"model config {config.source}: image_encoder.{key}: {message}")
 
-    unknown = sorted(set(settings) - {"hu_windows", "backbone", "fusion"})
+    unknown = sorted(k for k in set(settings) - {"hu_windows", "backbone", "fusion"} if not str(k).startswith("_"))
     if unknown:
         raise fail(unknown[0], "unknown key (slice_fusion settings: hu_windows, backbone, fusion)")
     hu_windows = settings.get("hu_windows", [list(config.input.hu_window)])

@@ -221,7 +221,8 @@ def test_exportable_settings_rebuild_the_same_encoder(tmp_path, monkeypatch):
 
 def test_create_model_builds_a_ctclip_on_the_slice_fusion_encoder(tmp_path):
     torch.manual_seed(0)
-    model = cn.create_model(tiny_config(tmp_path)).eval()
+    model = cn.create_model(tiny_config(tmp_path, _doc="comments are allowed",
+                                        fusion={**FUSION, "_doc": "in every section"})).eval()
     assert isinstance(model.visual_transformer, SliceFusionEncoder)
     with torch.no_grad():
         latents = model.encode_image(volume(d=16, b=2))
