@@ -442,6 +442,8 @@ class SliceFusionEncoder(nn.Module):
         """
         if image.ndim != 5 or image.shape[1] != 1:
             raise ValueError(f"SliceFusionEncoder expects (B, 1, D, H, W), got a tensor of shape {tuple(image.shape)}")
+        # a batched MONAI MetaTensor carries per-volume metadata that slicing into chunks cannot keep consistent
+        image = image.as_subclass(torch.Tensor)
         b, _, d, h, w = image.shape
         slices = image.transpose(1, 2).reshape(b * d, 1, h, w)
         features = self.slice_features(slices).reshape(b, d, -1)

@@ -45,6 +45,14 @@ def test_shapes_positions_and_other_slice_counts():
     other = enc.encode_volume(volume(d=9, h=40, w=24, b=1))  # another depth, resized in-plane to the backbone's
     assert other.tokens.shape == (1, 9, 16) and torch.equal(other.positions[:, 1:], torch.tensor([[20.0, 12.0]] * 9))
 
+    # a batch as the bundles' data loaders give it: MetaTensors with per-volume metadata, collated
+    from monai.data import MetaTensor, list_data_collate
+
+    vol = volume(d=6)
+    batch = list_data_collate([{"image": MetaTensor(v, affine=torch.eye(4) * (i + 1))} for i, v in enumerate(vol)])
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_volume(batch["image"]).embedding, out.embedding)
+
     learned = encoder(fusion={"position": "learned", "max_slices": 8}).eval()
     assert learned.encode_volume(volume(d=8)).tokens.shape == (2, 8, 16)
     with pytest.raises(ValueError, match=r"max_slices = 8.*9-slice volume"):
