@@ -14,6 +14,10 @@ Three threshold protocols are reported side by side, because published CT-RATE n
 
 AUROC is threshold-free: the Mann-Whitney U statistic with average ranks (ties count one half),
 with a real case-resampling bootstrap for confidence intervals.
+
+Calibration (whether a probability of 0.3 means the finding is present in 30% of such scans) is the expected
+calibration error of :func:`expected_calibration_error` (``ECE_DEFINITION``) with its bins from
+:func:`reliability_bins`; the calibration maps themselves are fitted in :mod:`workflows.calibration`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ __all__ = [
     "evaluate_classification",
     "to_jsonable",
     "PROTOCOLS",
+    "ECE_DEFINITION",
+    "reliability_bins",
+    "expected_calibration_error",
 ]
 
 #: Human-readable description of each threshold protocol, copied into every metrics.json.
@@ -57,6 +64,16 @@ PROTOCOLS: dict[str, str] = {
         "recall, accuracy per class, macro-averaged"
     ),
 }
+
+
+#: What ``ece`` means in every metrics.json, copied into it.
+ECE_DEFINITION = (
+    "expected calibration error per finding: the probabilities of the finding are put into n_bins equal-width bins "
+    "over [0, 1] ([k/n, (k+1)/n), the last bin closed); ECE = sum over bins of (cases in bin / all cases) * "
+    "|observed frequency of the finding in the bin - mean probability in the bin|; empty bins add nothing. "
+    "Macro ECE = unweighted mean over the findings. 0 is perfect; with few cases per bin even a calibrated model "
+    "scores above 0 (sampling noise)"
+)
 
 
 def _check_pair(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -474,6 +491,8 @@ def evaluate_classification(
     seed: int = 0,
     ci: float = 0.95,
     val_thresholds: Any = None,
+    calibrated_scores: Any = None,
+    n_bins: int = 10,
 ) -> dict[str, Any]:
     """Every classification metric of one evaluated split, as a JSON-serialisable dict.
 
@@ -487,11 +506,17 @@ def evaluate_classification(
         seed: bootstrap seed.
         ci: confidence level.
         val_thresholds: ``(C,)`` thresholds already fitted on validation (instead of val_labels/val_scores).
+        calibrated_scores: ``(N, C)`` the same cases' probabilities after a calibration fitted on validation
+            (:mod:`workflows.calibration`); their ECE is reported next to that of ``scores``. Everything else
+            (AUROC, the threshold protocols) is computed on ``scores``.
+        n_bins: equal-width bins of the expected calibration error.
 
     Returns:
         ``{"n_cases", "class_names", "prevalence", "auroc": {"macro", "macro_ci_low", "macro_ci_high",
         "per_class", "excluded_classes"}, "bootstrap": {...}, "protocols": {"val_youden" (when
-        validation data is given), "ctclip_paper", "vlm3d"}, "notes"}``; NaN is stored as None.
+        validation data is given), "ctclip_paper", "vlm3d"}, "calibration": {"definition", "n_bins",
+        "uncalibrated": {"ece_macro", "ece"}, "calibrated" (with ``calibrated_scores``): {"ece_macro", "ece"}},
+        "notes"}``; NaN is stored as None.
     """
     y, s = _check_pair(labels, scores)
     n, n_classes = y.shape
@@ -550,6 +575,18 @@ def evaluate_classification(
     for p in protocols.values():
         p["macro"]["auroc"] = macro
 
+    calibration: dict[str, Any] = {"definition": ECE_DEFINITION, "n_bins": int(n_bins)}
+    sets = {"uncalibrated": s}
+    if calibrated_scores is not None:
+        _, sc = _check_pair(y, calibrated_scores)
+        sets["calibrated"] = sc
+    for key, values in sets.items():
+        if values.size and (values.min() < 0.0 or values.max() > 1.0):
+            notes.append(f"calibration ({key}): not computed, the scores are not probabilities (outside [0, 1])")
+            continue
+        ece = expected_calibration_error(y, values, n_bins, names)
+        calibration[key] = {"ece_macro": ece["macro"], "ece": ece["per_class"]}
+
     return to_jsonable(
         {
             "n_cases": n,
@@ -559,9 +596,73 @@ def evaluate_classification(
             "auroc": auroc_block,
             "bootstrap": boot_block,
             "protocols": protocols,
+            "calibration": calibration,
             "notes": notes,
         }
     )
+
+
+def reliability_bins(labels: Any, probs: Any, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """The equal-width bins of one finding's probabilities: what a reliability diagram draws and ECE sums.
+
+    Args:
+        labels: ``(N,)`` 0/1 ground truth.
+        probs: ``(N,)`` probabilities in [0, 1].
+        n_bins: number of equal-width bins over [0, 1]; bin ``k`` is ``[k/n_bins, (k+1)/n_bins)``, the last
+            one also holds 1.0.
+
+    Returns:
+        ``{"edges": (n_bins + 1,), "count": (n_bins,), "mean_prob": (n_bins,), "frac_pos": (n_bins,)}``;
+        ``mean_prob`` and ``frac_pos`` are NaN for an empty bin.
+
+    Raises:
+        ValueError: a probability outside [0, 1], or ``n_bins < 1``.
+    """
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = int(n_bins)
+    y, p = _check_pair(labels, probs)
+    y, p = y[:, 0], p[:, 0]
+    if p.size and (p.min() < 0.0 or p.max() > 1.0):
+        raise ValueError(f"calibration needs probabilities in [0, 1]; got values in [{p.min():.4g}, {p.max():.4g}]")
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
+    sum_y = np.bincount(idx, weights=y, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.where(count > 0, sum_p / np.maximum(count, 1.0), np.nan)
+        frac_pos = np.where(count > 0, sum_y / np.maximum(count, 1.0), np.nan)
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count, "mean_prob": mean_prob, "frac_pos": frac_pos}
+
+
+def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 10,
+                               class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Expected calibration error of every finding and their macro mean (``ECE_DEFINITION``).
+
+    This is the calibration of the probability of each finding being present (one binary problem per finding,
+    the multi-label reading), not of the top-label confidence of a multi-class model.
+
+    Args:
+        labels: ``(N, C)`` 0/1 ground truth.
+        probs: ``(N, C)`` probabilities in [0, 1].
+        n_bins: equal-width bins over [0, 1].
+        class_names: the ``C`` names (default ``class_<i>``).
+
+    Returns:
+        ``{"n_bins", "macro", "per_class": {name: ece}}``; every finding counts in the macro (ECE is defined
+        with a single label value too); NaN for an empty split.
+    """
+    y, p = _check_pair(labels, probs)
+    names = _names(class_names, y.shape[1])
+    per_class: dict[str, float] = {}
+    for c, name in enumerate(names):
+        b = reliability_bins(y[:, c], p[:, c], n_bins)
+        n = b["count"].sum()
+        gap = np.abs(np.nan_to_num(b["frac_pos"]) - np.nan_to_num(b["mean_prob"]))
+        per_class[name] = float((b["count"] * gap).sum() / n) if n > 0 else float("nan")
+    values = np.array(list(per_class.values()), dtype=np.float64)
+    macro = float(values.mean()) if values.size and not np.isnan(values).all() else float("nan")
+    return {"n_bins": int(n_bins), "macro": macro, "per_class": per_class}
 
 
 def to_jsonable(obj: Any) -> Any:

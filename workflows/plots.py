@@ -1,4 +1,4 @@
-"""Evaluation figures as PNG: ROC curves, a 2-D map of image latents, an AUROC learning curve.
+"""Evaluation figures as PNG: ROC curves, reliability diagrams, a 2-D map of image latents, an AUROC learning curve.
 
 matplotlib is optional for the project (extra ``plots``): it is imported inside each function with
 the non-interactive Agg backend, so importing this module never needs it.
@@ -17,9 +17,10 @@ import numpy as np
 
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
-from .metrics import auroc, roc_curve
+from .metrics import auroc, expected_calibration_error, reliability_bins, roc_curve
 
-__all__ = ["plot_roc_curves", "embed_2d", "plot_latent_map", "plot_learning_curve", "read_metrics_per_epoch"]
+__all__ = ["plot_roc_curves", "plot_reliability", "embed_2d", "plot_latent_map", "plot_learning_curve",
+           "read_metrics_per_epoch"]
 
 
 def _pyplot():
@@ -63,15 +64,9 @@ def plot_roc_curves(
     y = np.asarray(labels, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     n_classes = y.shape[1]
-    if class_names is None:
-        if n_classes == 18:
-            class_names = CTRATE_PATHOLOGIES
-        else:
-            class_names = [f"class_{i}" for i in range(n_classes)]
+    class_names = _class_names(class_names, n_classes)
     plt = _pyplot()
-    ncols = min(5, n_classes + 1)
-    nrows = math.ceil((n_classes + 1) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+    fig, axes = _panels(plt, n_classes + 1)
     grid = np.linspace(0.0, 1.0, 201)
     tprs, aucs = [], []
     for c in range(n_classes):
@@ -106,13 +101,106 @@ def plot_roc_curves(
         plt.close(fig)
 
 
-def _style(ax) -> None:
+def _class_names(class_names: Sequence[str] | None, n_classes: int) -> list[str]:
+    if class_names is None:
+        return list(CTRATE_PATHOLOGIES) if n_classes == 18 else [f"class_{i}" for i in range(n_classes)]
+    return list(class_names)
+
+
+def _panels(plt, n_panels: int, ncols: int = 5):
+    """A grid of square panels, up to ``ncols`` per row."""
+    ncols = min(ncols, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    return plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+
+
+def _style(ax, xlabel: str = "1 - specificity", ylabel: str = "sensitivity") -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("1 - specificity", fontsize=7)
-    ax.set_ylabel("sensitivity", fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
     ax.tick_params(labelsize=6)
     ax.set_aspect("equal")
+
+
+def plot_reliability(
+    labels: Any,
+    probs: Any,
+    path: str | os.PathLike,
+    calibrated: Any = None,
+    class_names: Sequence[str] | None = None,
+    n_bins: int = 10,
+    worst: int | None = 5,
+    title: str | None = None,
+) -> Path:
+    """Reliability diagram: observed frequency of each finding against the predicted probability, per bin.
+
+    The first panel pools every (volume, finding) pair; then the ``worst`` findings with the largest ECE (of the
+    calibrated probabilities when given, the ones a reader gets), or every finding with ``worst=None``. Each
+    point is one of ``n_bins`` equal-width bins: x the mean probability in it, y the fraction of its cases with
+    the finding, its area the number of cases; the dashed diagonal is perfect calibration (a point below it: the
+    probabilities are too high). Uncalibrated in grey, calibrated in red.
+
+    Args:
+        labels: ``(N, C)`` 0/1 ground truth.
+        probs: ``(N, C)`` uncalibrated probabilities.
+        path: PNG destination.
+        calibrated: ``(N, C)`` calibrated probabilities of the same cases (optional).
+        class_names: panel titles (default: the 18 CT-RATE pathologies when ``C == 18``).
+        n_bins: equal-width bins, as the ECE.
+        worst: how many findings get a panel (None: all, in class order).
+        title: figure title.
+
+    Returns:
+        The PNG path.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    series = [("uncalibrated", np.asarray(probs, dtype=np.float64), "0.45")]
+    if calibrated is not None:
+        series.append(("calibrated", np.asarray(calibrated, dtype=np.float64), "C3"))
+    n_classes = y.shape[1]
+    names = _class_names(class_names, n_classes)
+    eces = [expected_calibration_error(y, p, n_bins, names) for _, p, _ in series]
+    ranking = eces[-1]["per_class"]
+    if worst is None:
+        shown = list(range(n_classes))
+    else:
+        shown = sorted(range(n_classes), key=lambda c: -np.nan_to_num(ranking[names[c]], nan=-1.0))[: int(worst)]
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(shown) + 1, ncols=3 if worst is not None and len(shown) <= 5 else 5)
+    panels = [(axes.flat[0], None)] + [(axes.flat[i + 1], c) for i, c in enumerate(shown)]
+    for ax, c in panels:
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.6")
+        parts = []
+        for (label, p, color), ece in zip(series, eces):
+            yy, pp = (y.ravel(), p.ravel()) if c is None else (y[:, c], p[:, c])
+            b = reliability_bins(yy, pp, n_bins)
+            keep = b["count"] > 0
+            sizes = 6 + 120 * b["count"][keep] / max(b["count"].sum(), 1.0)
+            ax.plot(b["mean_prob"][keep], b["frac_pos"][keep], lw=1.2, color=color, label=label)
+            ax.scatter(b["mean_prob"][keep], b["frac_pos"][keep], s=sizes, color=color, zorder=3)
+            value = ece["macro"] if c is None else ece["per_class"][names[c]]
+            parts.append("n/a" if value is None or value != value else f"{value:.3f}")
+        if c is None:
+            head = f"all findings pooled ({y.shape[0]} volumes x {n_classes})\nmacro ECE {' → '.join(parts)}"
+            ax.legend(fontsize=6, loc="upper left")
+        else:
+            head = f"{names[c]} (n+={int(y[:, c].sum())})\nECE {' → '.join(parts)}"
+        ax.set_title(head, fontsize=8, fontweight="bold" if c is None else "normal")
+        _style(ax, "mean predicted probability", "observed frequency")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if worst is not None:
+        which = "calibrated" if calibrated is not None else "uncalibrated"
+        note = f"then the {len(shown)} findings with the largest ECE ({which}); {n_bins} equal-width bins"
+        title = f"{title}\n{note}" if title else note
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def embed_2d(latents: Any, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
