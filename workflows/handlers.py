@@ -2,7 +2,8 @@
 
 - :class:`ClassificationEvaluationHandler` collects the probabilities, labels and volume names of a
   MONAI ``SupervisedEvaluator`` run (all DDP ranks), computes :func:`~workflows.metrics.evaluate_classification`
-  and writes ``predictions.csv``, ``metrics.json``, ``per_class.csv``/``.md`` and ``roc_curves.png``.
+  and writes ``predictions.csv``, ``metrics.json``, ``per_class.csv``/``.md``, ``roc_curves.png`` and
+  ``reliability.png`` (the ECE before and after a calibration fitted on validation, when one is given).
 - :class:`RetrievalEvaluationHandler` collects image and text latents (one report per volume) and
   writes ``retrieval.json`` (recall@k with random baseline, MRR, nDCG, mAP@k, alignment/uniformity),
   ``latents.npz`` and a 2-D map of the image latents.
@@ -37,8 +38,9 @@ from torch import nn
 
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
+from .calibration import Calibration, load_calibration
 from .metrics import evaluate_classification, to_jsonable
-from .plots import plot_latent_map, plot_roc_curves
+from .plots import plot_latent_map, plot_reliability, plot_roc_curves
 from .retrieval import retrieval_metrics
 from .writers import read_predictions_csv, write_csv_rows, write_json, write_per_class_tables, write_predictions_csv
 
@@ -51,6 +53,7 @@ __all__ = [
     "latents_from_pred",
     "probs_and_labels",
     "PromptRefresher",
+    "ece_summary",
 ]
 
 
@@ -159,11 +162,17 @@ class ClassificationEvaluationHandler:
         val_predictions: path of a validation ``predictions.csv`` written with ``write_labels=True``;
             its probabilities and ``<class>_label`` columns replace ``val_labels``/``val_scores``.
         val_thresholds: ``(C,)`` thresholds already fitted on validation.
+        calibration: a ``calibration.json`` fitted on validation (:mod:`workflows.calibration`), read when the run
+            ends (so an earlier step of the same config may write it), or a :class:`~workflows.calibration.Calibration`;
+            the metrics stay those of the uncalibrated probabilities, and the ECE of the calibrated ones is added.
+            A path without a file is an error that names it.
+        ece_bins: equal-width bins of the expected calibration error and the reliability diagram.
         n_bootstrap: bootstrap resamples for the AUROC CIs (0 disables them).
         seed: bootstrap seed.
         ci: confidence level.
         save_rank: the rank that writes files.
-        write_plots: write ``roc_curves.png`` (skipped with a warning when matplotlib is missing).
+        write_plots: write ``roc_curves.png`` and ``reliability.png`` (skipped with a warning when matplotlib is
+            missing).
         write_labels: add ``<class>_label`` columns to predictions.csv (lets a later test run fit its
             thresholds on this run's output via ``val_predictions``).
         decision_protocols: protocols whose thresholds become decision columns in predictions.csv.
@@ -184,6 +193,8 @@ class ClassificationEvaluationHandler:
         val_scores: Any = None,
         val_predictions: str | os.PathLike | None = None,
         val_thresholds: Any = None,
+        calibration: str | os.PathLike | Calibration | None = None,
+        ece_bins: int = 10,
         n_bootstrap: int = 1000,
         seed: int = 0,
         ci: float = 0.95,
@@ -208,6 +219,7 @@ class ClassificationEvaluationHandler:
                 raise ValueError("give val_predictions or val_labels/val_scores, not both")
             _, val_scores, val_labels = read_predictions_csv(val_predictions, self.class_names, with_labels=True)
         self.val_labels, self.val_scores, self.val_thresholds = val_labels, val_scores, val_thresholds
+        self.calibration, self.ece_bins = calibration, int(ece_bins)
         self.n_bootstrap, self.seed, self.ci = n_bootstrap, seed, ci
         self.save_rank = save_rank
         self.write_plots, self.write_labels = write_plots, write_labels
@@ -293,8 +305,10 @@ class ClassificationEvaluationHandler:
         probs, labels, names = self._gathered()
         if names is None:
             names = [f"case_{i}" for i in range(len(probs))]
-        results = None
+        results, calibrated = None, None
         if labels is not None and len(labels):
+            calibration = self._calibration()
+            calibrated = calibration.apply(probs) if calibration is not None else None
             results = evaluate_classification(
                 labels,
                 probs,
@@ -305,7 +319,12 @@ class ClassificationEvaluationHandler:
                 n_bootstrap=self.n_bootstrap,
                 seed=self.seed,
                 ci=self.ci,
+                calibrated_scores=calibrated,
+                n_bins=self.ece_bins,
             )
+            if calibration is not None and "calibrated" in results["calibration"]:
+                results["calibration"]["calibrated"].update(
+                    method=calibration.method, file=calibration.source, description=calibration.describe())
             results["epoch"] = int(engine.state.epoch)
             auc = results["auroc"]
             for suffix, key in (("", "macro"), ("_ci_low", "macro_ci_low"), ("_ci_high", "macro_ci_high")):
@@ -313,9 +332,15 @@ class ClassificationEvaluationHandler:
                 engine.state.metrics[f"{self.metric_name}{suffix}"] = float("nan") if v is None else float(v)
         setattr(engine.state, self.state_key, results)
         if rank == self.save_rank:
-            self._write(engine, probs, labels, names, results)
+            self._write(engine, probs, labels, names, results, calibrated)
 
-    def _write(self, engine: Engine, probs: np.ndarray, labels: np.ndarray | None, names: list[str], results: dict | None) -> None:
+    def _calibration(self) -> Calibration | None:
+        if self.calibration is None or isinstance(self.calibration, Calibration):
+            return self.calibration
+        return load_calibration(self.calibration, self.class_names, required=True)
+
+    def _write(self, engine: Engine, probs: np.ndarray, labels: np.ndarray | None, names: list[str], results: dict | None,
+               calibrated: np.ndarray | None = None) -> None:
         out = self.output_dir / f"epoch_{engine.state.epoch}" if self.subdir_per_epoch else self.output_dir
         thresholds = {}
         for proto in self.decision_protocols:
@@ -338,9 +363,26 @@ class ClassificationEvaluationHandler:
         if self.write_plots:
             try:
                 plot_roc_curves(labels, probs, out / "roc_curves.png", self.class_names, title=f"ROC, {len(probs)} volumes")
+                plot_reliability(labels, probs, out / "reliability.png", calibrated, self.class_names, self.ece_bins,
+                                 title=f"Reliability, {len(probs)} volumes")
             except ImportError as e:
-                self.logger.warning(f"ROC plot skipped ({e})")
-        self.logger.info(f"macro AUROC {results['auroc']['macro']} on {len(probs)} volumes; results in {out}")
+                self.logger.warning(f"ROC and reliability plots skipped ({e})")
+        self.logger.info(f"macro AUROC {results['auroc']['macro']} on {len(probs)} volumes; {ece_summary(results)}; "
+                         f"results in {out}")
+
+
+def ece_summary(results: Mapping[str, Any] | None) -> str:
+    """``"macro ECE (10 bins) 0.213 uncalibrated -> 0.061 platt-calibrated"`` from an evaluation's results (or
+    its ``metrics.json``); ``"macro ECE n/a"`` when it has none."""
+    cal = (results or {}).get("calibration") or {}
+    before = (cal.get("uncalibrated") or {}).get("ece_macro")
+    if before is None:
+        return "macro ECE n/a"
+    text = f"macro ECE ({cal.get('n_bins')} bins) {before:.3f} uncalibrated"
+    after = cal.get("calibrated") or {}
+    if after.get("ece_macro") is not None:
+        text += f" -> {after['ece_macro']:.3f} {after.get('method', '')}-calibrated"
+    return text
 
 
 def _gather_rows(rows: list[torch.Tensor], width: int | None) -> torch.Tensor:

@@ -90,12 +90,16 @@ def per_class_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         results: the dict returned by ``evaluate_classification``.
 
     Returns:
-        Rows with ``class, n_positive, prevalence, auroc, auroc_ci_low, auroc_ci_high`` and, for every
-        protocol present, ``<protocol>_threshold, _f1, _precision, _recall, _specificity, _accuracy``;
-        a last ``macro`` row averages them (AUROC: macro over the included classes).
+        Rows with ``class, n_positive, prevalence, auroc, auroc_ci_low, auroc_ci_high``, ``ece`` (uncalibrated)
+        and ``ece_calibrated`` when the results have them and, for every protocol present, ``<protocol>_threshold,
+        _f1, _precision, _recall, _specificity, _accuracy``; a last ``macro`` row averages them (AUROC: macro over
+        the included classes).
     """
     auc = results["auroc"]
     protocols = results.get("protocols", {})
+    cal = results.get("calibration") or {}
+    ece_sets = [(col, cal[key]) for col, key in (("ece", "uncalibrated"), ("ece_calibrated", "calibrated"))
+                if isinstance(cal.get(key), Mapping)]
     metrics = ("threshold", "f1", "precision", "recall", "specificity", "accuracy")
     rows: list[dict[str, Any]] = []
     for name in results["class_names"]:
@@ -108,6 +112,8 @@ def per_class_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "auroc_ci_low": a.get("ci_low"),
             "auroc_ci_high": a.get("ci_high"),
         }
+        for col, e in ece_sets:
+            row[col] = (e.get("ece") or {}).get(name)
         for pname, p in protocols.items():
             pc = p["per_class"].get(name, {})
             for m in metrics:
@@ -121,6 +127,8 @@ def per_class_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         "auroc_ci_low": auc.get("macro_ci_low"),
         "auroc_ci_high": auc.get("macro_ci_high"),
     }
+    for col, e in ece_sets:
+        macro[col] = e.get("ece_macro")
     for pname, p in protocols.items():
         for m in metrics:
             macro[f"{pname}_{m}"] = None if m == "threshold" else p["macro"].get(m)
@@ -195,6 +203,13 @@ def write_per_class_tables(results: Mapping[str, Any], output_dir: str | os.Path
         cols = ["class"] + [f"{pname}_{m}" for m in ("threshold", "f1", "precision", "recall", "specificity", "accuracy")]
         extra = f"Hamming accuracy {_fmt(p.get('hamming_accuracy'))}, positive prediction rate {_fmt(p.get('positive_rate'))}.\n"
         parts.append(f"\n{title}\n\n{p.get('description', '')}\n\n{extra}\n" + markdown_table(rows, cols))
+    cal = results.get("calibration") or {}
+    if isinstance(cal.get("uncalibrated"), Mapping):
+        after = cal.get("calibrated") if isinstance(cal.get("calibrated"), Mapping) else None
+        how = (f"ECE of the probabilities as the model gives them (`ece`) and after {after.get('description') or 'calibration'} "
+               "(`ece_calibrated`), on this split" if after else "ECE of the probabilities as the model gives them")
+        parts.append(f"\n## Calibration\n\n{how}. {cal.get('definition', '')}.\n\n"
+                     + markdown_table(rows, ["class", "n_positive", "ece"] + (["ece_calibrated"] if after else [])))
     notes = results.get("notes") or []
     if notes:
         parts.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
