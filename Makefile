@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_output
+# a second image encoder pretrained and evaluated beside the first, e.g. make demo DEMO_COMPARE=slicefusion_small
+DEMO_COMPARE ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
@@ -21,7 +23,7 @@ venv: $(PY)
 # The main job: the synthetic demo cohort through every stage, with a report in $(DEMO_DIR)/.
 demo: venv
 	$(PIP) install --quiet -e ".[demo]"
-	$(PY) -m workflows.demo --output_dir $(DEMO_DIR)
+	$(PY) -m workflows.demo --output_dir $(DEMO_DIR) $(if $(DEMO_COMPARE),--compare_model_config $(DEMO_COMPARE))
 
 # The test suite (CPU, tiny generated data). pytest exits 5 when it collected no test:
 # that is a failure here, never a silent pass.
