@@ -16,6 +16,7 @@ import torch
 from ctclip_contract import read_json
 from custom_nets import create_model, load_checkpoint
 from custom_nets.ctclip import POSITION_IDS_KEY
+from workflows.served_bundle import ServedBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -71,7 +72,7 @@ def test_zero_shot_retrieval_and_classfine_take_it_by_model_config(pretrained, t
     assert (tmp_path / "cf" / "models" / "model.pt").is_file()
 
 
-def test_the_export_rebuilds_the_encoder_offline_with_the_same_outputs(pretrained, tiny_preprocessed_dir, tmp_path):
+def test_the_export_rebuilds_the_encoder_offline_and_serves_it(pretrained, tiny_cohort_dir, tmp_path):
     export = tmp_path / "exported"
     _bundle_run("ct_clip_zeroshot", ["inference.json", "export.json"], pretrained=str(pretrained / "models" / "model.pt"),
                 export_dir=str(export), make_zip=False)
@@ -88,3 +89,7 @@ def test_the_export_rebuilds_the_encoder_offline_with_the_same_outputs(pretraine
     x = torch.randn(2, 1, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval().encode_image(x), original.eval().encode_image(x))
+    # what the MONAI Label app serves: the exported bundle held in memory, one raw scan per call
+    scan = next(p for p in tiny_cohort_dir.rglob("*.nii.gz"))
+    result = ServedBundle(export).predict(scan)
+    assert len(result["probabilities"]) == 18 and all(0 <= v <= 1 for v in result["probabilities"].values())
