@@ -22,14 +22,16 @@ All writes are atomic (:func:`ctclip_contract.atomic_write_bytes`: temporary nam
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ctclip_contract import atomic_write_bytes
+from ctclip_contract import atomic_write_bytes, gzip_compress, route_nibabel_gzip
+
+# nibabel reads of the cohort (the preview, the tests' readers) inflate with ISA-L, as the pipeline's do
+route_nibabel_gzip(nib.openers)
 
 __all__ = [
     "ENCODINGS", "ORIENTATIONS", "HU_CLIP", "quantise", "orient", "write_nifti", "affine_lps",
@@ -168,19 +170,21 @@ def orient(array: np.ndarray, grid: dict, orientation: str) -> tuple[np.ndarray,
 
 
 def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndarray, encoding: str,
-                compresslevel: int = 4, broken_geometry: bool = False) -> dict[str, Any]:
+                compresslevel: int | None = None, broken_geometry: bool = False) -> dict[str, Any]:
     """Write a stored array as a gzipped NIfTI-1 file with exact header control.
 
     nibabel recomputes scl_slope/scl_inter when it writes an array, so the header and the raw
     voxel bytes are written here directly (header 348 bytes, 4-byte extension flag, Fortran-order
-    data). The gzip stream has mtime 0 and no file name, so the bytes depend on the data only.
+    data). The gzip stream (:func:`ctclip_contract.gzip_compress`: ISA-L at the project's level) has mtime 0 and
+    no file name, so the bytes depend on the data only.
 
     Args:
         path: target ``*.nii.gz``.
         stored: integer array in the encoding's dtype (from :func:`quantise` then :func:`orient`).
         affine_lps_matrix: index → LPS mm of ``stored``.
         encoding: a key of :data:`ENCODINGS`; decides whether scl_slope/scl_inter carry the rescale.
-        compresslevel: gzip level.
+        compresslevel: None: the project's gzip level (``ctclip_contract.files.GZIP_LEVEL``, ISA-L); an int is a
+            zlib level, written by zlib.
         broken_geometry: write the header like the original CT-RATE release (sform_code 0,
             qform_code 0, 1 mm voxels, no orientation); ``affine_ras`` still reports the truth.
 
@@ -208,7 +212,7 @@ def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndar
     hdr["descrip"] = b"synthetic chest CT phantom"
     raw = bytearray(hdr.binaryblock) + b"\x00\x00\x00\x00"
     raw += np.asarray(stored, dtype=np.dtype(enc["dtype"]).newbyteorder("<")).tobytes(order="F")
-    buf = gzip.compress(bytes(raw), compresslevel=compresslevel, mtime=0)
+    buf = gzip_compress(raw, compresslevel=compresslevel, mtime=0)
     atomic_write_bytes(Path(path), buf)
     return {
         "affine_ras": affine.tolist(),

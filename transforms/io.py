@@ -32,7 +32,11 @@ from monai.data import ITKReader, ImageReader, MetaTensor
 from monai.data.utils import compute_shape_offset, zoom_affine
 from monai.transforms import MapTransform, Orientation, ResizeWithPadOrCrop, Spacing, Transform
 
-from ctclip_contract import atomic_path
+from ctclip_contract import atomic_path, route_nibabel_gzip
+
+# every .nii.gz nibabel opens in this package (raw inputs, header checks, stored volumes, MONAI's NibabelReader)
+# inflates and deflates with ISA-L (ctclip_contract.files.gzip_open)
+route_nibabel_gzip(nib.openers)
 
 __all__ = ["CTVolumeReader", "ITKVolumeReader", "ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d",
            "save_nifti_atomic", "linear_resample_axes", "read_nifti_array"]

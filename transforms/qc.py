@@ -9,7 +9,6 @@ voxels, plausible HU, orthogonal axis-aligned direction, sane spacing, size limi
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+
+from ctclip_contract import gzip_stream_size
 
 from .hu import _plausible, _sample, hu_evidence
 
@@ -252,21 +253,9 @@ def _check_complete(path: Path, expected: int) -> None:
         isize = int.from_bytes(f.read(4), "little")
     if isize == expected % 2**32:
         return
-    total, d = 0, zlib.decompressobj(wbits=47)
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 22)
-            if not chunk:
-                break
-            while chunk:
-                total += len(d.decompress(chunk))
-                if d.eof:
-                    chunk, d = d.unused_data, (zlib.decompressobj(wbits=47) if d.unused_data else d)
-                    if not chunk:
-                        break
-                else:
-                    chunk = b""
-    if not d.eof or total < expected:
+        total, complete = gzip_stream_size(f)
+    if not complete or total < expected:
         raise QualityCheckError(f"{path}: truncated or corrupt gzip stream ({total} of {expected} bytes)")
 
 
