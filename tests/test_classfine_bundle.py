@@ -1,5 +1,6 @@
 """The ct_clip_classfine bundle end to end on the tiny cohort: train (frozen backbone, one epoch), evaluate
-(validation, test with validation thresholds, zero-shot baseline), progressive unfreezing, raw DICOM inference.
+(validation, test with validation thresholds and calibration, zero-shot baseline), progressive unfreezing, raw DICOM
+inference (calibrated, and without a calibration file).
 
 Runs the configs in-process with ``ConfigWorkflow`` (the code path of ``python -m monai.bundle run``).
 """
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ctclip_contract.errors import root_cause
 from custom_nets import ClassFineClassifier, create_model
 from received_bundle import dicom_series_folder, received_python, run_bundle, scan_folder, unzip, verify_offline
+from workflows.calibration import load_calibration
 from workflows.served_bundle import ServedBundle, read_confirmed_labels
+from workflows.writers import read_predictions_csv
 from transforms import CTRATE_PATHOLOGIES
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_clip_classfine"
@@ -122,7 +127,8 @@ def test_evaluate_writes_every_result(evaluated):
     out = evaluated
     for sub in ("validation", "test", "zeroshot/validation", "zeroshot/test"):
         d = out / "eval" / sub
-        for f in ("predictions.csv", "metrics.json", "per_class.csv", "per_class.md", "roc_curves.png"):
+        for f in ("predictions.csv", "metrics.json", "per_class.csv", "per_class.md", "roc_curves.png",
+                  "reliability.png"):
             assert (d / f).is_file(), d / f
     test = json.loads((out / "eval" / "test" / "metrics.json").read_text())
     assert set(test["protocols"]) == {"val_youden", "ctclip_paper", "vlm3d"}
@@ -140,11 +146,43 @@ def test_evaluate_writes_every_result(evaluated):
             assert per_class[name]["threshold"] == pytest.approx(t)
     comparison = json.loads((out / "eval" / "comparison.json").read_text())
     assert set(comparison["test"]) == {"ClassFine", "Zero-shot (pretrained)"}
-    assert (out / "eval" / "comparison.md").read_text().count("| ClassFine |") == 5  # 2 protocols val + 3 test
+    # 2 protocols val + 3 test, and one ECE row per split
+    assert (out / "eval" / "comparison.md").read_text().count("| ClassFine |") == 7
     with open(out / "eval" / "test" / "predictions.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header[:19] == ["VolumeName", *CTRATE_PATHOLOGIES]
     assert f"{CTRATE_PATHOLOGIES[0]}_pred_val_youden" in header and f"{CTRATE_PATHOLOGIES[0]}_label" in header
+
+
+def test_evaluate_fits_calibration_on_validation_and_reports_ece_on_test(evaluated):
+    out = evaluated
+    cal = load_calibration(out / "models" / "calibration.json", CTRATE_PATHOLOGIES, required=True)
+    assert cal.method == "platt"  # the default of evaluate.json
+    _, vp, vy = read_predictions_csv(out / "eval" / "validation" / "predictions.csv", with_labels=True)
+    assert cal.info["n_validation"] == len(vp) and cal.info["source"].endswith("validation/predictions.csv")
+    # the test split: ECE of the uncalibrated probabilities and of the calibrated ones, from the written predictions
+    from workflows.metrics import expected_calibration_error
+
+    _, tp, ty = read_predictions_csv(out / "eval" / "test" / "predictions.csv", with_labels=True)
+    test = json.loads((out / "eval" / "test" / "metrics.json").read_text())
+    block = test["calibration"]
+    assert block["n_bins"] == 10 and block["calibrated"]["method"] == "platt"
+    assert block["uncalibrated"]["ece_macro"] == pytest.approx(expected_calibration_error(ty, tp)["macro"], abs=1e-5)
+    assert block["calibrated"]["ece_macro"] == pytest.approx(  # tp keeps 6 decimals
+        expected_calibration_error(ty, cal.apply(tp))["macro"], abs=2e-3)
+    validation = json.loads((out / "eval" / "validation" / "metrics.json").read_text())
+    assert "calibrated" not in validation["calibration"]  # nothing is fitted yet when validation is evaluated
+    assert "uncalibrated" in json.loads((out / "eval" / "zeroshot" / "test" / "metrics.json").read_text())["calibration"]
+    # the thresholds file says what they decide on the calibrated probability: the same cases
+    thr = json.loads((out / "models" / "thresholds.json").read_text())
+    assert thr["calibration"] == "calibration.json"
+    raw = np.array([np.nan if t is None else t for t in thr["thresholds"]])
+    mapped = np.array([np.nan if t is None else t for t in thr["thresholds_calibrated"]])
+    np.testing.assert_allclose(mapped, cal.thresholds(raw), rtol=1e-12)
+    ok = ~np.isnan(raw)
+    np.testing.assert_array_equal((tp >= raw)[:, ok], (cal.apply(tp) >= mapped)[:, ok])
+    comparison = json.loads((out / "eval" / "comparison.json").read_text())
+    assert comparison["test"]["ClassFine"]["ece_calibrated"] == pytest.approx(block["calibrated"]["ece_macro"])
 
 
 def test_inference_on_a_dicom_folder(evaluated, tiny_cohort_dir, tmp_path):
@@ -158,21 +196,61 @@ def test_inference_on_a_dicom_folder(evaluated, tiny_cohort_dir, tmp_path):
     assert len(rows) == 1 and rows[0]["VolumeName"] == series.name
     probs = np.array([float(rows[0][c]) for c in CTRATE_PATHOLOGIES])
     assert np.all((probs >= 0) & (probs <= 1))
-    thr = json.loads((out / "models" / "thresholds.json").read_text())["thresholds"]
+    # the probabilities are calibrated, and decided at the validation thresholds mapped through the calibration
+    thr = json.loads((out / "models" / "thresholds.json").read_text())["thresholds_calibrated"]
     for c, t in zip(CTRATE_PATHOLOGIES, thr):
         cell, p = rows[0][f"{c}_pred_val_youden"], float(rows[0][c])
         if t is None:
             assert cell == ""
         elif abs(p - t) > 1e-6:  # the CSV keeps 6 digits: closer than that, it cannot tell the side
             assert cell == str(int(p >= t))
-    # one scan in, the same probabilities as the evaluation of its preprocessed volume
+    # one scan in, the same probabilities as the evaluation of its preprocessed volume, calibrated
+    cal = load_calibration(out / "models" / "calibration.json", CTRATE_PATHOLOGIES)
     evaluated_rows = {}
     for split in ("validation", "test"):
         with open(out / "eval" / split / "predictions.csv", newline="") as f:
             evaluated_rows.update({r["VolumeName"]: r for r in csv.DictReader(f)})
     if series.name in evaluated_rows:
         ref = np.array([float(evaluated_rows[series.name][c]) for c in CTRATE_PATHOLOGIES])
-        np.testing.assert_allclose(probs, ref, atol=2e-6)
+        # ref keeps 6 decimals: within 5e-7 of the model's probability; the increasing map brackets the calibrated one
+        low, high = cal.apply(np.clip(ref - 5e-7, 0, 1)), cal.apply(np.clip(ref + 5e-7, 0, 1))
+        assert np.all((probs >= low - 1e-6) & (probs <= high + 1e-6))
+        raw_thr = json.loads((out / "models" / "thresholds.json").read_text())["thresholds"]
+        for c, t, r in zip(CTRATE_PATHOLOGIES, raw_thr, ref):
+            if t is not None and abs(r - t) > 1e-6:  # the decision of the uncalibrated probability
+                assert rows[0][f"{c}_pred_val_youden"] == str(int(r >= t))
+
+
+def test_inference_without_a_calibration_file_gives_raw_probabilities_and_says_so_once(
+        evaluated, tiny_preprocessed_dir, tmp_path, capsys):
+    out = evaluated
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("model.pt", "thresholds.json"):  # a run evaluated before calibration existed
+        shutil.copy(out / "models" / name, models / name)
+    datalist = json.loads((tiny_preprocessed_dir / "datalist.json").read_text())
+    capsys.readouterr()
+    run(workflow(["inference.json"], "infer", dataset_dir=str(tiny_preprocessed_dir / "datalist.json"),
+                 output_dir=str(tmp_path / "run"), model_config="ctclip_tiny", ckpt_path=str(models / "model.pt")))
+    # the bundle's logging.conf sends the log to stdout
+    said = [line for line in capsys.readouterr().out.splitlines() if "calibration file" in line]
+    assert len(said) == 1 and str(models / "calibration.json") in said[0] and "uncalibrated" in said[0], said
+    names, probs = read_predictions_csv(tmp_path / "run" / "inference" / "predictions.csv")
+    test_names, test_probs = read_predictions_csv(out / "eval" / "test" / "predictions.csv")
+    ref = dict(zip(test_names, test_probs))
+    assert {it["name"] for it in datalist["test"]} <= set(names)
+    for name, p in zip(names, probs):
+        if name in ref:
+            np.testing.assert_allclose(p, ref[name], atol=2e-6)  # the uncalibrated probabilities of evaluation
+    # a corrupt calibration file stops the run with its name and the reason
+    (models / "calibration.json").write_text('{"method": "platt", "parameters": {"Cardiomegaly": {"scale": 0}}}')
+    with pytest.raises(Exception) as err:  # MONAI wraps it; the one-line summary is its cause
+        run(workflow(["inference.json"], "infer", dataset_dir=str(tiny_preprocessed_dir / "datalist.json"),
+                     output_dir=str(tmp_path / "run2"), model_config="ctclip_tiny", ckpt_path=str(models / "model.pt")))
+    cause = str(root_cause(err.value))
+    assert cause == f"calibration file {models / 'calibration.json'}: 'Cardiomegaly' bias is None, expected a finite " \
+                    "number", cause
+    assert not (tmp_path / "run2" / "inference" / "predictions.csv").exists()
 
 
 def test_progressive_unfreezing(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
@@ -217,7 +295,8 @@ def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed
                  export_dir=str(export), metrics_file=str(out / "eval" / "test" / "metrics.json"),
                  dataset_dir=str(tiny_preprocessed_dir)))
     bundle = unzip(export.with_name(export.name + ".zip"), tmp_path / "partner")
-    assert (bundle / "models" / "thresholds.json").read_bytes() == (out / "models" / "thresholds.json").read_bytes()
+    for name in ("thresholds.json", "calibration.json"):
+        assert (bundle / "models" / name).read_bytes() == (out / "models" / name).read_bytes(), name
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert set(state) == set(ClassFineClassifier(create_model("ctclip_tiny")).state_dict())
     metrics = json.loads((out / "eval" / "test" / "metrics.json").read_text())
@@ -243,13 +322,24 @@ def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed
             {k: v for k, v in ours.items() if k.endswith("_pred_val_youden")}
     verify_offline(bundle)
 
+    # the MONAI Label app's in-memory bundle: the same calibrated probabilities and decisions
+    scan = next(scans.glob("*.nii.gz"))
+    ours_row = next(r for r in rows["ours"] if r["VolumeName"] == scan.name.split(".")[0])
+    served_result = ServedBundle(bundle).predict(scan)
+    assert served_result["calibration"].startswith("platt calibration fitted on")
+    np.testing.assert_allclose([served_result["probabilities"][c] for c in CTRATE_PATHOLOGIES],
+                               [float(ours_row[c]) for c in CTRATE_PATHOLOGIES], atol=1e-6)
+    for c in CTRATE_PATHOLOGIES:
+        if served_result["decisions"][c] is not None and \
+                abs(served_result["probabilities"][c] - served_result["thresholds"][c]) > 1e-6:
+            assert str(served_result["decisions"][c]) == ours_row[f"{c}_pred_val_youden"]
+
     # the head fine-tuned from confirmed labels (the MONAI Label app's train task), in this environment
     served = ServedBundle(bundle, weights=tmp_path / "finetuned" / "model.pt")
     labels = tmp_path / "confirmed.json"
     labels.write_text(json.dumps({"Cardiomegaly": 1, "Emphysema": 0}))
     confirmed = read_confirmed_labels(labels, served.class_names)
     assert confirmed[CTRATE_PATHOLOGIES.index("Cardiomegaly")] == 1 and np.isnan(confirmed).sum() == 16
-    scan = next(scans.glob("*.nii.gz"))
     before = served.predict(scan)["probabilities"]["Cardiomegaly"]
     summary = served.fine_tune_head([(scan, confirmed)], served.weights, epochs=50)
     assert summary["loss_after"] < summary["loss_before"] and summary["confirmed_labels"] == 2

@@ -26,6 +26,7 @@ import torch
 from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
 from custom_nets import ClassFineClassifier, create_model
 from received_bundle import OFFLINE, dicom_series_folder
+from workflows.calibration import Calibration
 from workflows.writers import read_predictions_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,10 @@ def _own_inference(bundle: Path, scan: Path, out: Path) -> dict[str, float]:
     return dict(zip(CTRATE_PATHOLOGIES, probs[0]))
 
 
+#: the ClassFine bundle's calibration (a Platt map per finding, not the identity)
+CALIBRATION = Calibration("platt", CTRATE_PATHOLOGIES, np.linspace(0.5, 2.0, 18), np.linspace(-1.0, 1.0, 18))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_cohort_dir, tiny_clip_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("monailabel")
@@ -86,6 +91,8 @@ def server(tiny_cohort_dir, tiny_clip_checkpoint, tmp_path_factory):
     (run / "thresholds.json").write_text(json.dumps({
         "protocol": "val_youden", "description": "per-class Youden-J thresholds fitted on the validation split",
         "source": "test", "class_names": list(CTRATE_PATHOLOGIES), "thresholds": [0.5] * 18}))
+    # and a calibration beside them (not the identity), which the bundle's postprocessing applies
+    (run / "calibration.json").write_text(json.dumps(CALIBRATION.to_dict()))
     _export("ct_clip_classfine", ["--ckpt_path", str(run / "model.pt")], bundles / "ctclip_classfine")
     _export("ct_clip_zeroshot", ["--pretrained", str(tiny_clip_checkpoint)], bundles / "ctclip_zeroshot")
     # a bundle whose weights are another architecture's (their sha256 recorded, so only the strict load can tell)
@@ -156,7 +163,14 @@ def test_infer_equals_the_bundle_run(server, model, tmp_path):
     for name in CTRATE_PATHOLOGIES:
         assert abs(result["probabilities"][name] - own[name]) <= 1e-6, name  # predictions.csv keeps 6 decimals
     if model == "ctclip_classfine":
-        assert result["decisions"] == {c: int(result["probabilities"][c] >= 0.5) for c in CTRATE_PATHOLOGIES}
+        # calibrated probabilities, decided at the thresholds (0.5 on the uncalibrated probability) mapped through
+        # the same calibration
+        assert result["calibration"].startswith("platt calibration")
+        mapped = CALIBRATION.thresholds([0.5] * 18)
+        assert [result["thresholds"][c] for c in CTRATE_PATHOLOGIES] == pytest.approx(list(mapped), abs=1e-12)
+        assert result["decisions"] == {c: int(result["probabilities"][c] >= t) for c, t in zip(CTRATE_PATHOLOGIES, mapped)}
+    else:
+        assert result["calibration"].startswith("none")  # exported without --calibration_path
 
 
 def test_a_dicom_series_folder_as_the_dicomweb_datastore_hands_it_over(server, tmp_path):

@@ -4,7 +4,8 @@
   projection) trains with its own, lower learning rate (an optimizer group set up by
   :func:`workflows.optim.classfine_param_groups`).
 - :class:`ThresholdPredictionWriter`, :func:`save_validation_thresholds`, :func:`load_thresholds`: operating points
-  fitted on validation and applied to new scans; :func:`write_comparison`: the ClassFine vs zero-shot summary.
+  fitted on validation and applied to new scans (on the calibrated probability when a calibration is loaded:
+  :mod:`workflows.calibration`); :func:`write_comparison`: the ClassFine vs zero-shot summary.
 
 The network (:class:`custom_nets.classfine.ClassFineNetwork`), its dataset (:class:`workflows.datasets.LatentCacheDataset`)
 and the "one scan in" inputs (:func:`transforms.inference_items`, :func:`transforms.inference_transforms`) live where
@@ -26,6 +27,7 @@ from ignite.engine import Engine, Events
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_write_text, read_json
 from custom_nets.classfine import UNFREEZE_PARTS, ClassFineNetwork
 
+from .calibration import Calibration, load_calibration
 from .handlers import names_from_batch
 from .metrics import fit_thresholds_youden
 from .writers import read_predictions_csv, write_json, write_predictions_csv
@@ -82,17 +84,26 @@ class ProgressiveUnfreezing:
 
 
 def save_validation_thresholds(val_predictions: str | os.PathLike, output_path: str | os.PathLike,
-                               class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                               class_names: Optional[Sequence[str]] = None,
+                               calibration_path: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Fit per-class Youden thresholds on validation predictions and write them as JSON.
+
+    ``thresholds`` are on the uncalibrated probability (what the validation predictions hold). Youden's J depends
+    only on the order of the cases, and a calibration is strictly increasing per finding, so thresholds fitted on
+    the calibrated validation probabilities split validation the same way; ``thresholds_calibrated`` (written when
+    ``calibration_path`` is given) are these thresholds mapped through the calibration, which decide every case
+    as ``thresholds`` do. Inference maps ``thresholds`` through the calibration it loads (so the two files cannot
+    disagree) and compares them with the calibrated probability it writes.
 
     Args:
         val_predictions: ``predictions.csv`` of the validation split written with labels.
         output_path: the thresholds file (e.g. ``models/thresholds.json`` next to ``model.pt``).
         class_names: classes (default the 18 CT-RATE pathologies).
+        calibration_path: the ``calibration.json`` fitted on the same validation predictions (optional).
 
     Returns:
         The written dict ``{"protocol", "description", "source", "class_names", "thresholds"}`` (NaN → null
-        for classes without both label values in validation).
+        for classes without both label values in validation), plus ``"calibration", "thresholds_calibrated"``.
     """
     if class_names is None:
         class_names = CTRATE_PATHOLOGIES
@@ -101,12 +112,17 @@ def save_validation_thresholds(val_predictions: str | os.PathLike, output_path: 
     out = {
         "protocol": "val_youden",
         "description": "per-class Youden-J thresholds fitted on the validation split; decision = probability >= "
-                       "threshold",
+                       "threshold, thresholds on the uncalibrated probability (thresholds_calibrated: the same "
+                       "decisions on the calibrated probability)",
         "source": str(val_predictions),
         "n_validation": len(names),
         "class_names": list(class_names),
         "thresholds": [None if not np.isfinite(t) else float(t) for t in thr],
     }
+    calibration = load_calibration(calibration_path, class_names, required=True) if calibration_path else None
+    if calibration is not None:
+        out["calibration"] = Path(calibration_path).name
+        out["thresholds_calibrated"] = [None if not np.isfinite(t) else float(t) for t in calibration.thresholds(thr)]
     write_json(output_path, out)
     return out
 
@@ -130,22 +146,28 @@ class ThresholdPredictionWriter:
     """Write ``predictions.csv`` of an inference run: ``VolumeName``, 18 probabilities and decisions.
 
     Decisions (``<class>_pred_val_youden``) use the thresholds fitted on validation
-    (:func:`save_validation_thresholds`); without a thresholds file only probabilities are written.
+    (:func:`save_validation_thresholds`); without a thresholds file only probabilities are written. With a
+    ``calibration``, the probabilities the evaluator hands over are the calibrated ones (the config's
+    postprocessing applies the same calibration) and the thresholds are mapped through it: the decisions are
+    those of the uncalibrated probability at the validation thresholds.
 
     Args:
         output_dir: folder of ``predictions.csv``.
         thresholds_path: the thresholds JSON (optional).
         class_names: classes (default the 18 CT-RATE pathologies).
         filename: output file name.
+        calibration: the :class:`~workflows.calibration.Calibration` the postprocessing applied (None: none).
     """
 
     def __init__(self, output_dir: str | os.PathLike, thresholds_path: Optional[str | os.PathLike] = None,
-                 class_names: Optional[Sequence[str]] = None, filename: str = "predictions.csv") -> None:
+                 class_names: Optional[Sequence[str]] = None, filename: str = "predictions.csv",
+                 calibration: Optional[Calibration] = None) -> None:
         if class_names is None:
             class_names = CTRATE_PATHOLOGIES
         self.class_names = list(class_names)
         self.path = Path(output_dir) / filename
         self.thresholds_path = thresholds_path
+        self.calibration = calibration
         self._names: list[str] = []
         self._probs: list[np.ndarray] = []
 
@@ -177,6 +199,8 @@ class ThresholdPredictionWriter:
         if thr is None:
             logger.warning(f"no thresholds file at {self.thresholds_path!r}: predictions.csv has probabilities only "
                            "(run the evaluate config to fit thresholds on validation)")
+        elif self.calibration is not None:
+            thr = self.calibration.thresholds(thr)
         path = write_predictions_csv(self.path, self._names, probs, self.class_names,
                                      thresholds=None if thr is None else {"val_youden": thr})
         logger.info(f"wrote {path} ({len(self._names)} volumes)")
@@ -208,7 +232,8 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
         splits: splits to report.
 
     Returns:
-        ``{split: {model: {"macro_auroc", "ci_low", "ci_high", "n_cases", "protocols": {...}}}}``.
+        ``{split: {model: {"macro_auroc", "ci_low", "ci_high", "n_cases", "ece_uncalibrated", "ece_calibrated",
+        "protocols": {...}}}}``.
     """
     eval_dir = Path(eval_dir)
     models = dict(models or {"ClassFine": ".", "Zero-shot": "zeroshot"})
@@ -217,7 +242,8 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
              "Macro AUROC with bootstrap 95% CI; decision metrics (macro over classes) under the three threshold "
              "protocols: `val_youden` (thresholds fitted on validation, applied here; honest), `ctclip_paper` "
              "(thresholds tuned on the evaluated split itself: optimistic, the CT-CLIP scripts' protocol), `vlm3d` "
-             "(fixed 0.5).", ""]
+             "(fixed 0.5). Then the macro expected calibration error (equal-width bins) of the probabilities as the "
+             "model gives them and after the calibration fitted on validation, where there is one.", ""]
     for split in splits:
         table[split] = {}
         rows = []
@@ -227,8 +253,11 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
                 continue
             m = read_json(path, "metrics file")
             auc = m["auroc"]
+            cal = m.get("calibration") or {}
             entry = {"macro_auroc": auc["macro"], "ci_low": auc.get("macro_ci_low"), "ci_high": auc.get("macro_ci_high"),
                      "n_cases": m.get("n_cases"), "metrics": str(path),
+                     "ece_uncalibrated": (cal.get("uncalibrated") or {}).get("ece_macro"),
+                     "ece_calibrated": (cal.get("calibrated") or {}).get("ece_macro"),
                      "protocols": {p: _protocol_row(m, p) for p in ("val_youden", "ctclip_paper", "vlm3d")}}
             table[split][label] = entry
             for proto, r in entry["protocols"].items():
@@ -247,6 +276,9 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
             lines.append(f"| {label} | {f(e['macro_auroc'])} [{f(e['ci_low'])}, {f(e['ci_high'])}] | {proto} | "
                          f"{f(r['f1'])} | {f(r['precision'])} | {f(r['recall'])} | {f(r['accuracy'])} | "
                          f"{f(r['hamming_accuracy'])} | {f(r['positive_rate'])} |")
+        lines += ["", "| model | macro ECE uncalibrated | macro ECE calibrated |", "|---|---|---|"]
+        lines += [f"| {label} | {f(e['ece_uncalibrated']) or 'n/a'} | {f(e['ece_calibrated']) or 'n/a'} |"
+                  for label, e in table[split].items()]
         lines.append("")
     write_json(eval_dir / "comparison.json", table)
     atomic_write_text(eval_dir / "comparison.md", "\n".join(lines) + "\n")

@@ -3,8 +3,10 @@ app serves), and ClassFine's head fine-tuned from confirmed labels.
 
 The bundle's own ``configs/inference.json`` builds everything (network, weights, preprocessing, postprocessing), so
 a request gives the probabilities of ``python -m monai.bundle run --config_file configs/inference.json`` on the
-same scan. What MONAI Label's generic bundle task does differently, and why this class exists, is in
-``monailabel_app/README.md``.
+same scan. The probabilities are calibrated when the bundle ships ``models/calibration.json`` (its postprocessing
+applies it), and the decisions use the validation thresholds mapped through the same calibration, so they are the
+decisions of the uncalibrated probability. What MONAI Label's generic bundle task does differently, and why this
+class exists, is in ``monailabel_app/README.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ctclip_contract import read_json, verify_bundle
 from custom_nets import ClassFineClassifier, load_checkpoint
 from transforms import inference_items
 
+from .calibration import Calibration
 from .checkpoints import atomic_torch_save
 from .classfine import load_thresholds
 
@@ -97,7 +100,14 @@ class ServedBundle:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.postprocessing = parser.get_parsed_content("postprocessing")
         self.class_names = list(parser.get_parsed_content("class_names"))
+        # the calibration the postprocessing applies (None: uncalibrated; a bundle exported before calibration
+        # existed has no such id)
+        self.calibration: Calibration | None = parser.get_parsed_content("calibration") if "calibration" in parser \
+            else None
         self.thresholds, self.threshold_source = self._thresholds(parser)
+        if self.thresholds is not None and self.calibration is not None:
+            self.thresholds = self.calibration.thresholds(self.thresholds)
+            self.threshold_source += ", mapped through models/calibration.json"
         self.weights = Path(weights) if weights else None
         self._weights_mtime: float | None = None
         self._lock = threading.Lock()
@@ -158,6 +168,8 @@ class ServedBundle:
                                    for c, p, t in zip(self.class_names, probs, self.thresholds)}
             result["thresholds"] = {c: (None if np.isnan(t) else float(t)) for c, t in zip(self.class_names, self.thresholds)}
             result["threshold_source"] = self.threshold_source
+        result["calibration"] = (self.calibration.describe() if self.calibration is not None
+                                 else "none: the model's uncalibrated probabilities")
         result["weights"] = str(self.weights) if self._weights_mtime is not None else "models/model.pt"
         return result
 
@@ -167,6 +179,8 @@ class ServedBundle:
 
         Each scan is encoded once (the frozen encoder's latents do not change); the head trains full-batch with
         binary cross-entropy over the confirmed entries only (NaN: unconfirmed), starting from the served head.
+        The bundle's calibration (fitted on validation for the exported head) keeps being applied to the new head;
+        refit it on a labelled validation set when the head has moved far.
 
         Args:
             cases: ``(scan, labels)`` pairs, labels as :func:`read_confirmed_labels` returns.
