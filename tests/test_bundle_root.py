@@ -39,7 +39,7 @@ CASES = [(bundle, files) for bundle, lists in ENTRY_POINTS.items() for files in 
 # ids that hold a default path: each one, where a config has it and it is not empty, must lie in the bundle folder
 PATH_IDS = ("output_dir", "ckpt_dir", "ckpt_path", "eval_dir", "state_dir", "cache_dir", "inference_dir",
             "thresholds_path", "pretrained", "prompt_file", "model_config", "export_dir", "retrieval_dir",
-            "embeddings_file", "eval_output_dir")
+            "embeddings_file", "eval_output_dir", "calibration_path")
 DEFAULT_OUTPUT_DIR = {"ct_preprocess": "", "synthetic_chest_ct": "synthetic_cohort", "ct_clip_pretrain": "runs",
                       "ct_clip_classfine": "runs", "ct_clip_zeroshot": "runs"}
 

@@ -310,7 +310,8 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for split in ("validation", "test"):
-        for f in ("predictions.csv", "metrics.json", "per_class.csv", "per_class.md", "roc_curves.png"):
+        for f in ("predictions.csv", "metrics.json", "per_class.csv", "per_class.md", "roc_curves.png",
+                  "reliability.png"):
             assert (tmp_path / "eval" / split / f).is_file(), f"{split}/{f}"
     _, vp, vy = read_predictions_csv(tmp_path / "eval" / "validation" / "predictions.csv", with_labels=True)
     _, tp, ty = read_predictions_csv(tmp_path / "eval" / "test" / "predictions.csv", with_labels=True)
@@ -322,15 +323,48 @@ def test_evaluate_command_fits_test_thresholds_on_validation(tiny_preprocessed_d
         assert (t_written is None and np.isnan(t_fit)) or abs(t_fit - t_written) <= 1e-9
     assert abs(metrics["auroc"]["macro"] - macro_auroc(ty, tp)[0]) <= 1e-9
     assert metrics["n_cases"] == len(json.loads((tiny_preprocessed_dir / "datalist.json").read_text())["test"])
+    assert "macro ECE (10 bins)" in proc.stdout + proc.stderr  # the summary line
+
+    # the calibration fitted on validation (the test predictions stay uncalibrated), its ECE on test
+    from workflows.calibration import fit_calibration, load_calibration
+    from workflows.metrics import expected_calibration_error
+
+    cal = load_calibration(tmp_path / "eval" / "calibration.json", CTRATE_PATHOLOGIES, required=True)
+    refit = fit_calibration(vy, vp, "platt", CTRATE_PATHOLOGIES)
+    np.testing.assert_allclose(cal.scale, refit.scale, rtol=1e-6)
+    block = metrics["calibration"]
+    assert block["calibrated"]["method"] == "platt"
+    assert block["uncalibrated"]["ece_macro"] == pytest.approx(expected_calibration_error(ty, tp)["macro"], abs=1e-5)
+    # predictions.csv keeps 6 decimals, and the map is steep where the softmax saturates: close, not equal
+    assert block["calibrated"]["ece_macro"] == pytest.approx(
+        expected_calibration_error(ty, cal.apply(tp))["macro"], abs=2e-3)
+    # inference applies it: the test volumes' probabilities are the calibrated evaluation probabilities
+    out = tmp_path / "calibrated"
+    run_bundle("inference.json", dataset_dir=str(tiny_preprocessed_dir), split="test", output_dir=str(out),
+               model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint), num_workers=0, n_bootstrap=0,
+               calibration_path=str(tmp_path / "eval" / "calibration.json"))
+    _, calibrated = read_predictions_csv(out / "predictions.csv")
+    # each written probability is within 5e-7 of the model's; the map is increasing, so it brackets the calibrated one
+    low, high = cal.apply(np.clip(tp - 5e-7, 0, 1)), cal.apply(np.clip(tp + 5e-7, 0, 1))
+    assert np.all((calibrated >= low - 1e-6) & (calibrated <= high + 1e-6))
+    assert not np.allclose(calibrated, tp, atol=1e-3)
 
 
 def test_export_keeps_the_model(tiny_preprocessed_dir, tiny_clip_checkpoint, stored_run, tmp_path):
     """The exported bundle's weights and TorchScript give this bundle's probabilities (tests/test_bundle_export.py
     runs the exported bundle itself, outside the repository)."""
+    from workflows.calibration import Calibration
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(Calibration("platt", CTRATE_PATHOLOGIES, [0.7] * 18, [-0.2] * 18).to_dict()))
     bundle = tmp_path / "bundle"
     run_bundle("inference.json", "export.json", model_config="ctclip_tiny", pretrained=str(tiny_clip_checkpoint),
-               export_dir=str(bundle))
+               export_dir=str(bundle), calibration_path=str(calibration))
     models = bundle / "models"
+    # the calibration travels (optional for zero-shot: given here), checked by sha256 like the weights
+    assert (models / "calibration.json").read_bytes() == calibration.read_bytes()
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert "models/calibration.json" in meta["files_sha256"]
     summary = json.loads((models / "export.json").read_text())
     assert "model.ts" in summary["files"], summary["skipped"]
     # MONAI Label loads models/model.pt into network_def with strict=False: every key must match
