@@ -11,6 +11,8 @@ The exported bundle (``export_dir``, and the same tree zipped as ``export_dir.zi
     models/export.json         the export's checks (strict reload, TorchScript difference or why it was skipped)
     models/text_encoder/       text-encoder config.json and tokenizer (save_pretrained): no hub access needed
     models/thresholds.json     ClassFine: the thresholds fitted on validation
+    models/calibration.json    the per-finding calibration fitted on validation, applied by inference.json
+                               (ClassFine: required; zero-shot: when export.json is given --calibration_path)
     wheels/ctclip_monai-*.whl  this package, built from the code that ran the export
     requirements.txt           the wheel and every dependency at its exported version
     docs/README.md             what the model is, its data and metrics (from the evaluation output), the commands
@@ -342,6 +344,20 @@ def _dataset_summary(dataset_dir: str | os.PathLike | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------- README
+def _calibration_note(metrics: Mapping[str, Any]) -> str:
+    cal = metrics.get("calibration") or {}
+    before = (cal.get("uncalibrated") or {}).get("ece_macro")
+    after = (cal.get("calibrated") or {}).get("ece_macro")
+    if before is None:
+        return ""
+    text = f"Macro expected calibration error ({cal.get('n_bins')} equal-width bins) on this split: {before:.3f}"
+    if after is None:
+        return text + " (uncalibrated probabilities).\n"
+    return (text + f" uncalibrated, {after:.3f} after the {cal['calibrated'].get('method', '')} calibration fitted on "
+            "validation, which `configs/inference.json` applies (`models/calibration.json`; the decisions at the "
+            "validation thresholds are the same either way).\n")
+
+
 def _readme(meta: dict[str, Any], bundle_name: str, wheel: str, entry_points: Sequence[str], metrics: Mapping | None,
             export_summary: Mapping[str, Any] | None, run_example: str) -> str:
     exported = meta["exported"]
@@ -366,6 +382,7 @@ def _readme(meta: dict[str, Any], bundle_name: str, wheel: str, entry_points: Se
         parts.append(f"From `docs/metrics.json`, the evaluation output of this model ({metrics.get('n_cases')} "
                      "cases of the test split):\n")
         parts.append(auroc_table_markdown(metrics))
+        parts.append(_calibration_note(metrics))
     else:
         parts.append("No evaluation output was given at export.\n")
     install = "pip install torch==" + meta.get("pytorch_version", "") + " && pip install -r requirements.txt"
