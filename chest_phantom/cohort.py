@@ -663,7 +663,7 @@ def generate_cohort(
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("nibabel", "pydicom", "ctclip-monai"):
+    for pkg in ("nibabel", "isal", "pydicom", "ctclip-monai"):  # isal: it writes the .nii.gz bytes
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

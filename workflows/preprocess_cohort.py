@@ -428,7 +428,7 @@ class CTPreprocessor:
             "params_hash": self.params_hash,
             "split": self.split,
             "versions": {"python": platform.python_version(), **{p: version(p) for p in (
-                "ctclip-monai", "monai", "torch", "pytorch-ignite", "itk", "nibabel", "pydicom", "numpy")}},
+                "ctclip-monai", "monai", "torch", "pytorch-ignite", "itk", "nibabel", "isal", "pydicom", "numpy")}},
             "counts": {
                 "inputs": len(records) + len(rejected),
                 "ok": sum(r["status"] == "ok" for _, r in records),
