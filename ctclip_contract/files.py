@@ -274,9 +274,10 @@ def gzip_open(filename: str | os.PathLike, mode: str = "rb", compresslevel: Opti
     raw = open(filename, mode)
     try:
         if mode.startswith("r"):
-            f = (_igzip.IGzipFile if HAVE_ISAL else gzip.GzipFile)(filename="", mode="rb", fileobj=raw)
+            f = (_igzip.IGzipFile if HAVE_ISAL else gzip.GzipFile)(filename=os.fspath(filename), mode="rb",
+                                                                    fileobj=raw)
         else:
-            cls, level = _gzip_class(compresslevel)
+            cls, level = _gzip_class(compresslevel)  # no file name in the header: the bytes depend on the data only
             f = cls(filename="", mode=mode, compresslevel=level, fileobj=raw, mtime=mtime)
     except BaseException:
         raw.close()
