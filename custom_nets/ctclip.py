@@ -59,9 +59,14 @@ class CTCLIP(nn.Module):
         extra_latent_projection: reference option (off in v2): the image-to-text direction of the loss uses the
             separate ``*_extra`` projections; then those are real modules and :meth:`forward` returns
             ``(B, 2 * B_text)`` logits ``[main | extra]`` which :class:`~custom_nets.losses.ClipLoss` understands.
-        use_mlm: reference option, not supported (must be False).
-        downsample_image_embeds: reference option, not supported (must be False).
-        use_all_token_embeds: reference option, not supported (must be False).
+        use_mlm: reference option (off in every published model). The masked-language-model objective is a term of
+            the pretraining loss here (:class:`~custom_nets.losses.PretrainingLoss` ``mlm_weight``, the pretraining
+            bundle's ``mlm_weight``), so True is refused with that pointer.
+        downsample_image_embeds: reference option (off in every published model): a strided convolution over
+            CTViT's token grid before the visual projection. Not offered: it is tied to one encoder's grid, and
+            ``image_pooling`` or a smaller encoder reduce ``dim_image`` for any encoder; True is refused.
+        use_all_token_embeds: the reference's name for token-level (FILIP) similarity: the same as
+            ``token_level_similarity=True``.
         text_pooling: ``"cls"`` (reference: ``last_hidden_state[:, 0]``), ``"mean"`` (masked mean) or
             ``"sentence_mean"``: a report comes as ``(S, L)`` token ids, one row per sentence (see
             :class:`transforms.TokenizeReportd`'s ``max_sentences``); each sentence is encoded on its own, mean
@@ -97,11 +102,13 @@ class CTCLIP(nn.Module):
                  autocast_dtype: Optional[str] = None,
                  gradient_checkpointing: bool = False):
         super().__init__()
-        for name, value in (("use_mlm", use_mlm), ("downsample_image_embeds", downsample_image_embeds),
-                            ("use_all_token_embeds", use_all_token_embeds)):
-            if value:
-                raise NotImplementedError(f"CTCLIP option {name}=True is not implemented (the published v2 model has it "
-                                          "False)")
+        if use_mlm:
+            raise ValueError("CTCLIP(use_mlm=True): the masked-language-model objective is a pretraining loss term "
+                             "here; set mlm_weight > 0 in the pretraining loss (ct_clip_pretrain: --mlm_weight)")
+        if downsample_image_embeds:
+            raise ValueError("CTCLIP(downsample_image_embeds=True) is not offered (off in every published model; "
+                             "tied to CTViT's token grid): reduce dim_image with ctclip.image_pooling or the encoder")
+        token_level_similarity = token_level_similarity or use_all_token_embeds
         if text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {text_pooling!r}")
         if image_pooling not in IMAGE_POOLINGS:

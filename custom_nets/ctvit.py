@@ -535,7 +535,8 @@ class CTViT(nn.Module):
             return_only_codebook_ids: return the codebook indices ``(B, t, h, w)`` instead.
         """
         if not (return_encoded_tokens or return_only_codebook_ids):
-            raise NotImplementedError("CTViT here is an encoder only: the reconstruction/GAN path is not implemented")
+            raise ValueError("CTViT here is an encoder only (CT-CLIP never decodes): ask for return_encoded_tokens or "
+                             "return_only_codebook_ids")
         self.check_input(video)
         tokens = self.patch_embed(video)
         tokens = self.encode(tokens)

@@ -197,3 +197,27 @@ def test_sentence_rows_train_the_image_side_and_refuse_token_losses():
                                  special_token_ids=[0, 1, 2, 3, 4])
         with pytest.raises(ValueError, match="sentence_mean"):
             net(image, rows_ids, rows_mask)
+
+
+def test_mlm_loss_value_is_the_cross_entropy_of_the_masked_tokens_only():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])  # (B=1, L=3, V=3)
+    labels = torch.tensor([[0, -100, 2]])  # the middle token was not masked
+    loss = PretrainingLoss(clip_weight=0.0, mlm_weight=1.0)({"mlm_logits": logits, "mlm_labels": labels})
+    first = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0 + math.exp(-1.0)))
+    assert abs(float(loss) - (first + math.log(3.0)) / 2) < 1e-6
+    nothing = PretrainingLoss(clip_weight=0.0, mlm_weight=1.0)({"mlm_logits": logits, "mlm_labels": labels * 0 - 100})
+    assert float(nothing) == 0.0
+
+
+def test_reference_options_use_all_token_embeds_is_filip_and_the_others_point_elsewhere():
+    image, ids, mask, _ = _batch(create_model("ctclip_tiny"))
+    torch.manual_seed(0)
+    filip = create_model("ctclip_tiny", ctclip={"token_level_similarity": True}).eval()
+    torch.manual_seed(0)
+    reference_name = create_model("ctclip_tiny", ctclip={"use_all_token_embeds": True}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference_name(image, ids, mask), filip(image, ids, mask))
+    with pytest.raises(ValueError, match="mlm_weight"):
+        create_model("ctclip_tiny", ctclip={"use_mlm": True})
+    with pytest.raises(ValueError, match=r"downsample_image_embeds=True\) is not offered"):
+        create_model("ctclip_tiny", ctclip={"downsample_image_embeds": True})
