@@ -47,6 +47,7 @@ from ctclip_contract import (FILES_SHA256_KEY, METADATA_SCHEMA, PACKAGES_KEY, Mo
 from custom_nets import build_tokenizer
 
 from .checkpoints import atomic_torch_save
+from .metrics import macro_ece
 from .writers import auroc_table_markdown, write_json
 from .zeroshot import find_clip_model
 
@@ -345,11 +346,10 @@ def _dataset_summary(dataset_dir: str | os.PathLike | None) -> str:
 
 # --------------------------------------------------------------------------------------------- README
 def _calibration_note(metrics: Mapping[str, Any]) -> str:
-    cal = metrics.get("calibration") or {}
-    before = (cal.get("uncalibrated") or {}).get("ece_macro")
-    after = (cal.get("calibrated") or {}).get("ece_macro")
+    before, after = macro_ece(metrics)
     if before is None:
         return ""
+    cal = metrics["calibration"]
     text = f"Macro expected calibration error ({cal.get('n_bins')} equal-width bins) on this split: {before:.3f}"
     if after is None:
         return text + " (uncalibrated probabilities).\n"

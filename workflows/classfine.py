@@ -29,7 +29,7 @@ from custom_nets.classfine import UNFREEZE_PARTS, ClassFineNetwork
 
 from .calibration import Calibration, load_calibration
 from .handlers import names_from_batch
-from .metrics import fit_thresholds_youden
+from .metrics import fit_thresholds_youden, macro_ece
 from .writers import read_predictions_csv, write_json, write_predictions_csv
 
 __all__ = [
@@ -253,11 +253,10 @@ def write_comparison(eval_dir: str | os.PathLike, models: Optional[Mapping[str, 
                 continue
             m = read_json(path, "metrics file")
             auc = m["auroc"]
-            cal = m.get("calibration") or {}
+            ece_uncalibrated, ece_calibrated = macro_ece(m)
             entry = {"macro_auroc": auc["macro"], "ci_low": auc.get("macro_ci_low"), "ci_high": auc.get("macro_ci_high"),
                      "n_cases": m.get("n_cases"), "metrics": str(path),
-                     "ece_uncalibrated": (cal.get("uncalibrated") or {}).get("ece_macro"),
-                     "ece_calibrated": (cal.get("calibrated") or {}).get("ece_macro"),
+                     "ece_uncalibrated": ece_uncalibrated, "ece_calibrated": ece_calibrated,
                      "protocols": {p: _protocol_row(m, p) for p in ("val_youden", "ctclip_paper", "vlm3d")}}
             table[split][label] = entry
             for proto, r in entry["protocols"].items():

@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import fire
 
+from .metrics import macro_ece
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -202,9 +204,7 @@ def _macro(metrics: Any) -> dict[str, Any]:
     for name, proto in (metrics.get("protocols") or {}).items():
         macro = proto.get("macro", {}) if isinstance(proto, dict) else {}
         row[f"{name}_f1"] = macro.get("f1")
-    calibration = metrics.get("calibration") or {}
-    row["ece"] = (calibration.get("uncalibrated") or {}).get("ece_macro")
-    row["ece_calibrated"] = (calibration.get("calibrated") or {}).get("ece_macro")
+    row["ece"], row["ece_calibrated"] = macro_ece(metrics)
     return row
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
 from .calibration import Calibration, load_calibration
-from .metrics import evaluate_classification, to_jsonable
+from .metrics import evaluate_classification, macro_ece, to_jsonable
 from .plots import plot_latent_map, plot_reliability, plot_roc_curves
 from .retrieval import retrieval_metrics
 from .writers import read_predictions_csv, write_csv_rows, write_json, write_per_class_tables, write_predictions_csv
@@ -374,14 +374,13 @@ class ClassificationEvaluationHandler:
 def ece_summary(results: Mapping[str, Any] | None) -> str:
     """``"macro ECE (10 bins) 0.213 uncalibrated -> 0.061 platt-calibrated"`` from an evaluation's results (or
     its ``metrics.json``); ``"macro ECE n/a"`` when it has none."""
-    cal = (results or {}).get("calibration") or {}
-    before = (cal.get("uncalibrated") or {}).get("ece_macro")
+    before, after = macro_ece(results)
     if before is None:
         return "macro ECE n/a"
+    cal = results["calibration"]
     text = f"macro ECE ({cal.get('n_bins')} bins) {before:.3f} uncalibrated"
-    after = cal.get("calibrated") or {}
-    if after.get("ece_macro") is not None:
-        text += f" -> {after['ece_macro']:.3f} {after.get('method', '')}-calibrated"
+    if after is not None:
+        text += f" -> {after:.3f} {cal['calibrated'].get('method', '')}-calibrated"
     return text
 
 

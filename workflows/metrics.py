@@ -44,6 +44,7 @@ __all__ = [
     "to_jsonable",
     "PROTOCOLS",
     "ECE_DEFINITION",
+    "macro_ece",
     "reliability_bins",
     "expected_calibration_error",
 ]
@@ -600,6 +601,13 @@ def evaluate_classification(
             "notes": notes,
         }
     )
+
+
+def macro_ece(results: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
+    """``(uncalibrated, calibrated)`` macro ECE of an evaluation's results or its ``metrics.json`` (the
+    ``calibration`` block of :func:`evaluate_classification`); None where it has none."""
+    cal = (results or {}).get("calibration") or {}
+    return (cal.get("uncalibrated") or {}).get("ece_macro"), (cal.get("calibrated") or {}).get("ece_macro")
 
 
 def reliability_bins(labels: Any, probs: Any, n_bins: int = 10) -> dict[str, np.ndarray]:
