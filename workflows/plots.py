@@ -17,7 +17,7 @@ import numpy as np
 
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path, read_json
 
-from .metrics import auroc, expected_calibration_error, reliability_bins, roc_curve
+from .metrics import _names, auroc, expected_calibration_error, reliability_bins, roc_curve
 
 __all__ = ["plot_roc_curves", "plot_reliability", "embed_2d", "plot_latent_map", "plot_learning_curve",
            "read_metrics_per_epoch"]
@@ -102,9 +102,10 @@ def plot_roc_curves(
 
 
 def _class_names(class_names: Sequence[str] | None, n_classes: int) -> list[str]:
-    if class_names is None:
-        return list(CTRATE_PATHOLOGIES) if n_classes == 18 else [f"class_{i}" for i in range(n_classes)]
-    return list(class_names)
+    # the metrics' names, except that 18 unnamed columns are the CT-RATE findings in a figure's titles
+    if class_names is None and n_classes == len(CTRATE_PATHOLOGIES):
+        return list(CTRATE_PATHOLOGIES)
+    return _names(class_names, n_classes)
 
 
 def _panels(plt, n_panels: int, ncols: int = 5):
