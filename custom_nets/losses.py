@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather
 from torch import nn
 
+from .patch_ib import SELECTIONS, SPARSE_MODES, consistency_loss, keep_count, sparsity_loss
+
 __all__ = ["clip_loss", "ClipLoss", "gather_with_grad", "ContrastiveTerm", "CloobLoss", "FilipLoss", "filip_similarity",
            "MultiviewLoss", "MaskedLanguageModelLoss", "SimSiamLoss", "SimCLRLoss", "MLMHead", "VisualSSLHead",
-           "PretrainingLoss"]
+           "LocalAlignmentLoss", "SparsityLoss", "ConsistencyLoss", "PretrainingLoss"]
 
 
 def _decoupled_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -261,6 +263,48 @@ class SimCLRLoss(nn.Module):
         return F.cross_entropy(logits, target)
 
 
+class LocalAlignmentLoss(nn.Module):
+    """Patch-IB ``L_local``: symmetric InfoNCE over the ``(B, B)`` local scores of
+    :class:`~custom_nets.patch_ib.LocalAlignmentHead` (each report's token-wise patch summaries against its own
+    volume, contrasted with the batch's other volumes and reports). ``pred`` keys: ``local_scores``,
+    ``logit_scale``. Scores are formed per rank (the cross-attention of every volume with every report is
+    the memory cost); under DDP the negatives are the rank's own batch."""
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return _symmetric_ce(pred["local_scores"] * _scale(pred))
+
+
+class SparsityLoss(nn.Module):
+    """Patch-IB ``L_sparse`` on the salience mask (``pred["salience"]`` ``(B, N)``), see
+    :func:`custom_nets.patch_ib.sparsity_loss`.
+
+    Args:
+        mode: ``"keep_ratio"`` (each volume's mean mask towards ``keep_ratio``) or ``"l1"`` (the mean mask).
+        keep_ratio: the target share of kept tokens.
+    """
+
+    def __init__(self, mode: str = "keep_ratio", keep_ratio: float = 0.25):
+        super().__init__()
+        if mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.mode, self.keep_ratio = mode, float(keep_ratio)
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return sparsity_loss(pred["salience"], self.mode, self.keep_ratio)
+
+
+class ConsistencyLoss(nn.Module):
+    """Patch-IB ``L_cons``: the masked image latent keeps the unmasked one's distribution over the batch's reports
+    (:func:`custom_nets.patch_ib.consistency_loss`). ``pred`` keys: ``image_latents``, ``masked_image_latents``,
+    ``text_latents``, ``logit_scale``."""
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return consistency_loss(pred["image_latents"], pred["masked_image_latents"], pred["text_latents"],
+                                _scale(pred))
+
+
 # ------------------------------------------------------------------------------------------------ heads
 class MLMHead(nn.Module):
     """BERT-style MLM head: dense + GELU + LayerNorm, decoder tied to the text encoder's word embeddings (so a
@@ -338,13 +382,28 @@ class PretrainingLoss(nn.Module):
         visual_ssl_weight: weight of the visual self-supervision on two views.
         visual_ssl_dim: projection width of the visual SSL head.
         simclr_temperature: NT-Xent temperature.
+        local_weight: Patch-IB local alignment of report tokens to image patches (``L_local``).
+        sparse_weight: Patch-IB ``L_sparse`` on the salience mask.
+        cons_weight: Patch-IB ``L_cons``: masked against unmasked image latent over the batch's reports.
+        sparse_mode: ``"keep_ratio"`` (the mean mask towards ``keep_ratio``) or ``"l1"``.
+        keep_ratio: the target mean of the salience mask.
+        token_selection: ``"none"``, ``"soft_topk"`` or ``"hard_topk"`` (needs the salience mask: ``sparse_weight``
+            or ``cons_weight`` > 0).
+        topk_ratio: K of the top-K selection as a share of the encoder's tokens.
+        topk_temperature: softness of ``"soft_topk"``.
+
+    The Patch-IB settings (``token_selection``, ``topk_*``) shape the network's heads: the
+    :class:`~custom_nets.pretraining.PretrainingNetwork` reads them from this object (:meth:`patch_ib_settings`).
     """
 
     def __init__(self, clip_weight: float = 1.0, decoupled: bool = False, cloob_weight: float = 0.0,
                  cloob_inv_tau: float = 30.0, cloob_hopfield_scale: float = 14.3, filip_weight: float = 0.0,
                  multiview_weight: float = 0.0, multiview_view_to_view: float = 0.5, mlm_weight: float = 0.0,
                  mlm_probability: float = 0.15, visual_ssl: str = "simsiam", visual_ssl_weight: float = 0.0,
-                 visual_ssl_dim: int = 256, simclr_temperature: float = 0.1):
+                 visual_ssl_dim: int = 256, simclr_temperature: float = 0.1, local_weight: float = 0.0,
+                 sparse_weight: float = 0.0, cons_weight: float = 0.0, sparse_mode: str = "keep_ratio",
+                 keep_ratio: float = 0.25, token_selection: str = "none", topk_ratio: float = 0.5,
+                 topk_temperature: float = 0.1):
         super().__init__()
         if visual_ssl not in ("simsiam", "simclr"):
             raise ValueError(f"visual_ssl must be 'simsiam' or 'simclr', got {visual_ssl!r}")
@@ -352,11 +411,20 @@ class PretrainingLoss(nn.Module):
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.weights = {"clip": float(clip_weight), "cloob": float(cloob_weight), "filip": float(filip_weight),
                         "multiview": float(multiview_weight), "mlm": float(mlm_weight),
-                        "visual_ssl": float(visual_ssl_weight)}
+                        "visual_ssl": float(visual_ssl_weight), "local": float(local_weight),
+                        "sparse": float(sparse_weight), "cons": float(cons_weight)}
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"loss weights must be >= 0, got {self.weights}")
         if not any(self.weights.values()):
             raise ValueError("every loss weight is 0: nothing to train")
+        if token_selection not in SELECTIONS:
+            raise ValueError(f"token_selection must be one of {SELECTIONS}, got {token_selection!r}")
+        if token_selection != "none" and not (self.weights["sparse"] or self.weights["cons"]):
+            raise ValueError(f"token_selection {token_selection!r} selects by the salience mask, which only exists "
+                             f"with Patch-IB on: set sparse_weight or cons_weight > 0")
+        keep_count(1, topk_ratio)  # validates the ratio where the loss is configured
+        self.token_selection, self.topk_ratio = token_selection, float(topk_ratio)
+        self.topk_temperature = float(topk_temperature)
         self.visual_ssl, self.visual_ssl_dim = visual_ssl, int(visual_ssl_dim)
         self.mlm_probability = float(mlm_probability)
         self.terms = nn.ModuleDict({
@@ -366,6 +434,9 @@ class PretrainingLoss(nn.Module):
             "multiview": MultiviewLoss(multiview_view_to_view),
             "mlm": MaskedLanguageModelLoss(),
             "visual_ssl": SimSiamLoss() if visual_ssl == "simsiam" else SimCLRLoss(simclr_temperature),
+            "local": LocalAlignmentLoss(),
+            "sparse": SparsityLoss(sparse_mode, keep_ratio),
+            "cons": ConsistencyLoss(),
         })
         self.last_terms: dict[str, float] = {}
 
@@ -375,7 +446,8 @@ class PretrainingLoss(nn.Module):
 
     def needs(self) -> set[str]:
         """Network outputs the active terms need beyond global latents: ``tokens`` (FILIP), ``view`` (multiview,
-        visual SSL), ``mlm``, ``visual_ssl``."""
+        visual SSL), ``mlm``, ``visual_ssl``, ``salience`` (Patch-IB mask: ``L_sparse``, ``L_cons``), ``local``
+        (Patch-IB local alignment)."""
         active = set(self.active())
         out = set()
         if "filip" in active:
@@ -386,7 +458,16 @@ class PretrainingLoss(nn.Module):
             out.add("mlm")
         if "visual_ssl" in active:
             out.add("visual_ssl")
+        if active & {"sparse", "cons"}:
+            out.add("salience")
+        if "local" in active:
+            out.add("local")
         return out
+
+    def patch_ib_settings(self) -> dict[str, Any]:
+        """The head settings of Patch-IB: ``{"selection", "topk_ratio", "topk_temperature"}``."""
+        return {"selection": self.token_selection, "topk_ratio": self.topk_ratio,
+                "topk_temperature": self.topk_temperature}
 
     def forward(self, pred: Any, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(pred, torch.Tensor):
@@ -399,5 +480,7 @@ class PretrainingLoss(nn.Module):
             value = self.terms[name](pred)
             terms[name] = float(value.detach())
             total = value * self.weights[name] if total is None else total + value * self.weights[name]
+        if "kept_ratio" in pred:  # not a term: the share of tokens the salience mask keeps, logged beside them
+            terms["kept_ratio"] = float(pred["kept_ratio"])
         self.last_terms = terms
         return total
