@@ -8,6 +8,7 @@ from ctclip_contract import image_input_shape, list_model_configs, load_model_co
 
 from .checkpoint import extract_state_dict, load_checkpoint, load_state_dict_file, save_reference_checkpoint
 from .classifiers import ClassFineClassifier, ImageReportLatents, ZeroShotClassifier
+from .ct_specialised import CTSpecialisedEncoder
 from .ctclip import CTCLIP
 from .ctvit import CTViT, HUBandPatchEmbedding
 from .factory import create_model
@@ -17,7 +18,7 @@ from .text_encoder import build_text_encoder, build_tokenizer, build_wordpiece_t
 
 __all__ = [
     "list_model_configs", "load_model_config", "create_model", "image_input_shape", "merge_config",
-    "CTViT", "HUBandPatchEmbedding", "SliceFusionEncoder", "CTCLIP", "ClassFineClassifier", "ZeroShotClassifier", "ImageReportLatents", "ClipLoss", "clip_loss",
+    "CTViT", "HUBandPatchEmbedding", "SliceFusionEncoder", "CTSpecialisedEncoder", "CTCLIP", "ClassFineClassifier", "ZeroShotClassifier", "ImageReportLatents", "ClipLoss", "clip_loss",
     "load_checkpoint", "load_state_dict_file", "extract_state_dict", "save_reference_checkpoint",
     "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer", "resolve_pretrained",
 ]

@@ -329,11 +329,21 @@ class CTCLIP(nn.Module):
         proj = self.to_text_latent_extra if extra else self.to_text_latent
         return F.normalize(proj(self.text_embedding(input_ids, attention_mask, token_type_ids)), dim=-1)
 
-    def image_encoding(self, image: torch.Tensor) -> ImageEncoding:
+    def image_encoding(self, image: torch.Tensor, seg: Optional[torch.Tensor] = None) -> ImageEncoding:
         """The image encoder's output (:class:`~custom_nets.image_encoders.ImageEncoding`), float32: the global
-        embedding ``(B, dim_image)`` and, if the encoder gives them, its tokens with their positions."""
+        embedding ``(B, dim_image)`` and, if the encoder gives them, its tokens with their positions.
+
+        Args:
+            image: ``(B, 1, D, H, W)`` model input.
+            seg: optional ``(B, 1, D, H, W)`` anatomical region-id map on the image's grid, for an encoder that
+                reads one (``uses_segmentation``; it then also gives region embeddings). Refused for any other.
+        """
+        encoder = self.visual_transformer
+        if seg is not None and not getattr(encoder, "uses_segmentation", False):
+            raise ValueError(f"the image encoder {type(encoder).__name__} takes no segmentation mask (seg); "
+                             "only an encoder with uses_segmentation does (e.g. type 'ct_specialised')")
         with self._autocast(image.device):
-            encoding = self.visual_transformer.encode_volume(image)
+            encoding = encoder.encode_volume(image) if seg is None else encoder.encode_volume(image, seg=seg)
         return encoding.float()
 
     def image_tokens(self, image: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,10 @@ The contract between an encoder and :class:`~custom_nets.CTCLIP` is small:
   mm). Region pooling, local alignment and token-level similarity read the tokens;
 * attributes ``embedding_dim`` and ``token_dim`` (None without tokens);
 * optional ``set_gradient_checkpointing(enabled)``;
+* optional anatomical masks: an encoder with ``uses_segmentation = True`` takes
+  ``encode_volume(image, seg=None)``, ``seg`` a ``(B, 1, D, H, W)`` region-id map on the image's grid, and may fill
+  the region fields of :class:`ImageEncoding` (:class:`~custom_nets.CTCLIP` ``image_encoding(image, seg)``
+  refuses a mask for any other encoder);
 * an encoder without trainable parameters stays in eval mode through ``train()`` (frozen means frozen).
 
 Registering a new encoder is one decorated builder; the CLIP model, pretraining, zero-shot, ClassFine, retrieval,
@@ -48,16 +52,31 @@ class ImageEncoding:
         embedding: global embedding ``(B, embedding_dim)``, before the latent projection.
         tokens: optional ``(B, N, token_dim)`` tokens.
         positions: ``(N, 3)`` token centres in model-input voxels, ``(d, h, w)``; given with ``tokens``.
+        regions: optional per-region embeddings ``(B, R, token_dim)`` of an encoder that reads an anatomical
+            mask; row ``r`` is region id ``r + 1`` (id 0, the background, has none).
+        region_mask: ``(B, R)`` bool, given with ``regions``: True where the volume's mask holds the region
+            (an absent region's row is only its learned id embedding and carries nothing of the image).
+        patch_regions: optional ``(B, N, R + 1)`` soft assignment of each token's patch to the region ids
+            ``0..R`` (the fraction of its voxels with each id; rows sum to 1).
+        segmentation_logits: optional ``(B, N, R + 1)`` logits of an auxiliary head predicting each token's
+            region id (target: :attr:`patch_regions`).
     """
 
     embedding: torch.Tensor
     tokens: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
+    regions: Optional[torch.Tensor] = None
+    region_mask: Optional[torch.Tensor] = None
+    patch_regions: Optional[torch.Tensor] = None
+    segmentation_logits: Optional[torch.Tensor] = None
 
     def float(self) -> "ImageEncoding":
-        """The same encoding in float32 (encoders may run under autocast)."""
-        return ImageEncoding(self.embedding.float(), None if self.tokens is None else self.tokens.float(),
-                             self.positions)
+        """The same encoding in float32 (encoders may run under autocast); masks and positions unchanged."""
+        def f(t):
+            return None if t is None else t.float()
+
+        return ImageEncoding(f(self.embedding), f(self.tokens), self.positions, f(self.regions), self.region_mask,
+                             f(self.patch_regions), f(self.segmentation_logits))
 
 
 #: name -> builder(settings, config) -> nn.Module
