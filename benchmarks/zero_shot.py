@@ -23,32 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import sys
 import time
 
 import torch
 
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size since the last reset (VmHWM), in MB; ru_maxrss when /proc is unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+from memory import peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss  # benchmarks/ is on sys.path
 
 
 def reference_procedure(model, tokenizer, volume, pathologies, max_length: int = 512) -> torch.Tensor:
