@@ -23,6 +23,8 @@ from typing import Any, Optional
 import nibabel as nib
 import numpy as np
 import torch
+from ignite.engine import Events
+from monai.data import decollate_batch
 from torch import nn
 
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
@@ -213,8 +215,6 @@ class SalienceWriter:
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write_summary)
@@ -222,7 +222,7 @@ class SalienceWriter:
     @torch.no_grad()
     def __call__(self, engine) -> None:
         batch = engine.state.batch
-        items = batch if isinstance(batch, list) else _decollate(batch)
+        items = batch if isinstance(batch, list) else decollate_batch(batch)
         device = self.model.temperature.device
         self.head.to(device)
         for item in items:
@@ -282,8 +282,3 @@ class SalienceWriter:
         summary["volumes"] = self.rows
         return write_json(self.output_dir / "salience_summary.json", summary)
 
-
-def _decollate(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from monai.data import decollate_batch
-
-    return decollate_batch(batch)
