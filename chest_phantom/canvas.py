@@ -16,6 +16,8 @@ box so a case renders in well under a second at the demo geometry.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from scipy import ndimage
 
@@ -61,6 +63,60 @@ class Canvas:
         self.voxel_volume = float(np.prod(self.spacing))
         # width of a voxel seen by an oblique surface (used when the normal is not computed)
         self.h_iso = float(np.sqrt(np.mean(self.spacing**2)))
+        # finding masks (track_findings): per finding, the fraction of each voxel's content it painted
+        self.fractions: dict[str, np.ndarray] | None = None
+        self._active: str | None = None
+
+    # ------------------------------------------------------------------ finding masks
+    def track_findings(self) -> None:
+        """Record, from now on, which share of every voxel each finding painted (see :meth:`finding`)."""
+        self.fractions = {}
+
+    @contextmanager
+    def finding(self, label: str):
+        """Paints inside this block belong to the finding ``label``.
+
+        While tracking (:meth:`track_findings`), every paint composites the finding's share of a voxel the way it
+        composites the HU: ``share = share * (1 - occ) + occ`` for the finding being painted, ``share * (1 - occ)``
+        for the others (what is painted over is no longer that finding). No cost without tracking.
+        """
+        if self.fractions is None:
+            yield
+            return
+        self.fractions.setdefault(label, np.zeros(self.shape, np.float32))
+        previous, self._active = self._active, label
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def mark(self, label: str, sl, frac) -> None:
+        """Record that ``frac`` of the voxels in ``sl`` belongs to ``label`` (for findings painted as part of a
+        larger composite, e.g. the lung parenchyma); no HU change."""
+        if self.fractions is None or sl is None:
+            return
+        t = self.fractions.setdefault(label, np.zeros(self.shape, np.float32))[sl]
+        np.maximum(t, np.asarray(frac, np.float32), out=t)
+
+    def _track(self, sl, occ) -> None:
+        if not self.fractions:
+            return
+        for label, share in self.fractions.items():
+            t = share[sl]
+            if label == self._active:
+                t += occ * (1.0 - t)
+            else:
+                t *= 1.0 - occ
+
+    def finding_masks(self) -> dict[str, np.ndarray]:
+        """Boolean mask per tracked finding: voxels at least half that finding, or, for a finding thinner than a
+        voxel everywhere (a calcified plaque, a wire), at least half its largest share."""
+        out = {}
+        for label, share in (self.fractions or {}).items():
+            peak = float(share.max()) if share.size else 0.0
+            if peak > 0.0:
+                out[label] = share >= min(0.5, 0.5 * peak)
+        return out
 
     # ------------------------------------------------------------------ boxes and coordinates
     def box(self, lo, hi):
@@ -92,6 +148,7 @@ class Canvas:
             return
         h = self.hu[sl]
         h += occ * (np.asarray(value, dtype=np.float32) - h)
+        self._track(sl, occ)
 
     def normal_width(self, nx, ny, nz):
         """Voxel width along a unit normal (exact for axis-aligned surfaces)."""
@@ -261,6 +318,7 @@ class Canvas:
         if mask is not None:
             f = f * mask
         self.hu += f * (np.float32(value) - self.hu)
+        self._track(self.full(), f)
 
 
 def sample_polyline(points, step: float):

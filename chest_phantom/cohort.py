@@ -4,6 +4,9 @@ One call writes, under ``output_dir``::
 
     volumes/<split>_<p>/<split>_<p>_<scan>/<split>_<p>_<scan>_<r>.nii.gz   NIfTI reconstruction
     volumes/<split>_<p>/<split>_<p>_<scan>/<split>_<p>_<scan>_<r>/         DICOM series (one file per slice)
+    volumes/.../<split>_<p>_<scan>_<r>_seg.nii.gz       anatomical label map (uint8, the volume's grid and affine)
+    volumes/.../<split>_<p>_<scan>_<r>_findings.nii.gz  finding masks (int32 bits, CT-CLIP order; finding_masks=True)
+    anatomy_labels.json   region id -> name of the label maps (ctclip_contract.anatomy)
     metadata.csv      CT-RATE metadata header, one row per reconstruction
     reports.csv       VolumeName, ClinicalInformation_EN, Technique_EN, Findings_EN, Impressions_EN
     labels.csv        VolumeName + the 18 labels in CT-CLIP order
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import io
 import json
 import os
@@ -41,9 +45,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctclip_contract import CTRATE_PATHOLOGIES, METADATA_COLUMNS, REPORT_COLUMNS, atomic_write_json, atomic_write_text
+from ctclip_contract.anatomy import LABEL_TABLE_FILE, label_table, mask_paths
 
 from .dicom import write_dicom_series
-from .encoding import ENCODINGS, ORIENTATIONS, encoding_facts, orient, quantise, write_nifti
+from .encoding import ENCODINGS, ORIENTATIONS, encoding_facts, orient, quantise, write_label_nifti, write_nifti
 from .reports import generate_report
 
 __all__ = ["generate_cohort", "plan_cases", "case_seed", "METADATA_COLUMNS", "LABEL_COLUMNS", "DEFAULT_ENCODINGS",
@@ -65,7 +70,7 @@ _MANUFACTURERS = (
     ("Siemens", 0.301, ("SOMATOM Definition Edge", "SOMATOM Definition AS"), {"soft": "B30f", "sharp": "B70f"}, 1085.6, 595.0),
     ("PNMS", 0.084, ("NeuViz 128", "NeuViz 64"), {"soft": "STANDARD", "sharp": "LUNG"}, 1040.0, 570.0),
 )
-_COHORT_ENTRIES = ("volumes", "ground_truth", "metadata.csv", "reports.csv", "labels.csv", "cohort.json")
+_COHORT_ENTRIES = ("volumes", "ground_truth", "metadata.csv", "reports.csv", "labels.csv", "cohort.json", LABEL_TABLE_FILE)
 _SPLIT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,31}$")
 _RENDERER_FUNCTIONS = ("sample_case_record", "default_grid", "sample_recon", "render_truth", "apply_scanner")
 _RENDERER_MODULES = (".record", ".render", ".scanner")
@@ -200,13 +205,16 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encodings, orientations, dicom_fraction,
-              two_recon_fraction, two_scan_fraction, anisotropic_fraction, label_noise, num_workers, split_prefix, renderer) -> dict:
+              two_recon_fraction, two_scan_fraction, anisotropic_fraction, label_noise, num_workers, split_prefix, renderer,
+              finding_masks=True) -> dict:
     if isinstance(num_cases, bool) or not isinstance(num_cases, (int, np.integer)) or num_cases < 1:
         raise CohortConfigError(f"num_cases must be a positive integer, got {num_cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise CohortConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
         raise CohortConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+    if not isinstance(finding_masks, bool):
+        raise CohortConfigError(f"finding_masks must be true or false, got {finding_masks!r}")
     if not isinstance(split_prefix, str) or not _SPLIT.match(split_prefix):
         raise CohortConfigError(f"split_prefix must be letters/digits starting with a letter (it becomes part of "
                                 f"every file name), got {split_prefix!r}")
@@ -401,6 +409,21 @@ def _jsonable(obj):
     return obj
 
 
+def _write_masks(out: Path, rel_volume: Path, truth: dict, grid: dict, orientation: str) -> dict:
+    """Write the case's label maps beside one stored volume, in its orientation; return where (sidecar entry)."""
+    written = {}
+    for key, array in (("seg", truth.get("anatomy")), ("findings", truth.get("findings"))):
+        if array is None:
+            continue
+        stored, a_lps = orient(array, grid, orientation)
+        rel = mask_paths(rel_volume)[key]
+        write_label_nifti(out / rel, stored, a_lps)
+        written[key] = rel.as_posix()
+    if "seg" in written:
+        written["label_table"] = LABEL_TABLE_FILE
+    return written
+
+
 def _generate_case(task: dict) -> list[dict]:
     """Render, encode and write every reconstruction of one case; return its CSV rows."""
     try:
@@ -425,7 +448,9 @@ def _generate_case_inner(task: dict) -> list[dict]:
         extent = grid["shape"][1] * grid["spacing_mm"][1]
         grid["spacing_mm"][1] = float(round(grid["spacing_mm"][1] * rng.uniform(1.15, 1.3), 4))
         grid["shape"][1] = int(round(extent / grid["spacing_mm"][1]))
-    truth = fns["render_truth"](record, grid)
+    # a stand-in renderer (tests) may know no finding masks: then there are none
+    want_findings = bool(task.get("finding_masks")) and "finding_masks" in inspect.signature(fns["render_truth"]).parameters
+    truth = fns["render_truth"](record, grid, finding_masks=True) if want_findings else fns["render_truth"](record, grid)
     n_recon = 2 if rng.random() < task["two_recon_fraction"] else 1
     # Reconstruction numbers are 1-based, as in CT-RATE names (train_12_a_1, train_12_a_2).
     recons = [fns["sample_recon"](record, np.random.default_rng([cseed, 0x7EC0, r]), r) for r in range(1, n_recon + 1)]
@@ -472,6 +497,7 @@ def _generate_case_inner(task: dict) -> list[dict]:
                                         padding_stored=q["padding_stored"] if q["num_padding"] else None,
                                         study_key=f"{pid}_{scan}_{cseed}")
             storage = {"format": "dicom", "path": rel.as_posix(), "dicom": series}
+        storage["masks"] = _write_masks(out, rel, truth, grid, ori_name)
         a_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a_lps
         storage.update({
             "shape": [int(s) for s in stored.shape],
@@ -504,7 +530,7 @@ def _generate_case_inner(task: dict) -> list[dict]:
             "metadata": row,
             "report": {"VolumeName": name, **report},
             "labels": {"VolumeName": name, **labels},
-            "format": fmt, "encoding": enc_name, "orientation": ori_name,
+            "format": fmt, "encoding": enc_name, "orientation": ori_name, "masks": storage["masks"],
         })
     return rows
 
@@ -556,6 +582,7 @@ def generate_cohort(
     split_prefix: str = "train",
     progress: bool = True,
     renderer: str | None = None,
+    finding_masks: bool = True,
 ) -> dict[str, Any]:
     """Generate a labelled synthetic chest-CT cohort in the CT-RATE layout.
 
@@ -585,6 +612,10 @@ def generate_cohort(
         progress: show a tqdm progress bar.
         renderer: dotted module providing the renderer functions (default: found in
             ``chest_phantom``); lets tests substitute a stand-in.
+        finding_masks: also write ``<stem>_findings.nii.gz`` beside every volume (int32, bit ``i`` = pathology ``i``
+            of ``CTRATE_PATHOLOGIES``, the findings as drawn). The anatomical label map ``<stem>_seg.nii.gz`` and
+            ``anatomy_labels.json`` are always written (when the renderer draws anatomy). The volumes are the same
+            either way.
 
     Returns:
         summary dict: counts of patients/scans/volumes, formats, encodings, orientations, label
@@ -597,7 +628,7 @@ def generate_cohort(
     t0 = time.perf_counter()
     cfg = _validate(output_dir, num_cases, seed, geometry, prevalence, balanced, encodings, orientations, dicom_fraction,
                     two_recon_fraction, two_scan_fraction, anisotropic_fraction, label_noise, num_workers, split_prefix,
-                    renderer)
+                    renderer, finding_masks)
     out = Path(output_dir).resolve()
     _clear_previous(out)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
@@ -608,6 +639,7 @@ def generate_cohort(
         "encodings": cfg["encodings"], "orientations": cfg["orientations"], "dicom_fraction": cfg["dicom_fraction"],
         "two_recon_fraction": cfg["two_recon_fraction"], "anisotropic_fraction": cfg["anisotropic_fraction"],
         "renderer": renderer, "cohort_seed": int(seed), "label_noise": cfg["label_noise"],
+        "finding_masks": finding_masks,
     }
     tasks = [dict(common, **c) for c in cases]
     results: dict[int, list[dict]] = {}
@@ -634,6 +666,9 @@ def generate_cohort(
         bar.close()
 
     rows = [row for i in sorted(results) for row in results[i]]
+    masks = Counter(k for r in rows for k in r["masks"] if k != "label_table")
+    if masks.get("seg"):
+        atomic_write_json(out / LABEL_TABLE_FILE, label_table(), indent=1)
     _write_csv(out / "metadata.csv", METADATA_COLUMNS, [r["metadata"] for r in rows])
     _write_csv(out / "reports.csv", REPORT_COLUMNS, [r["report"] for r in rows])
     _write_csv(out / "labels.csv", LABEL_COLUMNS, [r["labels"] for r in rows])
@@ -646,14 +681,17 @@ def generate_cohort(
         "formats": dict(Counter(r["format"] for r in rows)),
         "encodings": dict(Counter(r["encoding"] for r in rows)),
         "orientations": dict(Counter(r["orientation"] for r in rows)),
+        "masks": {"seg": masks.get("seg", 0), "findings": masks.get("findings", 0)},
         "label_counts_per_volume": label_counts,
         "seconds": round(time.perf_counter() - t0, 2),
         "files": {"metadata": "metadata.csv", "reports": "reports.csv", "labels": "labels.csv",
-                  "volumes": "volumes/", "ground_truth": "ground_truth/"},
+                  "volumes": "volumes/", "ground_truth": "ground_truth/",
+                  **({"label_table": LABEL_TABLE_FILE} if masks.get("seg") else {})},
     }
     manifest = {
         "parameters": {"num_cases": int(num_cases), "seed": int(seed), "geometry": geometry, "prevalence": prevalence,
-                       "balanced": balanced, "split_prefix": split_prefix, **{k: cfg[k] for k in cfg}},
+                       "balanced": balanced, "split_prefix": split_prefix, "finding_masks": finding_masks,
+                       **{k: cfg[k] for k in cfg}},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, **_versions()},
         "summary": {k: v for k, v in summary.items() if k not in ("seconds", "output_dir")},
     }

@@ -35,7 +35,7 @@ route_nibabel_gzip(nib.openers)
 
 __all__ = [
     "ENCODINGS", "ORIENTATIONS", "HU_CLIP", "quantise", "orient", "write_nifti", "affine_lps",
-    "decode_hu", "encoding_facts",
+    "decode_hu", "encoding_facts", "write_label_nifti",
 ]
 
 #: Tissue values are clipped to the 12-bit CT range before storage; padding may lie below it.
@@ -223,6 +223,40 @@ def write_nifti(path: str | Path, stored: np.ndarray, affine_lps_matrix: np.ndar
         "axcodes": "".join(nib.aff2axcodes(affine)),
         "broken_geometry": bool(broken_geometry),
     }
+
+
+def write_label_nifti(path: str | Path, labels: np.ndarray, affine_lps_matrix: np.ndarray) -> dict[str, Any]:
+    """Write a label map (uint8 anatomy, int32 finding bits) as a gzipped NIfTI-1 file on a volume's grid.
+
+    Always with the true geometry (sform = qform, code 1), also beside a volume stored with the broken CT-RATE
+    header: the mask file stands on its own, and the preprocessing compares it with the volume's restored grid.
+    No scaling; the bytes depend on the data only (gzip without name or mtime), like :func:`write_nifti`'s.
+
+    Args:
+        path: target ``*.nii.gz``.
+        labels: integer array in the orientation of the stored volume (from :func:`orient`).
+        affine_lps_matrix: index → LPS mm (the stored volume's).
+
+    Returns:
+        ``{"dtype", "affine_ras", "axcodes"}``.
+    """
+    affine = _LPS_TO_RAS @ affine_lps_matrix
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(labels.dtype)
+    hdr.set_data_shape(labels.shape)
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr.set_xyzt_units("mm", "sec")
+    hdr["scl_slope"] = 1.0
+    hdr["scl_inter"] = 0.0
+    hdr["vox_offset"] = 352
+    if labels.dtype == np.uint8:
+        hdr["intent_code"] = 1002  # NIFTI_INTENT_LABEL (ids of a label table; the bit field of findings is not)
+    hdr["descrip"] = b"synthetic chest CT phantom labels"
+    raw = bytearray(hdr.binaryblock) + b"\x00\x00\x00\x00"
+    raw += np.asarray(labels, dtype=labels.dtype.newbyteorder("<")).tobytes(order="F")
+    atomic_write_bytes(Path(path), gzip_compress(raw, mtime=0))
+    return {"dtype": str(labels.dtype), "affine_ras": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
 
 
 def decode_hu(values: np.ndarray, sidecar_encoding: dict, trust_metadata_row: bool = False) -> np.ndarray:

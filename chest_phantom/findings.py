@@ -77,6 +77,9 @@ class LungContext:
         self.air = np.zeros(self.shape, np.float32)  # volume fraction of airway lumen air
         self.emph = None
         self.mosaic_dark = None
+        # finding masks (when the canvas tracks them): share of each lung-box voxel that a parenchymal finding
+        # changed, marked on the canvas when the parenchyma is composited
+        self.parenchyma_findings: dict[str, np.ndarray] = {}
         # fissures: 0.7 mm sheets (mass-conserving tent of one voxel width)
         d_r, d_l, d_h = anat.fissure_distances(x, y, z)
         h = float(np.sqrt(cv.spacing[1] * cv.spacing[2]))
@@ -192,6 +195,14 @@ class LungContext:
         air_vol = np.where((~vessel) & sh, np.pi * rr**2, 0.0) * ds
         soft = cv.splat(pts, soft_vol + cuff_vol)
         air = cv.splat(pts[~vessel & sh], air_vol[~vessel & sh])
+        airway_findings = {}
+        if cv.fractions is not None:  # the airways each airway finding changed, walls and cuffs included
+            for label in ("Bronchiectasis", "Peribronchial thickening"):
+                if label in fnd:
+                    chosen = (kind == 0) & np.isin(seg_lobe, fnd[label]["sites"]) & show & (gen >= 1)
+                    pick = chosen[seg]
+                    airway_findings[label] = np.clip(cv.splat(pts[pick], (np.pi * (rr + ww + cc + 0.5) ** 2 * ds)[pick]),
+                                                     0, 1)
         self.soft += soft[self.sl]
         self.air += air[self.sl]
         # QA masks from the normal tree (what a reader knows without the findings)
@@ -204,6 +215,10 @@ class LungContext:
         fs = np.clip(self.soft, 0, 1 - fa)
         value = self.par * (1 - fs - fa) + fs * 40.0 + fa * (-1000.0)
         cv.paint(self.sl, self.occ, value)
+        for label, share in self.parenchyma_findings.items():
+            cv.mark(label, self.sl, self.occ * share)
+        for label, frac in airway_findings.items():
+            cv.mark(label, cv.full(), frac)
         return vmask
 
     def paint_local(self, occ, value):
@@ -212,20 +227,32 @@ class LungContext:
 
 
 # ---------------------------------------------------------------------------------------------
+#: A parenchymal finding's mask: where it moved the parenchyma by more than this (HU) or added this much soft tissue
+PARENCHYMA_MASK_HU = 30.0
+PARENCHYMA_MASK_SOFT = 0.1
+
+
 def parenchymal_findings(lung: LungContext, fnd: dict):
     """Findings that change the parenchyma field (before the tree is composited)."""
-    if "Emphysema" in fnd:
-        _emphysema(lung, fnd["Emphysema"])
-    if "Mosaic attenuation pattern" in fnd:
-        _mosaic(lung, fnd["Mosaic attenuation pattern"])
-    if "Lung opacity" in fnd:
-        _ground_glass(lung, fnd["Lung opacity"])
-    if "Interlobular septal thickening" in fnd:
-        _septal(lung, fnd["Interlobular septal thickening"])
-    if "Pulmonary fibrotic sequela" in fnd and fnd["Pulmonary fibrotic sequela"]["subtype"] == "basal reticular":
-        _reticular(lung, fnd["Pulmonary fibrotic sequela"])
-    if "Consolidation" in fnd:
-        _consolidation(lung, fnd["Consolidation"])
+    steps = (
+        ("Emphysema", _emphysema, True),
+        ("Mosaic attenuation pattern", _mosaic, True),
+        ("Lung opacity", _ground_glass, True),
+        ("Interlobular septal thickening", _septal, True),
+        ("Pulmonary fibrotic sequela", _reticular,
+         fnd.get("Pulmonary fibrotic sequela", {}).get("subtype") == "basal reticular"),
+        ("Consolidation", _consolidation, True),
+    )
+    track = lung.cv.fractions is not None
+    for label, draw, applies in steps:
+        if label not in fnd or not applies:
+            continue
+        before = (lung.par.copy(), lung.soft.copy()) if track else None
+        draw(lung, fnd[label])
+        if track:
+            changed = (np.abs(lung.par - before[0]) > PARENCHYMA_MASK_HU) | (lung.soft - before[1] > PARENCHYMA_MASK_SOFT)
+            share = lung.parenchyma_findings.get(label)
+            lung.parenchyma_findings[label] = changed.astype(np.float32) if share is None else np.maximum(share, changed)
     if "Atelectasis" in fnd and fnd["Atelectasis"]["subtype"] == "passive" and "Pleural effusion" not in fnd:
         pass  # passive atelectasis is drawn with the effusion that causes it
 
@@ -346,47 +373,62 @@ def lung_lesions(lung: LungContext, fnd: dict):
     """Nodules, fibrotic bands and plate atelectasis painted over the lung composite."""
     cv = lung.cv
     if "Lung nodule" in fnd:
-        f = fnd["Lung nodule"]
-        rng = _frng(f)
-        for c, dmm in zip(f["centers_mm"], f["diameters_mm"]):
-            semi = dmm / 2 * np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)])
-            rot = rotation_from_axes(rng.normal(size=3))
-            sub = f["subtype"]
-            hu = {"solid": 38.0, "ground-glass": -360.0, "calcified": 650.0}[sub]
-            if sub == "calcified" and dmm > 10:
-                hu = 38.0  # large nodules of a 'calcified' record: solid with a dense core
-                cv.paint_ellipsoid(hu, c, semi, rot)
-                cv.paint_ellipsoid(650.0, c, semi * 0.4, rot)
-            else:
-                cv.paint_ellipsoid(hu, c, semi, rot)
+        with cv.finding("Lung nodule"):
+            _nodules(cv, fnd["Lung nodule"])
     if "Pulmonary fibrotic sequela" in fnd and fnd["Pulmonary fibrotic sequela"]["subtype"] == "apical":
-        f = fnd["Pulmonary fibrotic sequela"]
-        rng = _frng(f, "fibrosis_seed")
-        for c in f["centers_mm"]:
-            _fibrotic_band(lung, np.asarray(c, float), rng, _sev(f))
-        # apical cap: pleuroparenchymal thickening over the apex of the affected lung(s)
-        anat = lung.anat
-        top = lung.z > anat.z_apex - 25
-        if top.any():
-            k0 = int(np.argmax(top))
-            sub = (slice(None), slice(None), slice(k0, None))
-            d = anat.lung_distance(lung.x, lung.y, lung.z[..., k0:])
-            cap = ramp(-(d + 3.0 + 1.0 * _sev(f)), lung.cv.h_iso) * lung.in_lobes(f["sites"])[sub]
-            occ = np.zeros(lung.shape, np.float32)
-            occ[sub] = cap
-            lung.paint_local(occ, 30.0)
+        with cv.finding("Pulmonary fibrotic sequela"):
+            _apical_fibrosis(lung, fnd["Pulmonary fibrotic sequela"])
     if "Atelectasis" in fnd and fnd["Atelectasis"]["subtype"] == "subsegmental":
-        f = fnd["Atelectasis"]
-        rng = _frng(f)
-        for c, L in zip(f["centers_mm"], f["band_lengths_mm"]):
-            radial = unit([c[0], c[1], 0.0])
-            u = unit(np.cross(radial, [0, 0, 1.0]) + rng.normal(0, 0.3, 3))
-            w = unit(np.array([0, 0, 1.0]) + rng.normal(0, 0.25, 3))
-            v = unit(np.cross(w, u))
-            rot = np.stack([u, v, unit(np.cross(u, v))])
-            # plate-like collapse: 5-8 mm thick, 20-30 mm tall, at collapsed-lung density
-            o = lung.local_ellipsoid(c, [L / 2, 10.0 + 2 * _sev(f), 2.5 + 0.5 * _sev(f)], rot)
-            lung.paint_local(o, 45.0)
+        with cv.finding("Atelectasis"):
+            _plate_atelectasis(lung, fnd["Atelectasis"])
+
+
+def _nodules(cv: Canvas, f):
+    """Solid, ground-glass or calcified nodules at the record's centres and diameters."""
+    rng = _frng(f)
+    for c, dmm in zip(f["centers_mm"], f["diameters_mm"]):
+        semi = dmm / 2 * np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)])
+        rot = rotation_from_axes(rng.normal(size=3))
+        sub = f["subtype"]
+        hu = {"solid": 38.0, "ground-glass": -360.0, "calcified": 650.0}[sub]
+        if sub == "calcified" and dmm > 10:
+            hu = 38.0  # large nodules of a 'calcified' record: solid with a dense core
+            cv.paint_ellipsoid(hu, c, semi, rot)
+            cv.paint_ellipsoid(650.0, c, semi * 0.4, rot)
+        else:
+            cv.paint_ellipsoid(hu, c, semi, rot)
+
+
+def _apical_fibrosis(lung: LungContext, f):
+    """Apical fibrotic bands toward the pleura and the apical cap."""
+    rng = _frng(f, "fibrosis_seed")
+    for c in f["centers_mm"]:
+        _fibrotic_band(lung, np.asarray(c, float), rng, _sev(f))
+    # apical cap: pleuroparenchymal thickening over the apex of the affected lung(s)
+    anat = lung.anat
+    top = lung.z > anat.z_apex - 25
+    if top.any():
+        k0 = int(np.argmax(top))
+        sub = (slice(None), slice(None), slice(k0, None))
+        d = anat.lung_distance(lung.x, lung.y, lung.z[..., k0:])
+        cap = ramp(-(d + 3.0 + 1.0 * _sev(f)), lung.cv.h_iso) * lung.in_lobes(f["sites"])[sub]
+        occ = np.zeros(lung.shape, np.float32)
+        occ[sub] = cap
+        lung.paint_local(occ, 30.0)
+
+
+def _plate_atelectasis(lung: LungContext, f):
+    """Subsegmental (plate-like) atelectasis: thin dense plates at the record's centres."""
+    rng = _frng(f)
+    for c, L in zip(f["centers_mm"], f["band_lengths_mm"]):
+        radial = unit([c[0], c[1], 0.0])
+        u = unit(np.cross(radial, [0, 0, 1.0]) + rng.normal(0, 0.3, 3))
+        w = unit(np.array([0, 0, 1.0]) + rng.normal(0, 0.25, 3))
+        v = unit(np.cross(w, u))
+        rot = np.stack([u, v, unit(np.cross(u, v))])
+        # plate-like collapse: 5-8 mm thick, 20-30 mm tall, at collapsed-lung density
+        o = lung.local_ellipsoid(c, [L / 2, 10.0 + 2 * _sev(f), 2.5 + 0.5 * _sev(f)], rot)
+        lung.paint_local(o, 45.0)
 
 
 def _fibrotic_band(lung: LungContext, c, rng, sev):
@@ -408,9 +450,15 @@ def _fibrotic_band(lung: LungContext, c, rng, sev):
 
 
 def pleural_effusion(lung: LungContext, fnd: dict):
-    """Dependent fluid crescent (+ passive atelectasis of the compressed lung)."""
+    """Dependent fluid crescent (+ passive atelectasis of the compressed lung).
+
+    Returns:
+        boolean mask (full grid) of the voxels that are mostly pleural fluid, or None without an effusion.
+    """
     if "Pleural effusion" not in fnd:
-        return
+        return None
+    cv = lung.cv
+    fluid_mask = np.zeros(cv.shape, bool)
     f = fnd["Pleural effusion"]
     anat = lung.anat
     x, y, z = lung.x, lung.y, lung.z
@@ -426,10 +474,14 @@ def pleural_effusion(lung: LungContext, fnd: dict):
         depth = yw - y  # distance in front of the posterior wall (gravity is +y)
         side = (x < 4) if s < 0 else (x >= 4)
         fluid = ramp(depth - t, lung.cv.spacing[1]) * side
-        lung.paint_local(fluid, FLUID_HU)
+        with cv.finding("Pleural effusion"):
+            lung.paint_local(fluid, FLUID_HU)
+        fluid_mask[lung.sl] |= fluid * lung.occ > 0.5
         if passive and (f["side"] == "bilateral" or any(st.startswith("right" if s < 0 else "left") for st in fnd["Atelectasis"]["sites"])):
             comp = np.clip(ramp(depth - t - band, lung.cv.spacing[1]) - fluid, 0, 1) * side * (t > 2)
-            lung.paint_local(comp, 50.0)  # collapsed lung: ~40 HU denser than the fluid beside it
+            with cv.finding("Atelectasis"):
+                lung.paint_local(comp, 50.0)  # collapsed lung: ~40 HU denser than the fluid beside it
+    return fluid_mask
 
 
 # ---------------------------------------------------------------------------------------------

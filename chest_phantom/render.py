@@ -2,8 +2,9 @@
 
 Contract::
 
-    render_truth(record: dict, grid: dict) -> {"hu": float32 (nx, ny, nz), "masks": {...},
-                                               "geometry": {...}, "metal": bool}
+    render_truth(record: dict, grid: dict, finding_masks: bool = False)
+        -> {"hu": float32 (nx, ny, nz), "masks": {...}, "anatomy": uint8 (nx, ny, nz),
+            "geometry": {...}, "metal": bool[, "findings": int32 (nx, ny, nz)]}
 
 ``grid = {"shape": [nx, ny, nz], "spacing_mm": [sx, sy, sz], "origin_mm": [x0, y0, z0]}``; index
 ``(i, j, k)`` is patient LPS ``origin + (i*sx, j*sy, k*sz)``. ``masks`` holds boolean arrays of the
@@ -12,6 +13,14 @@ Contract::
 ``aorta``, ``aorta_wall``, ``coronary``, ``vessels`` (bronchovascular tree), ``airway_roi``,
 ``mediastinal_vessels`` (great vessels, trachea, oesophagus), ``liver``. ``geometry`` has key
 points and centrelines in mm (carina, node stations, hiatus, cage half-width...).
+
+``anatomy`` is the anatomical label map of the case (ids of ``ctclip_contract.anatomy.ANATOMY_LABELS``; the
+regions are drawn from the same geometry as the HU, each voxel taking the region that holds most of it, with the
+later layer of the list in :func:`anatomy_label_map` winning where two overlap). With ``finding_masks``,
+``findings`` is the int32 bit field of the findings actually drawn (bit ``i`` = pathology ``i`` of
+``CTRATE_PATHOLOGIES``): the canvas tracks the share of each voxel every finding painted
+(:meth:`.canvas.Canvas.finding`); a voxel belongs to a finding when at least half of it is that finding.
+Tracking does not change the HU.
 
 Painting order (later layers overwrite earlier ones, each with its partial-volume occupancy):
 air/table → body fat, skin, breasts, muscles → bones → cavity fat → upper abdomen → lungs
@@ -25,28 +34,40 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ctclip_contract import CTRATE_PATHOLOGIES
+from ctclip_contract.anatomy import REGION_IDS
+
 from . import findings as F
 from .anatomy import LOBES, NODE_STATIONS, ChestAnatomy
 from .canvas import Canvas, ramp, rotation_from_axes, sample_polyline, smooth_noise
 
-__all__ = ["render_truth"]
+__all__ = ["render_truth", "anatomy_label_map"]
+
+#: Phantom lobe ids (:data:`.anatomy.LOBES`) -> regions (the lingula is part of the left upper lobe, as in
+#: TotalSegmentator)
+_LOBE_REGIONS = {1: "lung_upper_lobe_right", 2: "lung_middle_lobe_right", 3: "lung_lower_lobe_right",
+                 4: "lung_upper_lobe_left", 5: "lung_upper_lobe_left", 6: "lung_lower_lobe_left"}
 
 
-def render_truth(record: dict, grid: dict) -> dict:
+def render_truth(record: dict, grid: dict, finding_masks: bool = False) -> dict:
     """Render the noiseless partial-volume HU volume of a case record on a grid.
 
     Args:
         record: a case record from :func:`.record.sample_case_record`.
         grid: ``{"shape", "spacing_mm", "origin_mm"}`` (LPS, see module docstring).
+        finding_masks: also return ``"findings"``, the int32 bit field of the drawn findings.
 
     Returns:
         dict with ``"hu"`` (float32, shape ``grid["shape"]``), ``"masks"`` (normal-anatomy
         boolean/uint8 arrays for QA), ``"geometry"`` (key points in mm) and ``"metal"`` (whether
-        metal devices are present) and, with metal, ``"metal_map"`` (float32 HU excess of
-        the devices per voxel, which drives the scanner's streak artefacts).
+        metal devices are present), ``"anatomy"`` (uint8 anatomical label map), with metal ``"metal_map"`` (float32
+        HU excess of the devices per voxel, which drives the scanner's streak artefacts) and with ``finding_masks``
+        ``"findings"`` (int32 bit field).
     """
     anat = ChestAnatomy(record["anatomy"], record.get("incidental", ()))
     cv = Canvas(grid, background=-1000.0)
+    if finding_masks:
+        cv.track_findings()
     rng = np.random.default_rng([int(record["seed"]) & 0xFFFFFFFF, 0xD1CE])
     p = anat.p
     fnd = {f["label"]: f for f in record["findings"]}
@@ -61,7 +82,7 @@ def render_truth(record: dict, grid: dict) -> dict:
     X, Y, Z = cv.coords(cv.full())
     d_cage = anat.cage_distance(X, Y, Z)
     cv.paint(cv.full(), ramp(d_cage, cv.h_iso), p["fat_hu"])
-    _paint_abdomen(cv, anat, inc, rng)
+    masks.update(_paint_abdomen(cv, anat, inc, rng))
 
     # ---- lungs
     lung = F.LungContext(cv, anat, rng)
@@ -78,8 +99,10 @@ def render_truth(record: dict, grid: dict) -> dict:
     med = _paint_mediastinum(cv, anat, fnd, inc, rng)
     masks.update(med)
     masks["bone"] = bone
-    F.pleural_effusion(lung, fnd)
-    metal_map = F.devices(cv, anat, fnd)
+    fluid = F.pleural_effusion(lung, fnd)
+    masks["pleural_fluid"] = fluid if fluid is not None else np.zeros(cv.shape, bool)
+    with cv.finding("Medical material"):
+        metal_map = F.devices(cv, anat, fnd)
 
     # pure-tissue masks for HU QA: voxels still holding exactly their tissue's value
     hu0 = cv.hu
@@ -111,7 +134,16 @@ def render_truth(record: dict, grid: dict) -> dict:
         "vertebra_center_yx_mm": [float(anat.yv), 0.0],
         "lobes": LOBES,
     }
-    out = {"hu": cv.hu, "masks": masks, "geometry": geometry, "metal": metal_map is not None}
+    out = {"hu": cv.hu, "masks": masks, "geometry": geometry, "metal": metal_map is not None,
+           "anatomy": anatomy_label_map(cv, anat, masks)}
+    if finding_masks:
+        if "Cardiomegaly" in fnd:  # the finding is the heart's size: the whole heart
+            cv.mark("Cardiomegaly", cv.full(), masks["heart_region"])
+        bits = np.zeros(cv.shape, np.int32)
+        for label, m in cv.finding_masks().items():
+            if label in CTRATE_PATHOLOGIES:
+                bits[m] |= np.int32(1 << CTRATE_PATHOLOGIES.index(label))
+        out["findings"] = bits
     if metal_map is not None:
         out["metal_map"] = metal_map
     return out
@@ -244,7 +276,8 @@ def _paint_abdomen(cv: Canvas, anat: ChestAnatomy, inc, rng):
     sl = cv.box([-anat.A - 5, -anat.B - 5, cv.axes[2][0]], [anat.A + 5, anat.B + 5, anat.z_dome_r + 5])
     if sl is None:
         anat.liver_center = np.array([-0.35 * anat.A, 0.05 * anat.B, anat.z_dome_r - 75])
-        return
+        return {}
+    organs = {}
     x, y, z = cv.coords(sl)
     below = ramp(z - anat.diaphragm_z(x, y), cv.spacing[2])
     inside = ramp(anat.cage_distance(x, y, z), cv.h_iso)
@@ -255,6 +288,7 @@ def _paint_abdomen(cv: Canvas, anat: ChestAnatomy, inc, rng):
     anat.liver_center = lc
     s_l, occ = cv.ellipsoid(lc, [0.85 * anat.A, 0.98 * anat.B, 100.0], sl=sl)
     cv.paint(sl, occ * base, p["liver_hu"])
+    organs["liver_region"] = _full_mask(cv, sl, occ * base > 0.5)
     # spleen posterior-left, stomach under the left dome with an air-fluid level (air anterior in supine)
     s_s, occ = cv.ellipsoid([0.62 * anat.A, 0.45 * anat.B, anat.z_dome_l - 60], [26, 0.5 * anat.B, 50], sl=sl)
     cv.paint(sl, occ * base, p["spleen_hu"])
@@ -262,6 +296,7 @@ def _paint_abdomen(cv: Canvas, anat: ChestAnatomy, inc, rng):
     semi = np.array([42.0, 38.0, 44.0])
     _, occ = cv.ellipsoid(sc, semi, sl=sl)
     cv.paint(sl, occ * base, 40.0)
+    organs["stomach"] = _full_mask(cv, sl, occ * base > 0.5)
     _, occ = cv.ellipsoid(sc, semi - 4, sl=sl)
     level = sc[1] + semi[1] * (1 - 2 * p["stomach_air_fraction"])
     content = np.where(y < level, -1000.0, 12.0).astype(np.float32)
@@ -274,6 +309,86 @@ def _paint_abdomen(cv: Canvas, anat: ChestAnatomy, inc, rng):
             _, occ = cv.ellipsoid(np.add(kc, [12, 0, 25]), [11, 11, 11], sl=sl)
             cv.paint(sl, occ * base, 8.0)
     del X, Y, Z
+    return organs
+
+
+def _full_mask(cv: Canvas, sl, local) -> np.ndarray:
+    out = np.zeros(cv.shape, bool)
+    out[sl] = local
+    return out
+
+
+def _polyline_mask(cv: Canvas, points, radii, out=None) -> np.ndarray:
+    """Voxels mostly inside a tube along a polyline (radius per point)."""
+    out = np.zeros(cv.shape, bool) if out is None else out
+    pts = np.asarray(points, dtype=np.float64)
+    rad = np.broadcast_to(np.asarray(radii, dtype=np.float64), (len(pts),))
+    for a in range(len(pts) - 1):
+        sl, occ = cv.tube(pts[a], pts[a + 1], rad[a], rad[a + 1])
+        if sl is not None:
+            out[sl] |= occ > 0.5
+    return out
+
+
+def anatomy_label_map(cv: Canvas, anat: ChestAnatomy, masks: dict) -> np.ndarray:
+    """The anatomical label map of a rendered case (uint8 ids of ``ctclip_contract.anatomy.ANATOMY_LABELS``).
+
+    Layers, each painted over the ones before it: body wall (the body outline, without the table) → upper abdomen
+    (inside the cage below the diaphragm) → mediastinum (inside the cage above the diaphragm, outside the lungs) →
+    liver, stomach → lung lobes → pleural space (pleural fluid) → heart (with the pericardium) → pulmonary artery,
+    superior vena cava, aorta → oesophagus → thyroid → trachea → bronchi → bone.
+
+    Args:
+        cv: the canvas after painting.
+        anat: the case anatomy.
+        masks: the normal-anatomy masks of :func:`render_truth` (``body``, ``lobes``, ``heart_region``, ``aorta``,
+            ``bone``, ``abdomen``, ``liver_region``, ``stomach``, ``pleural_fluid``).
+    """
+    X, Y, Z = cv.coords(cv.full())
+    y_table = anat.body_yc + anat.body_b + anat.p["table_gap_mm"]
+    in_cage = anat.cage_distance(X, Y, Z) < 0
+    lung = masks["lobes"] > 0
+    layers = [
+        ("body_wall", masks["body"] & (Y < y_table)),
+        ("abdomen", masks["abdomen"]),
+        ("mediastinum", in_cage & (Z >= anat.diaphragm_z(X, Y)) & ~lung),
+        ("liver", masks.get("liver_region")),
+        ("stomach", masks.get("stomach")),
+        *[(name, masks["lobes"] == lobe) for lobe, name in _LOBE_REGIONS.items()],
+        ("pleural_space", masks.get("pleural_fluid")),
+        ("heart", masks["heart_region"]),
+        ("pulmonary_artery", _polyline_mask(cv, anat.rpa, 0.75 * anat.pa_radius,
+                                            _polyline_mask(cv, anat.lpa, 0.72 * anat.pa_radius,
+                                                           _polyline_mask(cv, anat.pa_trunk, anat.pa_radius)))),
+        ("superior_vena_cava", _polyline_mask(cv, anat.svc, anat.svc_radius)),
+        ("aorta", masks["aorta"]),
+        ("esophagus", _polyline_mask(cv, anat.esophagus, 8.0)),
+        ("thyroid_gland", _thyroid_mask(cv, anat)),
+        ("trachea", _polyline_mask(cv, [[0.0, anat.yt, cv.axes[2][-1] + 10], [0.0, anat.yt, 0.0]], anat.rt + 1.6)),
+        ("bronchi", _bronchi_mask(cv, anat)),
+        ("bone", masks["bone"]),
+    ]
+    out = np.zeros(cv.shape, np.uint8)
+    for name, m in layers:
+        if m is not None:
+            out[np.broadcast_to(m, cv.shape)] = REGION_IDS[name]
+    return out
+
+
+def _thyroid_mask(cv: Canvas, anat: ChestAnatomy) -> np.ndarray:
+    out = np.zeros(cv.shape, bool)
+    for s in (-1, 1):
+        sl, occ = cv.ellipsoid([s * 18.0, anat.yt - 8, anat.z_apex + 25], [10, 10, 22])
+        if sl is not None:
+            out[sl] |= occ > 0.5
+    return out
+
+
+def _bronchi_mask(cv: Canvas, anat: ChestAnatomy) -> np.ndarray:
+    out = np.zeros(cv.shape, bool)
+    for a, b, r in anat.main_bronchi + anat.lobar_bronchi:
+        _polyline_mask(cv, [a, b], r * 1.35 + 0.6, out)
+    return out
 
 
 def _paint_mediastinum(cv: Canvas, anat: ChestAnatomy, fnd, inc, rng):
@@ -292,7 +407,8 @@ def _paint_mediastinum(cv: Canvas, anat: ChestAnatomy, fnd, inc, rng):
     cv.paint_ellipsoid(fat, hc, hs, hr, grow=6.0 + t_eff + 1.5)
     cv.paint_ellipsoid(30.0, hc, hs, hr, grow=4.5 + t_eff)
     if t_eff > 0:
-        F.pericardial_effusion(cv, anat, fnd["Pericardial effusion"])
+        with cv.finding("Pericardial effusion"):
+            F.pericardial_effusion(cv, anat, fnd["Pericardial effusion"])
     cv.paint_ellipsoid(fat, hc, hs, hr, grow=3.0)
     cv.paint_ellipsoid(blood, hc, hs, hr)
     # coronary arteries in the epicardial fat
@@ -351,12 +467,10 @@ def _paint_mediastinum(cv: Canvas, anat: ChestAnatomy, fnd, inc, rng):
         sa = node_rng.uniform(2.0, 4.0)
         cv.paint_ellipsoid(40.0, c, [sa, sa * 1.3, sa * 1.6])
         cv.paint_ellipsoid(fat, c, [sa * 0.4, sa * 0.5, sa * 0.6])
-    if "Lymphadenopathy" in fnd:
-        F.lymphadenopathy(cv, anat, fnd["Lymphadenopathy"])
-    if "Hiatal hernia" in fnd:
-        F.hiatal_hernia(cv, anat, fnd["Hiatal hernia"])
-    if "Arterial wall calcification" in fnd:
-        F.arterial_calcification(cv, anat, fnd["Arterial wall calcification"])
-    if "Coronary artery wall calcification" in fnd:
-        F.coronary_calcification(cv, anat, fnd["Coronary artery wall calcification"])
+    for label, draw in (("Lymphadenopathy", F.lymphadenopathy), ("Hiatal hernia", F.hiatal_hernia),
+                        ("Arterial wall calcification", F.arterial_calcification),
+                        ("Coronary artery wall calcification", F.coronary_calcification)):
+        if label in fnd:
+            with cv.finding(label):
+                draw(cv, anat, fnd[label])
     return masks
