@@ -145,8 +145,10 @@ def _peak(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else peak_rss_mb()
 
 
-def train_rows(model, device: str, batches, dtype: str, steps: int, text_tokens: int) -> list[dict]:
-    """Training-step rows for each batch size, without and with activation checkpointing."""
+def train_rows(model, device: str, batches, dtype: str, steps: int, text_tokens: int,
+               checkpoint_settings=(False, True)) -> list[dict]:
+    """Training-step rows for each batch size and each activation-checkpointing setting (``dtype`` "float32": no
+    autocast)."""
     import custom_nets as cn
     from custom_nets.losses import PretrainingLoss
     from custom_nets.pretraining import PretrainingNetwork
@@ -154,7 +156,7 @@ def train_rows(model, device: str, batches, dtype: str, steps: int, text_tokens:
     rows = []
     g = torch.Generator().manual_seed(1)
     shape = cn.image_input_shape(model.config)
-    for checkpointing in (False, True):
+    for checkpointing in checkpoint_settings:
         model.set_gradient_checkpointing(checkpointing)
         for batch in batches:
             if rows and rows[-1]["checkpointing"] == checkpointing and rows[-1].get("oom"):
