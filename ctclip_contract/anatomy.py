@@ -28,7 +28,7 @@ from .pathologies import CTRATE_PATHOLOGIES
 
 __all__ = [
     "ANATOMY_REGIONS", "ANATOMY_LABELS", "REGION_IDS", "OWN_REGIONS", "TOTALSEGMENTATOR_TASK", "LABEL_TABLE_FILE",
-    "SEG_SUFFIX", "FINDINGS_SUFFIX", "FINDINGS_DTYPE", "SEG_DTYPE", "TOTALSEGMENTATOR_TO_REGION", "MaskError",
+    "SEG_SUFFIX", "FINDINGS_SUFFIX", "FINDINGS_DTYPE", "SEG_DTYPE", "MASK_KEYS", "TOTALSEGMENTATOR_TO_REGION", "MaskError",
     "region_id", "label_table", "read_label_table", "mask_paths", "is_mask_file", "finding_bit", "findings_of_value",
     "read_region_mapping",
 ]
@@ -89,6 +89,9 @@ SEG_SUFFIX = "_seg"
 FINDINGS_SUFFIX = "_findings"
 SEG_DTYPE = "uint8"
 FINDINGS_DTYPE = "int32"
+#: Keys of the masks in items, records and datalist entries (preprocessing, training). The finding masks are
+#: ``findings_mask`` there: an entry's ``findings`` is the report's Findings text.
+MASK_KEYS = {"seg": "seg", "findings": "findings_mask"}
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _MASK = re.compile(rf"({SEG_SUFFIX}|{FINDINGS_SUFFIX})\.nii(\.gz)?$", re.IGNORECASE)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ctclip_contract import NOT_GIVEN, NUM_PATHOLOGIES, read_json
+from ctclip_contract.anatomy import LABEL_TABLE_FILE, MASK_KEYS, SEG_SUFFIX, is_mask_file, mask_paths
 
 from .ctrate import (find_ctrate_tables, is_safe_name, patient_id, read_labels_csv, read_metadata_csv,
                      read_reports_csv, volume_stem)
@@ -41,13 +42,54 @@ def _is_preprocessed(folder: Path) -> bool:
     return False
 
 
+def _is_structure_folder(folder: Path) -> bool:
+    """``<stem>_seg/`` holding NIfTI files: one mask per structure (TotalSegmentator's layout), not a volume."""
+    return folder.name.endswith(SEG_SUFFIX) and any(f.name.lower().endswith(NIFTI_SUFFIXES) for f in folder.iterdir())
+
+
+def _promised_masks(root: Path) -> tuple[bool, bool]:
+    """Whether every volume must have a label map (``anatomy_labels.json`` at the root) and finding masks (a
+    generated cohort's ``cohort.json`` says ``finding_masks``)."""
+    findings = False
+    if (root / "cohort.json").is_file():
+        try:
+            findings = read_json(root / "cohort.json").get("parameters", {}).get("finding_masks") is True
+        except (OSError, ValueError, AttributeError):
+            findings = False
+    return (root / LABEL_TABLE_FILE).is_file(), findings
+
+
+def _attach_masks(item: dict, path: Path, root: Path, promised: tuple[bool, bool], used: set) -> None:
+    """Add ``seg`` / ``findings_mask`` (absolute paths) to an item when its masks lie beside it; a promised mask that
+    is missing becomes a ``mask_issues`` entry (the volume is still processed)."""
+    issues = []
+    beside = mask_paths(path)
+    folder = beside["seg"].parent / beside["seg"].name.split(".nii")[0]
+    for key, expected in zip(("seg", "findings"), promised):
+        if beside[key].is_file():
+            item[MASK_KEYS[key]] = str(beside[key])
+            used.add(beside[key])
+        elif key == "seg" and folder.is_dir():
+            item[MASK_KEYS[key]] = str(folder)
+            used.add(folder)
+        elif expected:
+            why = "anatomy_labels.json" if key == "seg" else "cohort.json (finding_masks)"
+            issues.append(f"{_rel(beside[key], root)}: missing ({why} promises one for every volume)")
+    if (root / LABEL_TABLE_FILE).is_file():
+        item["label_table"] = str(root / LABEL_TABLE_FILE)
+    if issues:
+        item["mask_issues"] = issues
+
+
 def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = None,
                     exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[dict], list[dict]]:
     """Find volumes and tables in a cohort folder and join them by volume name.
 
     Volumes: ``.nii``/``.nii.gz`` files and folders holding DICOM files (one series per folder),
     under ``volumes/`` (our layout), ``dataset/`` (CT-RATE) or the folder itself. Tables: see
-    :func:`transforms.ctrate.find_ctrate_tables`.
+    :func:`transforms.ctrate.find_ctrate_tables`. Masks beside a volume (``<stem>_seg.nii.gz``, a ``<stem>_seg/``
+    folder of one file per structure, ``<stem>_findings.nii.gz``: :mod:`ctclip_contract.anatomy`) are not volumes:
+    they become the item's ``seg`` / ``findings_mask``; a mask without its volume is a rejected row.
 
     Args:
         input_dir: the cohort folder.
@@ -58,7 +100,8 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
 
     Returns:
         ``(items, rejected)``: items to process (``name``, ``path``, ``input``, ``patient``,
-        metadata/report/label fields) sorted by name, and qc rows for inputs rejected before
+        metadata/report/label fields; ``seg``, ``findings_mask``, ``label_table`` and ``mask_issues`` where masks are
+        present or promised) sorted by name, and qc rows for inputs rejected before
         reading (unsafe or duplicate names, files that are not images, table rows without volume).
     """
     root = Path(input_dir).resolve()
@@ -70,11 +113,15 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
     excluded = {Path(p).resolve() for p in exclude}
     found: list[tuple[str, Path]] = []
     rejected: list[dict] = []
+    masks: list[Path] = []
     for base in search:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
             here = Path(dirpath)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs
                                  and (here / d).resolve() not in excluded and not _is_preprocessed(here / d))
+            for d in [d for d in dirnames if _is_structure_folder(here / d)]:
+                dirnames.remove(d)
+                masks.append(here / d)
             files = sorted(f for f in filenames if not f.startswith("."))
             dicoms = [f for f in files if not f.lower().endswith(NIFTI_SUFFIXES) and is_dicom_file(here / f)]
             if dicoms and here != base:
@@ -82,7 +129,9 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
                 files = [f for f in files if f not in dicoms]
             for f in files:
                 p = here / f
-                if f.lower().endswith(NIFTI_SUFFIXES):
+                if is_mask_file(f):
+                    masks.append(p)
+                elif f.lower().endswith(NIFTI_SUFFIXES):
                     found.append((volume_stem(f), p))
                 elif not f.lower().endswith(_IGNORED_SUFFIXES) or base != root:
                     if f.lower().endswith(_IGNORED_SUFFIXES) and here == root:
@@ -105,6 +154,8 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
             target.update(rows)
 
     items: list[dict] = []
+    promised = _promised_masks(root)
+    used: set[Path] = set()
     for name in sorted(by_name):
         paths = sorted(by_name[name])
         if not is_safe_name(name):
@@ -139,6 +190,12 @@ def discover_inputs(input_dir: str | os.PathLike, patient_pattern: str | None = 
             "label": labels.get(name),
             "warning": "; ".join(warnings),
         })
+        _attach_masks(items[-1], p, root, promised, used)
+    beside_volumes = {q for _, p in found for q in (*mask_paths(p).values(), p.parent / f"{volume_stem(p.name)}{SEG_SUFFIX}")}
+    for m in sorted(set(masks) - used - beside_volumes):
+        stem = m.name.split(".nii")[0]
+        rejected.append({"name": stem, "input": _rel(m, root), "status": "rejected",
+                         "reason": f"{_rel(m, root)}: a mask without its volume (no image named like it beside it)"})
     on_disk = set(by_name)
     orphans = sorted((set(meta) | set(reports) | set(labels) | set(table_issues)) - on_disk)
     for name in orphans:
@@ -175,6 +232,10 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "d
             raise ValueError(f"{path}: an item of split {split!r} has no 'image' entry: {entry}")
         image = Path(item["image"])
         item["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        for key in MASK_KEYS.values():  # masks written beside the preprocessed volume
+            if item.get(key):
+                mask = Path(item[key])
+                item[key] = str(mask if mask.is_absolute() else (path.parent / mask).resolve())
         if not os.path.exists(item["image"]):
             raise FileNotFoundError(f"{path}: volume {item['image']} of {item.get('name')!r} does not exist")
         if require_labels and item.get("label") is None:

@@ -39,7 +39,8 @@ from ctclip_contract import atomic_path, route_nibabel_gzip
 route_nibabel_gzip(nib.openers)
 
 __all__ = ["CTVolumeReader", "ITKVolumeReader", "ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d",
-           "save_nifti_atomic", "linear_resample_axes", "read_nifti_array"]
+           "save_nifti_atomic", "linear_resample_axes", "nearest_resample_axes", "read_nifti_array",
+           "read_label_volume"]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -225,6 +226,57 @@ class CTVolumeReader(ImageReader):
             "original_channel_dim": float("nan"), "space": "RAS", "reader": f"CTVolumeReader/{kind}",
         })
         return arr, meta
+
+def read_label_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a label map or mask NIfTI in the layout of :class:`CTVolumeReader`: ``(k, j, i)`` voxels with the voxel
+    axes of the RAS affine reversed to match, values as stored (integers; no rescale).
+
+    Raises:
+        ValueError: naming the file: not 3-D, scaled (``scl_slope``/``scl_inter``), or non-integer values.
+    """
+    img = nib.load(str(path))
+    raw = read_nifti_array(img)
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise ValueError(f"{path}: a mask must be 3-D, got shape {tuple(raw.shape)}")
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    if (slope, inter) != (1.0, 0.0):
+        raise ValueError(f"{path}: a mask must hold its labels unscaled (scl_slope {slope}, scl_inter {inter})")
+    if raw.dtype.kind == "f":
+        if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
+            raise ValueError(f"{path}: a mask must hold integer labels (found non-integer values)")
+        raw = raw.astype(np.int64)
+    affine = np.array(img.affine, dtype=np.float64, copy=True)
+    affine[:, :3] = affine[:, :3][:, ::-1]
+    return raw.T, affine
+
+
+def nearest_resample_axes(
+    x: torch.Tensor,
+    out_shape: Sequence[int],
+    scales: Sequence[float],
+    shifts: Sequence[float],
+    out_dtype: torch.dtype,
+    inside: Sequence[tuple[int, int]] | None = None,
+    fill: float = 0,
+) -> torch.Tensor:
+    """Nearest-neighbour counterpart of :func:`linear_resample_axes` for label maps: the same sampling plan (output
+    voxel ``j`` reads input ``scales[k] * j + shifts[k]`` per axis, border clamp, ``inside``/``fill`` for a folded
+    crop/pad), each output voxel taking the label of the nearest input voxel (ties round up)."""
+    out = torch.full([int(v) for v in out_shape], fill, dtype=out_dtype)
+    box = [(0, int(m)) for m in out_shape] if inside is None else \
+        [(max(0, int(lo)), min(int(m), int(hi))) for (lo, hi), m in zip(inside, out_shape)]
+    if any(hi <= lo for lo, hi in box):
+        return out
+    idx = []
+    for k, (lo, hi) in enumerate(box):
+        src = np.arange(lo, hi, dtype=np.float64) * float(scales[k]) + float(shifts[k])
+        idx.append(torch.from_numpy(np.clip(np.floor(src + 0.5), 0, x.shape[k] - 1).astype(np.int64)))
+    out[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]] = \
+        x[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]].to(out_dtype)
+    return out
+
 
 def _axis_plan(n_in: int, n_out: int, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbour indices and weight per output voxel for ``src = scale * j + shift`` (border clamp)."""
@@ -420,6 +472,8 @@ class ResampleToSpacing(Transform):
             part or copying the result again; padding takes ``pad_value``.
         pad_value: value of the padded voxels (HU).
         threads: worker threads of :func:`linear_resample_axes` (default ``torch.get_num_threads()``).
+        mode: ``"bilinear"`` (trilinear, CT values) or ``"nearest"`` (label maps and masks: the same output grid,
+            each voxel the label of the nearest input voxel, :func:`nearest_resample_axes`).
     """
 
     def __init__(
@@ -433,9 +487,13 @@ class ResampleToSpacing(Transform):
         spatial_size: Sequence[int] | None = None,
         pad_value: float = 0.0,
         threads: int | None = None,
+        mode: str = "bilinear",
     ) -> None:
         if grid not in ("spacingd", "centered"):
             raise ValueError(f"grid must be 'spacingd' or 'centered', got {grid!r}")
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+        self.mode = mode
         self.grid = grid
         self.pixdim = np.asarray(pixdim, dtype=np.float64)
         self.out_dtype = getattr(torch, out_dtype) if isinstance(out_dtype, str) else out_dtype
@@ -445,7 +503,7 @@ class ResampleToSpacing(Transform):
         self.spatial_size = None if spatial_size is None else [int(v) for v in spatial_size]
         self.pad_value = float(pad_value)
         self.threads = threads
-        self.fallback = Spacing(pixdim=tuple(self.pixdim), mode="bilinear", padding_mode="border")
+        self.fallback = Spacing(pixdim=tuple(self.pixdim), mode=mode, padding_mode="border")
 
     def _fallback(self, img: MetaTensor) -> MetaTensor:
         if self.axcodes is not None:
@@ -507,11 +565,15 @@ class ResampleToSpacing(Transform):
             shifts = shifts + scales * offset
             out_shape = np.asarray(self.spatial_size)
         t = img.as_tensor()
-        chans = [
-            linear_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, self.slab,
-                                 threads=self.threads, inside=inside, fill=self.pad_value)
-            for c in range(t.shape[0])
-        ]
+        if self.mode == "nearest":
+            chans = [nearest_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, inside,
+                                           self.pad_value) for c in range(t.shape[0])]
+        else:
+            chans = [
+                linear_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, self.slab,
+                                     threads=self.threads, inside=inside, fill=self.pad_value)
+                for c in range(t.shape[0])
+            ]
         meta = {k: v for k, v in img.meta.items() if k != "affine"}
         meta["spatial_shape"] = np.asarray(out_shape)
         out = chans[0].unsqueeze(0) if len(chans) == 1 else torch.stack(chans)
@@ -532,6 +594,7 @@ class ResampleToSpacingd(MapTransform):
         spatial_size, pad_value: crop/pad the output as ``ResizeWithPadOrCropd(spatial_size,
             value=pad_value)`` after it would (replaces it).
         threads: worker threads (default ``torch.get_num_threads()``).
+        mode: ``"bilinear"`` or ``"nearest"`` (label maps; see :class:`ResampleToSpacing`).
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -546,11 +609,12 @@ class ResampleToSpacingd(MapTransform):
         spatial_size: Sequence[int] | None = None,
         pad_value: float = 0.0,
         threads: int | None = None,
+        mode: str = "bilinear",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.resampler = ResampleToSpacing(pixdim, out_dtype, slab, grid=grid, axcodes=axcodes,
-                                           spatial_size=spatial_size, pad_value=pad_value, threads=threads)
+                                           spatial_size=spatial_size, pad_value=pad_value, threads=threads, mode=mode)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 from monai.transforms import (
+    CastToTyped,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -26,7 +27,12 @@ from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
 from .model_input import ToModelInputd
 from .qc import DEFAULT_MAX_READ_BYTES, CheckInputd, CTQualityCheckd
 
-__all__ = ["build_preprocessing", "raw_to_model_input_transforms", "inference_transforms"]
+__all__ = ["build_preprocessing", "raw_to_model_input_transforms", "inference_transforms", "MASK_DTYPES"]
+
+#: Optional mask keys carried through the image's geometry (nearest neighbour), with their stored dtype:
+#: ``seg`` the anatomical label map, ``findings_mask`` the bit field of the findings (ctclip_contract.anatomy;
+#: not ``findings``, an item's report text).
+MASK_DTYPES = {"seg": "uint8", "findings_mask": "int32"}
 
 
 def build_preprocessing(
@@ -47,21 +53,36 @@ def build_preprocessing(
         folded into the sampling plan), crops/pads to ``spatial_size`` with ``pad_hu`` (folded into the
         resampling too) and stores int16. ``resampler="monai"`` uses ``Orientationd`` + ``Spacingd`` +
         ``ResizeWithPadOrCropd`` instead (same grid and affine).
+
+        The optional mask keys of :data:`MASK_DTYPES` (``seg``, ``findings_mask``: channel-first, on the image's grid and
+        affine when ``process`` starts) go through exactly the image's reorientation, spacing and crop/pad, by
+        nearest neighbour, padded with 0 and stored as uint8 / int32. Without them the chain does what it did.
     """
     qc = dict(qc or {})
     load = Compose([
         LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
         EnsureChannelFirstd(keys="image"),
     ])
+    masks = list(MASK_DTYPES)
     if resampler == "monai":
         resample = [
             Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys="image", pixdim=tuple(spacing_mm), mode="bilinear", padding_mode="border"),
             ResizeWithPadOrCropd(keys="image", spatial_size=tuple(spatial_size), mode="constant", value=pad_hu),
+            # the masks: the same three steps on the same grid, nearest neighbour
+            Orientationd(keys=masks, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+            Spacingd(keys=masks, pixdim=tuple(spacing_mm), mode="nearest", padding_mode="border",
+                     allow_missing_keys=True),
+            ResizeWithPadOrCropd(keys=masks, spatial_size=tuple(spatial_size), mode="constant", value=0,
+                                 allow_missing_keys=True),
+            CastToTyped(keys=masks, dtype=[getattr(torch, MASK_DTYPES[k]) for k in masks], allow_missing_keys=True),
         ]
     else:  # the same grid, affine and crop/pad in one pass
         resample = [ResampleToSpacingd(keys="image", pixdim=tuple(spacing_mm), out_dtype="int16", axcodes="RAS",
-                                       spatial_size=tuple(spatial_size), pad_value=pad_hu)]
+                                       spatial_size=tuple(spatial_size), pad_value=pad_hu),
+                    *[ResampleToSpacingd(keys=k, pixdim=tuple(spacing_mm), out_dtype=dtype, axcodes="RAS",
+                                         spatial_size=tuple(spatial_size), pad_value=0, mode="nearest",
+                                         allow_missing_keys=True) for k, dtype in MASK_DTYPES.items()]]
     check_hu = qc.pop("check_hu", True)
     qc.pop("max_bytes", None)  # a bound on reading, checked from the header before the read (CheckInputd)
     process = Compose([

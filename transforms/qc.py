@@ -21,12 +21,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from ctclip_contract import gzip_stream_size
+from ctclip_contract import NUM_PATHOLOGIES, gzip_stream_size
 
 from .hu import _plausible, _sample, hu_evidence
 
 __all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input",
-           "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES"]
+           "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES", "align_mask_to_image",
+           "check_mask_labels", "check_finding_bits"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
@@ -438,3 +439,86 @@ class CheckInputd(MapTransform):
             if self.padding_key is not None:
                 d[self.padding_key] = padding_range(header)
         return d
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Masks (anatomical label maps, finding bit fields) beside a volume
+# ------------------------------------------------------------------------------------------------------------------
+def _grid_words(shape, affine: np.ndarray) -> str:
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return (f"{'x'.join(str(int(n)) for n in shape[::-1])} voxels of "
+            f"{'x'.join(f'{v:.4g}' for v in spacing[::-1])} mm at {np.round(affine[:3, 3], 2).tolist()}")
+
+
+def align_mask_to_image(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray, source: str,
+                        tol_mm: float = 0.01) -> np.ndarray:
+    """A mask in the voxel order of its image, when both cover the same voxel centres.
+
+    The mask may store the image's grid in another axis order or direction (a DICOM series read bottom-up, a mask
+    written in another orientation): it is transposed and flipped to the image's order, never interpolated.
+
+    Args:
+        mask: the mask's voxels, in the layout of ``mask_affine``.
+        mask_affine, affine: voxel -> world matrices of the mask and of the image (same convention, e.g. both from
+            :func:`transforms.io.read_label_volume` / :class:`transforms.io.CTVolumeReader`).
+        shape: the image's spatial shape.
+        source: the mask's name in messages.
+        tol_mm: largest disagreement of voxel positions (mm).
+
+    Raises:
+        QualityCheckError: "``source``: its grid (...) does not match the image's (...)".
+    """
+    mask_affine = np.asarray(mask_affine, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(n) for n in shape)
+    why = (f"{source}: its grid ({_grid_words(mask.shape, mask_affine)}) does not match the image's "
+           f"({_grid_words(shape, affine)})")
+    xform = np.linalg.solve(mask_affine, affine)  # image voxel -> mask voxel
+    lin = xform[:3, :3]
+    perm = [int(np.argmax(np.abs(lin[:, k]))) for k in range(3)]  # mask axis read by image axis k
+    signs = [int(np.sign(lin[perm[k], k])) for k in range(3)]
+    exact = np.zeros((3, 3))
+    for k in range(3):
+        exact[perm[k], k] = signs[k]
+    spacing = np.linalg.norm(mask_affine[:3, :3], axis=0)
+    if sorted(perm) != [0, 1, 2] or np.abs((lin - exact) * spacing[:, None]).max() * max(shape) > tol_mm:
+        raise QualityCheckError(why)
+    for k in range(3):
+        n_mask = mask.shape[perm[k]]
+        start = xform[perm[k], 3]
+        want = 0 if signs[k] > 0 else n_mask - 1
+        if n_mask != shape[k] or abs(start - want) * spacing[perm[k]] > tol_mm:
+            raise QualityCheckError(why)
+    out = np.transpose(mask, perm)
+    flips = tuple(k for k in range(3) if signs[k] < 0)
+    return np.ascontiguousarray(np.flip(out, flips) if flips else out)
+
+
+def check_mask_labels(values, table: Mapping[int, str], source: str, table_name: str) -> None:
+    """Every label of a label map is 0 (background) or an id of its label table.
+
+    Args:
+        values: the labels present (e.g. ``np.unique`` of the map).
+        table: id -> name.
+        source, table_name: named in the message.
+
+    Raises:
+        QualityCheckError: "``source``: labels outside the table ``table_name``: ...".
+    """
+    extra = sorted(int(v) for v in np.asarray(values).ravel() if int(v) != 0 and int(v) not in table)
+    if extra:
+        shown = ", ".join(map(str, extra[:10])) + (" ..." if len(extra) > 10 else "")
+        raise QualityCheckError(f"{source}: labels outside the table {table_name}: {shown}")
+
+
+def check_finding_bits(values, source: str) -> None:
+    """Every value of a findings mask is a set of bits of the 18 pathologies (0 <= v < 2**18).
+
+    Raises:
+        QualityCheckError: naming the file and the values outside.
+    """
+    v = np.asarray(values)
+    bad = v[(v < 0) | (v >= (1 << NUM_PATHOLOGIES))]
+    if bad.size:
+        raise QualityCheckError(f"{source}: finding bits outside the {NUM_PATHOLOGIES} pathologies "
+                                f"(values {', '.join(map(str, np.unique(bad)[:5].tolist()))})")

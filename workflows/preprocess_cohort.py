@@ -1,6 +1,13 @@
 """The preprocessing stage: a cohort (CT-RATE layout or a folder of NIfTI files and DICOM series) to
 int16 HU RAS volumes, ``datalist.json``, ``qc.csv`` and ``manifest.json``.
 
+Masks found beside a volume (``<stem>_seg.nii.gz`` anatomical label map or a ``<stem>_seg/`` folder of one file per
+structure, ``<stem>_findings.nii.gz`` finding bits: :mod:`ctclip_contract.anatomy`) go through exactly the volume's
+reorientation, spacing (nearest neighbour) and crop/pad and are written beside it as ``<name>_seg.nii.gz`` (uint8, our
+region ids) and ``<name>_findings.nii.gz`` (int32); the datalist entries, records, manifest and qc.csv name them
+(``seg``, ``findings_mask``: an entry's ``findings`` is the report text). A
+bad mask (missing, another grid, labels outside its table) is dropped with its reason; the volume goes on.
+
 Run by an Ignite engine over a DataLoader (workers do the heavy lifting and write their outputs);
 sharded by global rank under ``torchrun`` (rank ``r`` of ``w`` takes every ``w``-th volume of the
 sorted list); resumable (a finished volume has a record whose parameters hash and output checksum
@@ -33,11 +40,14 @@ from nibabel.orientations import aff2axcodes
 
 from ctclip_contract import (atomic_write_json, file_sha256, is_environment_fault, load_model_config,
                              output_folder_lock)
+from ctclip_contract.anatomy import (ANATOMY_LABELS, FINDINGS_SUFFIX, LABEL_TABLE_FILE, REGION_IDS, SEG_SUFFIX,
+                                     read_label_table, read_region_mapping)
 from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
-from transforms.io import save_nifti_atomic
-from transforms.preprocessing import build_preprocessing
-from transforms.qc import DEFAULT_MAX_READ_BYTES, QualityCheckError, check_input, padding_range
+from transforms.io import read_label_volume, save_nifti_atomic
+from transforms.preprocessing import MASK_DTYPES, build_preprocessing
+from transforms.qc import (DEFAULT_MAX_READ_BYTES, QualityCheckError, align_mask_to_image, check_finding_bits,
+                           check_input, check_mask_labels, padding_range)
 
 from .writers import write_csv_rows
 
@@ -51,6 +61,9 @@ QC_COLUMNS = (
     "air_lung_fraction", "soft_tissue_fraction", "input_shape", "input_spacing_mm", "input_orientation",
     "output", "warning",
 )
+#: qc.csv columns added when the cohort has masks (a cohort without them keeps the table it always had)
+MASK_QC_COLUMNS = ("seg", "findings_mask", "mask_reason")
+_MASK_SUFFIX = {"seg": SEG_SUFFIX, "findings_mask": FINDINGS_SUFFIX}
 
 
 
@@ -144,6 +157,11 @@ class CTPreprocessor:
         resume: skip volumes whose verified outputs already exist.
         progress: show a progress bar (rank 0).
         resampler: ``"separable"`` (fast, same grid as Spacingd) or ``"monai"`` (Spacingd).
+        seg_mapping: JSON mapping file of a user's own segmentation onto our regions
+            (:func:`ctclip_contract.anatomy.read_region_mapping`: ``{"regions": {their name: our region},
+            "labels": {their id: their name}}``); default: label maps already in our regions (their
+            ``anatomy_labels.json`` names them), or per-structure TotalSegmentator folders mapped by
+            ``TOTALSEGMENTATOR_TO_REGION``.
     """
 
     def __init__(
@@ -164,6 +182,7 @@ class CTPreprocessor:
         resume: bool = True,
         progress: bool = True,
         resampler: str = "separable",
+        seg_mapping: str | None = None,
     ) -> None:
         cfg = load_model_config(model_config)
         inp = cfg.input
@@ -184,6 +203,11 @@ class CTPreprocessor:
             "dtype": "int16",
             "pipeline_version": PIPELINE_VERSION,
         }
+        self.mapping = None
+        if seg_mapping:  # only then in the parameters: a run without one hashes as it always did
+            self.mapping = read_region_mapping(seg_mapping)
+            self.params["seg_mapping"] = {"path": str(Path(seg_mapping).resolve()),
+                                          "sha256": file_sha256(Path(seg_mapping))}
         self.split = {"fractions": [float(f) for f in split_fractions], "seed": int(seed),
                       "patient_pattern": patient_pattern}
         # the read bound only decides which inputs are refused (and refused inputs are always retried), never what an
@@ -228,14 +252,105 @@ class CTPreprocessor:
                 or record.get("input") != item["input"] or record.get("input_identity") != input_identity(item["path"])
                 or record.get("sha256") != file_sha256(vol)):
             return None
+        if record.get("mask_inputs", {}) != self._mask_identities(item):
+            return None
+        for key in MASK_DTYPES:
+            if record.get(key) and (not (self.output_dir / record[key]).is_file()
+                                    or record.get(f"{key}_sha256") != file_sha256(self.output_dir / record[key])):
+                return None
         return record
+
+    @staticmethod
+    def _mask_identities(item: dict) -> dict:
+        """What a record remembers of the item's mask inputs (a mask added, replaced or removed redoes the volume)."""
+        return {key: input_identity(item[key]) for key in MASK_DTYPES
+                if item.get(key) and os.path.exists(item[key])}
+
+    def _rel_input(self, path: str | os.PathLike) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.input_dir))
+        except ValueError:
+            return str(path)
+
+    def _read_seg(self, path: str, rel: str, item: dict) -> tuple[np.ndarray, np.ndarray]:
+        """A label map (file, or folder of one mask per structure) in our region ids: ``(uint8 (k, j, i), affine)``."""
+        regions = (self.mapping or read_region_mapping())["regions"]
+        if os.path.isdir(path):  # TotalSegmentator's layout: <structure>.nii.gz, one binary mask each
+            out, affine, used = None, None, 0
+            for f in sorted(Path(path).iterdir()):
+                name = f.name.split(".nii")[0]
+                if not f.name.lower().endswith((".nii", ".nii.gz")):
+                    continue
+                ours = regions.get(name, REGION_IDS.get(name) if self.mapping is None else None)
+                arr, aff = read_label_volume(f)
+                if out is None:
+                    out, affine = np.zeros(arr.shape, np.uint8), aff
+                else:
+                    arr = align_mask_to_image(arr, aff, out.shape, affine, f"{rel}/{f.name}")
+                if ours:
+                    out[arr > 0] = ours
+                    used += 1
+            if out is None or not used:
+                raise QualityCheckError(f"{rel}: no structure file maps to one of our regions (name them as "
+                                        "TotalSegmentator does, or give a seg_mapping file)")
+            return out, affine
+        arr, affine = read_label_volume(path)
+        if self.mapping is not None and self.mapping["labels"] is not None:
+            table, table_name = self.mapping["labels"], Path(self.mapping["path"]).name
+        elif item.get("label_table"):
+            table, table_name = read_label_table(item["label_table"]), LABEL_TABLE_FILE
+        else:
+            table, table_name = ANATOMY_LABELS, f"of our regions ({LABEL_TABLE_FILE})"
+        check_mask_labels(np.unique(arr), table, rel, table_name)
+        if table == ANATOMY_LABELS:
+            return arr.astype(np.uint8), affine
+        lut = np.zeros(max(table) + 1, np.uint8)
+        for their_id, name in table.items():
+            ours = regions.get(name) if self.mapping is not None else REGION_IDS.get(name)
+            if ours is None and self.mapping is None:
+                raise QualityCheckError(f"{rel}: label {their_id} ({name}) of {table_name} is not one of our regions; "
+                                        "map it with a seg_mapping file")
+            lut[their_id] = ours or 0
+        return lut[arr], affine
+
+    def _load_masks(self, item: dict, img: MetaTensor) -> tuple[dict, list[str]]:
+        """The item's masks on the image's grid (channel-first MetaTensors with the image's affine), and the reason
+        of each mask that cannot be used."""
+        issues = list(item.get("mask_issues", []))
+        masks = {}
+        affine = np.asarray(img.affine, dtype=np.float64)
+        for key, dtype in MASK_DTYPES.items():
+            path = item.get(key)
+            if not path:
+                continue
+            rel = self._rel_input(path)
+            try:
+                if not os.path.exists(path):
+                    raise QualityCheckError(f"{rel}: missing")
+                if key == "seg":
+                    arr, aff = self._read_seg(path, rel, item)
+                else:
+                    arr, aff = read_label_volume(path)
+                    check_finding_bits(np.unique(arr), rel)
+                arr = align_mask_to_image(arr.astype(dtype, copy=False), aff, img.shape[1:], affine, rel)
+                masks[key] = MetaTensor(torch.from_numpy(arr)[None], affine=img.affine.clone(),
+                                        meta={"filename_or_obj": path})
+            except Exception as e:  # noqa: BLE001 - a bad mask is dropped with its reason, the volume goes on
+                if is_environment_fault(e):
+                    raise
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                msg = msg.replace(str(path), rel)
+                issues.append(msg if rel in msg else f"{rel}: {msg}")
+        return masks, issues
 
     def preprocess_volume(self, item: dict) -> tuple[MetaTensor, dict]:
         """Read, check and preprocess one volume (no file written).
 
         Returns:
             ``(volume, facts)``: the int16 ``(1, X, Y, Z)`` RAS volume and the record fields
-            (``input_shape``, ``input_spacing_mm``, ``input_orientation``, ``hu``, ``warning``).
+            (``input_shape``, ``input_spacing_mm``, ``input_orientation``, ``hu``, ``warning``), with ``masks``
+            (the item's masks on the output grid: ``{"seg": uint8, "findings_mask": int32}``, those that passed) and
+            ``mask_issues`` (why the others were dropped).
 
         Raises:
             Exception: any failure of this input (header checks, reading, QC, HU decision).
@@ -262,6 +377,10 @@ class CTPreprocessor:
             affine[:, :3] = affine[:, :3][:, ::-1]  # the reader's arrays are (k, j, i)
             img.affine = torch.as_tensor(affine.copy())
             warnings.append("geometry restored from metadata")
+        # masks join the image here, on its (restored) grid, and follow it through the same geometry
+        masks, facts["mask_issues"] = self._load_masks(item, img) if any(
+            item.get(k) for k in (*MASK_DTYPES, "mask_issues")) else ({}, [])
+        data.update(masks)
         # reported in the file's own voxel order (the reader hands out (k, j, i))
         facts["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
         if isinstance(img, MetaTensor) and img.ndim == 4:
@@ -273,6 +392,7 @@ class CTPreprocessor:
         data = process(data)
         facts["hu"] = _compact_hu(data["hu_provenance"])
         facts["warning"] = "; ".join(filter(None, warnings))
+        facts["masks"] = {k: data[k] for k in masks}
         return data["image"], facts
 
     def process_item(self, item: dict) -> dict:
@@ -293,11 +413,15 @@ class CTPreprocessor:
         try:
             vol, rec = self._paths(item["name"])
             out, facts = self.preprocess_volume(item)
+            masks, issues = facts.pop("masks"), facts.pop("mask_issues")
+            if issues and self.strict:
+                raise QualityCheckError(issues[0])
             record.update(facts)
             vol.parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(out, np.asarray(out.affine, dtype=np.float64), vol)
             record.update(status="ok", reason="", output=f"volumes/{vol.name}",
                           output_shape=list(int(s) for s in out.shape[1:]), sha256=file_sha256(vol))
+            self._write_masks(item, record, out, masks, issues)
         except Exception as e:  # noqa: BLE001 - any failure of one input is a qc row, not a crash
             if is_environment_fault(e):
                 raise
@@ -309,12 +433,38 @@ class CTPreprocessor:
                 reason = f"{item['input']}: {reason}"
             record.update(status="rejected", reason=reason, output="")
             self._paths(item["name"])[0].unlink(missing_ok=True)  # an earlier run's volume of a now-bad input
+            for key in MASK_DTYPES:
+                self._mask_path(item["name"], key).unlink(missing_ok=True)
             if self.strict:
                 raise QualityCheckError(reason) from e
         rec_path = self._paths(item["name"])[1]
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(rec_path, record)
         return record
+
+    def _mask_path(self, name: str, key: str) -> Path:
+        return self._paths(name)[0].with_name(f"{name}{_MASK_SUFFIX[key]}.nii.gz")
+
+    def _write_masks(self, item: dict, record: dict, out: MetaTensor, masks: dict, issues: list[str]) -> None:
+        """Write the masks beside the volume and note them (and why any was dropped) in the record."""
+        mask_inputs = self._mask_identities(item)
+        if mask_inputs:
+            record["mask_inputs"] = mask_inputs
+        for key in MASK_DTYPES:
+            path = self._mask_path(item["name"], key)
+            t = masks.get(key)
+            if t is None:
+                path.unlink(missing_ok=True)  # an earlier run's mask of a now-bad or removed input
+                continue
+            if tuple(t.shape) != tuple(out.shape) or not np.allclose(np.asarray(t.affine), np.asarray(out.affine),
+                                                                     atol=1e-4):
+                raise RuntimeError(f"{item['input']}: the {key} mask left the image's grid (a pipeline bug)")
+            save_nifti_atomic(t, np.asarray(out.affine, dtype=np.float64), path, dtype=np.dtype(MASK_DTYPES[key]))
+            record[key] = f"volumes/{path.name}"
+            record[f"{key}_sha256"] = file_sha256(path)
+        if issues:
+            record["mask_reason"] = "; ".join(issues)
+            logger.warning("mask dropped: %s", record["mask_reason"])
 
     # -- the run -------------------------------------------------------------------------------
     @staticmethod
@@ -401,13 +551,24 @@ class CTPreprocessor:
                 "input_orientation": r.get("input_orientation", ""), "output": r.get("output", ""),
                 "warning": r.get("warning", ""),
             })
+        with_masks = any(r.get("mask_inputs") or r.get("mask_reason") for _, r in records) or \
+            any(it.get(k) for it in items for k in (*MASK_DTYPES, "mask_issues"))
+        if with_masks:
+            by_name = {r["name"]: r for _, r in records}
+            for row in rows:
+                r = by_name.get(row["name"], {})
+                row.update({k: r.get(k, "") for k in MASK_QC_COLUMNS})
         rows.sort(key=lambda r: (r["name"], r["input"]))
-        write_csv_rows(self.output_dir / "qc.csv", rows, QC_COLUMNS)
+        write_csv_rows(self.output_dir / "qc.csv", rows, QC_COLUMNS + (MASK_QC_COLUMNS if with_masks else ()))
 
         # Split over every discovered patient, so a fixed input later does not reshuffle the others.
         split_of = split_patients([it["patient"] for it in items], self.split["fractions"], self.split["seed"])
         ok = [dict(item, image=r["output"]) for item, r in records if r["status"] == "ok"]
         datalist = datalist_from_records(ok, split_of)
+        masks_of = {r["name"]: {k: r[k] for k in MASK_DTYPES if r.get(k)} for _, r in records if r["status"] == "ok"}
+        for entries in datalist.values():
+            for entry in entries:
+                entry.update(masks_of.get(entry["name"], {}))
         atomic_write_json(self.output_dir / "datalist.json", datalist)
         atomic_write_json(self.output_dir / "manifest.json", self.manifest(records, rejected, datalist))
         for stale in (self.output_dir / "volumes").glob(".*.tmp*"):  # leftovers of killed runs
@@ -437,7 +598,9 @@ class CTPreprocessor:
             },
             "volumes": {r["name"]: {"input": r["input"], "status": r["status"], "reason": r.get("reason", ""),
                                     "hu": r.get("hu"), "output_shape": r.get("output_shape"),
-                                    "sha256": r.get("sha256")} for _, r in records},
+                                    "sha256": r.get("sha256"),
+                                    **{k: r[k] for k in ("seg", "seg_sha256", "findings_mask", "findings_mask_sha256",
+                                                         "mask_reason") if r.get(k)}} for _, r in records},
         }
 
 
