@@ -245,3 +245,13 @@ def test_preset_b_runs_on_reports_sentence_by_sentence(tiny_preprocessed_dir, tm
     config.write_text(json.dumps(raw))
     row = _train(tiny_preprocessed_dir, tmp_path / "B_sentences", "B", ["--model_config", str(config)])
     assert row["train_local"] > 0
+
+
+def test_the_demo_pretrains_with_a_preset():
+    from workflows import demo
+
+    stages = {s.name: s for s in demo.demo_stages(Path("/tmp/demo"), 10, 0, "ctclip_small", 1, 1, 1, False, 0.0,
+                                                 pretrain_preset="d")}
+    files = stages["pretrain"].config_files
+    assert files == ["train.json", "patch_ib_D.json"] and (BUNDLE / "configs" / files[1]).is_file()
+    assert stages["classfine_train"].config_files == ["train.json"]  # only pretraining takes the preset

@@ -79,7 +79,8 @@ class Stage:
 
 def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrain_epochs: int,
                 classfine_epochs: int, num_workers: int, balanced: float | bool,
-                two_recon_fraction: float, compare_model_config: Optional[str] = None) -> list[Stage]:
+                two_recon_fraction: float, compare_model_config: Optional[str] = None,
+                pretrain_preset: Optional[str] = None) -> list[Stage]:
     """The demo pipeline as a list of bundle runs (paths relative to ``out``; arguments as :func:`main`)."""
     cohort, pre = out / "cohort", out / "preprocessed"
     pretrain, classfine, zeroshot = out / "pretrain", out / "classfine", out / "zeroshot"
@@ -100,7 +101,8 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
               {"input": str(cohort), "output_dir": str(pre), "model_config": model_config,
                "num_workers": num_workers},
               "Preprocess: RAS, HU with provenance, spacing, crop/pad, QC, patient-wise splits"),
-        Stage("pretrain", f"{b}/ct_clip_pretrain", ["train.json"],
+        Stage("pretrain", f"{b}/ct_clip_pretrain",
+              ["train.json"] + ([f"patch_ib_{pretrain_preset.upper()}.json"] if pretrain_preset else []),
               {**common, "output_dir": str(pretrain), "epochs": pretrain_epochs},
               "Contrastive pretraining (CT-CLIP loss) with zero-shot validation per epoch"),
         Stage("classfine_train", f"{b}/ct_clip_classfine", ["train.json"],
@@ -352,7 +354,8 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
 
 def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, model_config: str = "ctclip_small",
          pretrain_epochs: int = 8, classfine_epochs: int = 8, num_workers: int = 2, balanced: float | bool = 0.4,
-         two_recon_fraction: float = 0.0, compare_model_config: Optional[str] = None, force: bool = False) -> dict:
+         two_recon_fraction: float = 0.0, compare_model_config: Optional[str] = None, force: bool = False,
+         pretrain_preset: Optional[str] = None) -> dict:
     """Run the demo end to end and print the summary.
 
     Args:
@@ -373,13 +376,15 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
             slice-fusion encoder): it is pretrained and evaluated zero-shot like the first, and its test macro
             AUROC is printed beside the first's.
         force: rerun stages that already finished.
+        pretrain_preset: a Patch-IB ablation preset, ``A``-``E`` (docs/patch_ib.md): the pretraining bundle's
+            ``configs/patch_ib_<preset>.json`` is merged over ``train.json``.
     """
     out = (REPO_ROOT / output_dir).resolve() if not os.path.isabs(output_dir) else Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = out / ".done"
     done.mkdir(exist_ok=True)
     stages = demo_stages(out, num_cases, seed, model_config, pretrain_epochs, classfine_epochs, num_workers,
-                         balanced, two_recon_fraction, compare_model_config)
+                         balanced, two_recon_fraction, compare_model_config, pretrain_preset)
     start = time.time()
     print(f"Demo: {num_cases} synthetic scans, model {model_config}, output in {out}")
     for i, stage in enumerate(stages, 1):
