@@ -150,7 +150,7 @@ def test_preprocessed_cohort_lists_its_masks(cohort, tmp_path):
         hu = np.asarray(image.dataobj)
         lungs = np.isin(seg, [REGION_IDS[n] for n in ANATOMY_LABELS.values() if n.startswith("lung_")])
         assert lungs.sum() > 50 and np.median(hu[lungs]) < -600  # still on the lungs after resampling
-    # a resumed run redoes nothing; a removed mask redoes its volume, without the mask
+    # a resumed run redoes nothing (the mask inputs and outputs are verified with the volume)
     assert CTPreprocessor(str(cohort), str(out), "ctclip_tiny", progress=False).run()["resumed"] == len(rows)
 
 
