@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from ctclip_contract.anatomy import is_mask_file
 from transforms.qc import is_dicom_file
 
 PROJECT_SITE = Path(sysconfig.get_paths()["purelib"])
@@ -77,10 +78,15 @@ def run_bundle(python: Path, bundle: Path, args: Sequence[str], cache: Path, che
     return proc
 
 
+def nifti_scans(folder: Path) -> list[Path]:
+    """The NIfTI scans under a cohort folder, sorted, without the label maps and finding masks beside them."""
+    return [p for p in sorted(Path(folder).rglob("*.nii.gz")) if not is_mask_file(p.name)]
+
+
 def scan_folder(cohort: Path, dest: Path, nifti: int = 2) -> Path:
     """A partner's input folder: ``nifti`` NIfTI files and one DICOM series folder from the tiny cohort."""
     dest.mkdir()
-    for path in sorted(cohort.rglob("*.nii.gz"))[:nifti]:
+    for path in nifti_scans(cohort)[:nifti]:
         shutil.copy(path, dest / path.name)
     series = dicom_series_folder(cohort)
     shutil.copytree(series, dest / series.name)

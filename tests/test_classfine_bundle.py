@@ -18,7 +18,7 @@ import torch
 
 from ctclip_contract.errors import root_cause
 from custom_nets import ClassFineClassifier, create_model
-from received_bundle import dicom_series_folder, received_python, run_bundle, scan_folder, unzip, verify_offline
+from received_bundle import dicom_series_folder, nifti_scans, received_python, run_bundle, scan_folder, unzip, verify_offline
 from workflows.calibration import load_calibration
 from workflows.served_bundle import ServedBundle, read_confirmed_labels
 from workflows.writers import read_predictions_csv
@@ -323,7 +323,7 @@ def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed
     verify_offline(bundle)
 
     # the MONAI Label app's in-memory bundle: the same calibrated probabilities and decisions
-    scan = next(scans.glob("*.nii.gz"))
+    scan = nifti_scans(scans)[0]
     ours_row = next(r for r in rows["ours"] if r["VolumeName"] == scan.name.split(".")[0])
     served_result = ServedBundle(bundle).predict(scan)
     assert served_result["calibration"].startswith("platt calibration fitted on")

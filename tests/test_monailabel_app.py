@@ -25,7 +25,7 @@ import torch
 
 from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
 from custom_nets import ClassFineClassifier, create_model
-from received_bundle import OFFLINE, dicom_series_folder
+from received_bundle import OFFLINE, dicom_series_folder, nifti_scans
 from workflows.calibration import Calibration
 from workflows.writers import read_predictions_csv
 
@@ -105,7 +105,7 @@ def server(tiny_cohort_dir, tiny_clip_checkpoint, tmp_path_factory):
 
     studies = work / "studies"
     studies.mkdir()
-    scans = sorted(Path(tiny_cohort_dir).rglob("*.nii.gz"))[:3]
+    scans = nifti_scans(tiny_cohort_dir)[:3]
     for scan in scans:
         shutil.copy(scan, studies / scan.name)
     app = Path(shutil.copytree(REPO / "monailabel_app", work / "app", ignore=shutil.ignore_patterns(

@@ -16,6 +16,7 @@ import torch
 from ctclip_contract import read_json
 from custom_nets import create_model, load_checkpoint
 from custom_nets.ctclip import POSITION_IDS_KEY
+from received_bundle import nifti_scans
 from workflows.served_bundle import ServedBundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,6 @@ def test_the_export_rebuilds_the_encoder_offline_and_serves_it(pretrained, tiny_
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval().encode_image(x), original.eval().encode_image(x))
     # what the MONAI Label app serves: the exported bundle held in memory, one raw scan per call
-    scan = next(p for p in tiny_cohort_dir.rglob("*.nii.gz"))
+    scan = nifti_scans(tiny_cohort_dir)[0]
     result = ServedBundle(export).predict(scan)
     assert len(result["probabilities"]) == 18 and all(0 <= v <= 1 for v in result["probabilities"].values())
