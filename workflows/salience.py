@@ -128,7 +128,7 @@ def write_salience_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np
 def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience: np.ndarray, n_slices: int = 3,
                            title: str = "") -> Path:
     """PNG of ``n_slices`` axial slices (first axis, the model input's depth) of ``image`` with the salience over it
-    in colour: the slices with the most salience mass. Needs matplotlib."""
+    in colour (from its minimum to its maximum): the slices with the most salience mass. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,10 +137,12 @@ def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience:
     mass = salience.reshape(salience.shape[0], -1).sum(1)
     picks = sorted(np.argsort(mass)[::-1][:n_slices].tolist())
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
-    vmax = float(salience.max()) or 1.0
+    # the colour spans the map's own range: a mask that barely varies still shows where it is higher
+    vmin, vmax = float(salience.min()), float(salience.max())
+    vmax = vmax if vmax > vmin else vmin + 1e-6
     for ax, k in zip(axes[0], picks):
         ax.imshow(image[k], cmap="gray")
-        ax.imshow(salience[k], cmap="inferno", alpha=0.45, vmin=0.0, vmax=vmax)
+        ax.imshow(salience[k], cmap="inferno", alpha=0.45, vmin=vmin, vmax=vmax)
         ax.set_title(f"slice {k}", fontsize=9)
         ax.axis("off")
     if title:
