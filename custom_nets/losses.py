@@ -465,9 +465,12 @@ class PretrainingLoss(nn.Module):
         return out
 
     def patch_ib_settings(self) -> dict[str, Any]:
-        """The head settings of Patch-IB: ``{"selection", "topk_ratio", "topk_temperature"}``."""
+        """The head settings of Patch-IB: ``{"selection", "topk_ratio", "topk_temperature", "init_keep"}``; the mask
+        starts at its keep-ratio target, so that L_sparse need not first drag it there from 0.5."""
+        sparse = self.terms["sparse"]
+        init_keep = min(sparse.keep_ratio, 0.99) if sparse.mode == "keep_ratio" else 0.5  # logit(1) is infinite
         return {"selection": self.token_selection, "topk_ratio": self.topk_ratio,
-                "topk_temperature": self.topk_temperature}
+                "topk_temperature": self.topk_temperature, "init_keep": init_keep}
 
     def forward(self, pred: Any, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(pred, torch.Tensor):

@@ -52,6 +52,10 @@ def test_sparse_loss_moves_the_keep_ratio_to_its_target():
     tokenizer = cn.build_tokenizer("ctclip_tiny")
     loss = PretrainingLoss(clip_weight=1.0, sparse_weight=1.0, keep_ratio=0.1)
     net = PretrainingNetwork(model, loss)
+    head = net.heads["salience"].salience
+    assert float(torch.sigmoid(head.bias)) == pytest.approx(0.1), "a new mask starts at its target"
+    with torch.no_grad():
+        head.bias.zero_()  # a mask away from its target (0.5), as after other terms moved it
     opt = torch.optim.Adam(net.heads.parameters(), lr=0.1)  # the mask alone learns: the ratio moves by L_sparse
     x = torch.randn(2, 1, 16, 32, 32)
     ids, mask = _reports(tokenizer, ["a nodule in the left lung.", "no pleural effusion."])
@@ -255,3 +259,17 @@ def test_the_demo_pretrains_with_a_preset():
     files = stages["pretrain"].config_files
     assert files == ["train.json", "patch_ib_D.json"] and (BUNDLE / "configs" / files[1]).is_file()
     assert stages["classfine_train"].config_files == ["train.json"]  # only pretraining takes the preset
+
+
+def test_patch_ib_heads_learn_at_their_own_rate():
+    from workflows.optim import decay_param_groups
+
+    net = PretrainingNetwork(cn.create_model("ctclip_tiny"), PretrainingLoss(sparse_weight=1.0))
+    groups = decay_param_groups(net, 0.05, lr=1e-4, lr_scales={"heads.salience.": 10.0})
+    salience = {id(p) for p in net.heads["salience"].parameters()}
+    scaled = [g for g in groups if "lr" in g]
+    assert {id(p) for g in scaled for p in g["params"]} == salience
+    assert all(g["lr"] == pytest.approx(1e-3) for g in scaled)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in net.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="base lr"):
+        decay_param_groups(net, 0.05, lr_scales={"heads.salience.": 10.0})

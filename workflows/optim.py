@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ def add_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm: Optional[f
     return optimizer
 
 
-def decay_param_groups(network: nn.Module, weight_decay: float = 0.05) -> list[dict]:
+def decay_param_groups(network: nn.Module, weight_decay: float = 0.05, lr: Optional[float] = None,
+                       lr_scales: Optional[Mapping[str, float]] = None) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices only; biases, norms, embeddings' 1-D parameters and the
     temperature are not decayed (decaying the temperature pulls the logit scale towards 1). Frozen parameters
     are left out.
@@ -44,13 +45,26 @@ def decay_param_groups(network: nn.Module, weight_decay: float = 0.05) -> list[d
     Args:
         network: the trained module.
         weight_decay: decay of the matrix group.
+        lr: the base learning rate (needed with ``lr_scales``).
+        lr_scales: ``{parameter-name prefix: factor}``: those parameters learn at ``lr * factor`` in groups of their
+            own, e.g. ``{"heads.salience.": 10}`` for a head that starts from scratch beside pretrained encoders.
     """
-    decay, no_decay = [], []
+    scales = {k: float(v) for k, v in (lr_scales or {}).items() if float(v) != 1.0}
+    if scales and lr is None:
+        raise ValueError(f"lr_scales {scales} need the base lr")
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in network.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("temperature") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+        decayed = not (p.ndim < 2 or name.endswith("temperature"))
+        groups.setdefault((scale, decayed), []).append(p)
+    out = []
+    for decayed in (True, False):  # the two plain groups first, always present, as before
+        out.append({"params": groups.pop((1.0, decayed), []), "weight_decay": weight_decay if decayed else 0.0})
+    for (scale, decayed), params in groups.items():
+        out.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale})
+    return out
 
 
 def resolve_precision(precision: str = "auto", device: Optional[torch.device | str] = None) -> str:
