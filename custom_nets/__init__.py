@@ -12,6 +12,7 @@ from .ct_specialised import CTSpecialisedEncoder
 from .ctclip import CTCLIP
 from .ctvit import CTViT, HUBandPatchEmbedding
 from .factory import create_model
+from .image_encoders import reads_segmentation
 from .losses import ClipLoss, clip_loss
 from .slice_fusion import SliceFusionEncoder
 from .text_encoder import build_text_encoder, build_tokenizer, build_wordpiece_tokenizer, resolve_pretrained
@@ -20,5 +21,5 @@ __all__ = [
     "list_model_configs", "load_model_config", "create_model", "image_input_shape", "merge_config",
     "CTViT", "HUBandPatchEmbedding", "SliceFusionEncoder", "CTSpecialisedEncoder", "CTCLIP", "ClassFineClassifier", "ZeroShotClassifier", "ImageReportLatents", "ClipLoss", "clip_loss",
     "load_checkpoint", "load_state_dict_file", "extract_state_dict", "save_reference_checkpoint",
-    "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer", "resolve_pretrained",
+    "build_text_encoder", "build_tokenizer", "build_wordpiece_tokenizer", "resolve_pretrained", "reads_segmentation",
 ]

@@ -316,11 +316,13 @@ class CTSpecialisedEncoder(nn.Module):
                              f"into patches of {self.patch_size} (image_encoder.patch_size)")
         return tuple(n // p for n, p in zip(shape, self.patch_size))
 
-    def _run(self, i: int, x: torch.Tensor, distances: torch.Tensor,
-             fractions: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run(self, i: int, x: torch.Tensor, distances: torch.Tensor, fractions: Optional[torch.Tensor],
+             mapped: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.blocks[i](x, distances)
         if fractions is not None and str(i) in self.region_attention:
-            x = self.region_attention[str(i)](x, fractions, self.region_embedding.weight)
+            attended = self.region_attention[str(i)](x, fractions, self.region_embedding.weight)
+            # volumes without a mask keep their tokens: each volume of a mixed batch is what it would be alone
+            x = attended if mapped is None else torch.where(mapped[:, None, None], attended, x)
         return x
 
     def encode_volume(self, image: torch.Tensor, seg: Optional[torch.Tensor] = None) -> ImageEncoding:
@@ -330,7 +332,11 @@ class CTSpecialisedEncoder(nn.Module):
             image: ``(B, 1, D, H, W)``; ``D, H, W`` divisible by the patch size (any depth: positions and the
                 slice-distance bias do not depend on a fixed slice count).
             seg: optional ``(B, 1, D, H, W)`` region ids ``0..num_regions`` on the image's grid. Without it (or
-                with ``num_regions`` 0) regions are off: no cross-attention and no region outputs.
+                with ``num_regions`` 0) regions are off: no cross-attention and no region outputs. A volume whose
+                map is all background (0: the data side's stand-in for a volume without a mask, so that a batch
+                collates) runs regions-off too: its tokens and embedding are those of ``seg=None``, its
+                ``region_mask`` row is all False and its ``patch_regions`` all background; a batch of only such
+                maps is ``seg=None``.
 
         Returns:
             :class:`~custom_nets.image_encoders.ImageEncoding`: ``embedding (B, dim)``, ``tokens (B, N, dim)`` with
@@ -350,9 +356,16 @@ class CTSpecialisedEncoder(nn.Module):
                 raise ValueError(f"segmentation mask of shape {tuple(seg.shape)} does not match the image "
                                  f"{tuple(image.shape)}: expected (B, 1, D, H, W) on the image's grid")
             fractions = patch_region_fractions(seg.to(image.device), self.patch_size, self.num_regions)
-        elif self.num_regions and not self._said_regions_off:
-            logger.warning("ct_specialised encoder: no segmentation mask given, regions off (no region cross-"
-                           "attention, no region embeddings); said once")
+        mapped = None  # (B,) volumes whose map holds a region; an all-background map is "no mask"
+        if fractions is not None:
+            mapped = fractions[:, :, 1:].sum((1, 2)) > 0
+            if not bool(mapped.any()):
+                fractions = None
+            elif bool(mapped.all()):
+                mapped = None
+        if fractions is None and self.num_regions and not self._said_regions_off:
+            logger.warning("ct_specialised encoder: no segmentation mask given (or only empty, all-background "
+                           "ones), regions off (no region cross-attention, no region embeddings); said once")
             self._said_regions_off = True
 
         x = self.patch_embedding(image).flatten(2).transpose(1, 2)  # (B, N, dim), row-major (d, h, w)
@@ -360,9 +373,9 @@ class CTSpecialisedEncoder(nn.Module):
         distances = slice_distances(grid, self.max_slice_distance, device=x.device)
         for i in range(len(self.blocks)):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(self._run, i, x, distances, fractions, use_reentrant=False)
+                x = checkpoint(self._run, i, x, distances, fractions, mapped, use_reentrant=False)
             else:
-                x = self._run(i, x, distances, fractions)
+                x = self._run(i, x, distances, fractions, mapped)
         tokens = self.norm(x)
         embedding = tokens.amax(dim=1) if self.pooling == "max" else tokens.mean(dim=1)
         positions = grid_positions(grid, tuple(float(p) for p in self.patch_size), device=x.device)

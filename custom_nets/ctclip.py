@@ -306,15 +306,21 @@ class CTCLIP(nn.Module):
             del cache[k]
         return out
 
-    def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def sentence_embeddings(self, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sentence of ``(B, S, L)`` reports pooled on its own (``pool_text``; the frozen-encoder cache
+        applies): ``(embeddings (B, S, dim_text), present (B, S) bool)``; padding rows are zeros, not encoded."""
         b, s, length = input_ids.shape
-        ids, mask = input_ids.reshape(b * s, length), mask.reshape(b * s, length)
+        ids, mask = input_ids.reshape(b * s, length), attention_mask.reshape(b * s, length)
         present = mask.sum(-1) > 0  # padding sentences are all-zero rows: not encoded
         pooled = self._pooled_sequences(ids[present], mask[present])
         sentences = pooled.new_zeros(b * s, pooled.shape[-1])
         sentences[present] = pooled
-        counts = present.reshape(b, s).sum(-1, keepdim=True).clamp(min=1)
-        return sentences.reshape(b, s, -1).sum(1) / counts
+        return sentences.reshape(b, s, -1), present.reshape(b, s)
+
+    def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        sentences, present = self.sentence_embeddings(input_ids, mask)
+        return sentences.sum(1) / present.sum(-1, keepdim=True).clamp(min=1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     token_type_ids: Optional[torch.Tensor] = None, extra: bool = False) -> torch.Tensor:
@@ -353,20 +359,22 @@ class CTCLIP(nn.Module):
             raise ValueError(f"the image encoder {type(self.visual_transformer).__name__} gives no tokens")
         return tokens
 
-    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+    def image_embedding(self, image: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Global image embedding before the latent projection, ``(B, dim_image)`` (for CTViT its tokens pooled
-        over depth as ``image_pooling`` says and flattened in (h, w, dim) order)."""
-        return self.image_encoding(image).embedding
+        over depth as ``image_pooling`` says and flattened in (h, w, dim) order); ``seg`` as in
+        :meth:`image_encoding`."""
+        return self.image_encoding(image, seg).embedding
 
-    def encode_image(self, image: torch.Tensor, extra: bool = False) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor, extra: bool = False, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalised image latents ``(B, dim_latent)``.
 
         Args:
             image: ``(B, 1, D, H, W)`` in the layout and value range of the model config's ``input`` section.
             extra: use ``to_visual_latent_extra`` (only with ``extra_latent_projection``).
+            seg: optional anatomical region-id map, for an encoder that reads one (:meth:`image_encoding`).
         """
         proj = self.to_visual_latent_extra if extra else self.to_visual_latent
-        return F.normalize(proj(self.image_embedding(image)), dim=-1)
+        return F.normalize(proj(self.image_embedding(image, seg)), dim=-1)
 
     def encode_image_file(self, path, transform=None) -> torch.Tensor:
         """"One scan in, features out": image latents of a NIfTI file or DICOM folder.

@@ -41,7 +41,8 @@ from torch import nn
 
 from ctclip_contract import ModelConfig, ModelConfigError
 
-__all__ = ["ImageEncoding", "IMAGE_ENCODERS", "register_image_encoder", "build_image_encoder", "grid_positions"]
+__all__ = ["ImageEncoding", "IMAGE_ENCODERS", "register_image_encoder", "build_image_encoder", "grid_positions",
+           "reads_segmentation"]
 
 
 @dataclass
@@ -114,3 +115,10 @@ def grid_positions(shape: tuple[int, int, int], step: tuple[float, float, float]
     order of a row-major flatten of ``(n_d, n_h, n_w)``; ``step`` is the voxels per token along each axis."""
     axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) * s for n, s in zip(shape, step)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def reads_segmentation(module: nn.Module) -> bool:
+    """Whether a model (a CTCLIP, a network holding one, or an encoder) has an image encoder that reads anatomical
+    masks: ``uses_segmentation`` and, where it says, ``num_regions > 0``. The bundles load the ``seg`` mask, and
+    hand it to ``image_encoding(image, seg=...)``, only then: an encoder that reads none costs no extra reads."""
+    return any(getattr(m, "uses_segmentation", False) and getattr(m, "num_regions", 1) > 0 for m in module.modules())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["multi_positive_infonce", "region_texts", "RegionSentenceLoss", "SentencePatchLoss",
+__all__ = ["multi_positive_infonce", "region_texts", "sentence_contrast", "RegionSentenceLoss", "SentencePatchLoss",
            "PatchSegmentationLoss"]
 
 
@@ -74,6 +74,29 @@ def region_texts(sentence_latents: torch.Tensor, sentence_mask: torch.Tensor, me
     summed = weights.transpose(1, 2) @ sentence_latents  # (B, R, D)
     has_text = weights.sum(1) > 0
     return F.normalize(summed, dim=-1), has_text
+
+
+def sentence_contrast(summaries: torch.Tensor, sentence_latents: torch.Tensor, sentence_mask: torch.Tensor,
+                      logit_scale, same_text_threshold: float = 0.9999) -> torch.Tensor:
+    """Multi-positive InfoNCE of each real sentence's attended patch summary against the batch's real sentences
+    (its own, and any identical one, positive): the loss of :class:`SentencePatchLoss` from its summaries.
+
+    Args:
+        summaries: ``(B, S, D)`` l2-normalised summaries (:meth:`SentencePatchLoss.attend`).
+        sentence_latents: ``(B, S, D)`` l2-normalised sentence latents.
+        sentence_mask: ``(B, S)`` bool, real sentences.
+        logit_scale: scalar, ``exp(temperature)``.
+        same_text_threshold: cosine at or above which two sentences count as the same text.
+
+    Returns:
+        scalar loss (zero, with the graph kept, when fewer than two real sentences).
+    """
+    valid = sentence_mask.bool()
+    if int(valid.sum()) < 2:
+        return _zero(summaries, sentence_latents)
+    texts = sentence_latents[valid]
+    logits = summaries[valid] @ texts.t() * logit_scale
+    return multi_positive_infonce(logits, _same_text(texts.detach(), same_text_threshold))
 
 
 class RegionSentenceLoss(nn.Module):
@@ -170,12 +193,19 @@ class SentencePatchLoss(nn.Module):
                              f"{tuple(sentence_latents.shape)} and sentence_mask {tuple(sentence_mask.shape)} do not "
                              "fit (B, N, C), (B, S, D), (B, S)")
         summaries, _ = self.attend(patch_tokens, sentence_latents)
-        valid = sentence_mask.bool()
-        if int(valid.sum()) < 2:
-            return _zero(summaries, sentence_latents)
-        texts = sentence_latents[valid]
-        logits = summaries[valid] @ texts.t() * logit_scale
-        return multi_positive_infonce(logits, _same_text(texts.detach(), self.same_text_threshold))
+        return self.contrast(summaries, sentence_latents, sentence_mask, logit_scale)
+
+    def contrast(self, summaries: torch.Tensor, sentence_latents: torch.Tensor, sentence_mask: torch.Tensor,
+                 logit_scale) -> torch.Tensor:
+        """The loss from the summaries of :meth:`attend` (the pretraining network attends, the loss contrasts).
+
+        Args:
+            summaries: ``(B, S, dim_latent)`` l2-normalised attended summaries.
+            sentence_latents: ``(B, S, dim_latent)`` l2-normalised sentence latents.
+            sentence_mask: ``(B, S)`` bool, real sentences.
+            logit_scale: scalar, ``exp(temperature)``.
+        """
+        return sentence_contrast(summaries, sentence_latents, sentence_mask, logit_scale, self.same_text_threshold)
 
 
 class PatchSegmentationLoss(nn.Module):

@@ -222,3 +222,21 @@ def test_model_configs(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelConfigError, match=r"bad_patch.json: image_encoder.pooling: expected one of"):
         build_image_encoder(load_model_config(path))
+
+
+def test_an_empty_map_is_no_mask_even_in_a_mixed_batch():
+    """The data side gives a volume without a mask an all-background map (so that a batch collates): that volume
+    is encoded as with ``seg=None``, beside a masked one, and shows no region."""
+    enc = encoder(num_regions=R, aux_segmentation=True).eval()
+    x, seg = volume(), blocky_mask()
+    mixed = seg.clone()
+    mixed[1] = 0
+    with torch.no_grad():
+        alone_off = enc.encode_volume(x[1:])
+        alone_on = enc.encode_volume(x[:1], seg[:1])
+        both = enc.encode_volume(x, mixed)
+        empty = enc.encode_volume(x, torch.zeros_like(seg))
+    torch.testing.assert_close(both.tokens[1], alone_off.tokens[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.tokens[0], alone_on.tokens[0], atol=1e-5, rtol=1e-5)
+    assert both.region_mask.tolist() == [[True, True, True, False], [False] * R]
+    assert empty.regions is None and empty.region_mask is None  # only empty maps: regions off for the batch

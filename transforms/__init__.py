@@ -11,4 +11,4 @@ from .discovery import discover_inputs, evaluation_items, inference_items, load_
 from .labels import SelectLabelsd
 from .io import CastToHUInt16d, ITKVolumeReader, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
 from .ctrate import datalist_from_records, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients
-from .report_text import ReportTextd, TokenizeReportd, report_sections_from_config
+from .report_text import ReportTextd, SentenceRegionsd, TokenizeReportd, report_sections_from_config

@@ -236,6 +236,8 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, datalist: str = "d
             if item.get(key):
                 mask = Path(item[key])
                 item[key] = str(mask if mask.is_absolute() else (path.parent / mask).resolve())
+            else:
+                item.pop(key, None)  # an empty entry is no mask: loaders skip an absent key, not a None
         if not os.path.exists(item["image"]):
             raise FileNotFoundError(f"{path}: volume {item['image']} of {item.get('name')!r} does not exist")
         if require_labels and item.get("label") is None:

@@ -1,11 +1,14 @@
 """The last step before a model: its HU window and scaling, its axis codes and ``(C, D, H, W)`` layout.
 
 Preprocessed volumes are stored once as int16 HU in RAS; each model applies its own contract when it
-reads them, from the input contract of its model config (:class:`ctclip_contract.InputContract`).
+reads them, from the input contract of its model config (:class:`ctclip_contract.InputContract`). The masks stored
+beside a volume (``seg``, ``findings_mask``: :data:`ctclip_contract.anatomy.MASK_KEYS`) take the same reorientation,
+without the HU window, when a model reads them (:class:`ToModelInputd` ``mask_keys``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -15,8 +18,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, Transform
 
 from ctclip_contract import InputContract, load_model_config
+from ctclip_contract.anatomy import FINDINGS_DTYPE, MASK_KEYS, SEG_DTYPE
 
-__all__ = ["ToModelInput", "ToModelInputd"]
+__all__ = ["ToModelInput", "ToModelInputd", "MASK_INPUT_DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+#: The dtype of each mask in the model input (the stored one: region ids, finding bits).
+MASK_INPUT_DTYPES = {MASK_KEYS["seg"]: getattr(torch, SEG_DTYPE), MASK_KEYS["findings"]: getattr(torch, FINDINGS_DTYPE)}
 
 
 class ToModelInput(Transform):
@@ -76,12 +85,21 @@ class ToModelInput(Transform):
 
 
 class ToModelInputd(MapTransform):
-    """Dictionary form of :class:`ToModelInput`.
+    """Dictionary form of :class:`ToModelInput`, and the masks beside the volume on the same grid.
+
+    Each key of ``mask_keys`` (channel-first label maps on the image's grid and affine, e.g. ``seg``) takes exactly
+    the image's reorientation, and nothing else: no HU window, no scaling, values kept as integers
+    (:data:`MASK_INPUT_DTYPES`; a float map from a reader is rounded). A mask whose grid differs from the image's
+    after reorientation is refused, naming the item. An item without a mask (the key absent or None) gets an
+    all-background map (zeros) of the image's shape, so that a batch collates: an encoder that reads masks runs
+    regions-off for it (:class:`custom_nets.ct_specialised.CTSpecialisedEncoder`), the region-level losses leave
+    it out; said once in the log.
 
     Args:
         keys: image keys.
         hu_window, hu_offset, hu_scale, axis_codes: see :class:`ToModelInput`.
         allow_missing_keys: don't raise if a key is missing.
+        mask_keys: mask keys that follow the (first) image key's reorientation; empty: masks are not touched.
     """
 
     def __init__(
@@ -92,9 +110,36 @@ class ToModelInputd(MapTransform):
         hu_scale: float = 1000.0,
         axis_codes: str = "SLP",
         allow_missing_keys: bool = False,
+        mask_keys: KeysCollection = (),
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes)
+        self.mask_keys = (mask_keys,) if isinstance(mask_keys, str) else tuple(mask_keys)
+        self._said_missing = False
+
+    def _mask(self, d: Mapping[Hashable, Any], key: Hashable, image: torch.Tensor) -> torch.Tensor:
+        dtype = MASK_INPUT_DTYPES.get(str(key), torch.int64)
+        name = d.get("name", "item")
+        if d.get(key) is None:
+            if not self._said_missing:
+                logger.warning(f"{name}: no {key!r} mask; an all-background map stands in (regions off for this "
+                               "volume); said once")
+                self._said_missing = True
+            return torch.zeros(image.shape, dtype=dtype)
+        mask = d[key]
+        if not isinstance(mask, MetaTensor):
+            mask = MetaTensor(mask)
+        if mask.ndim != 4:
+            raise ValueError(f"{name}: mask {key!r}: expected a channel-first 3-D map (1, X, Y, Z), got shape "
+                             f"{tuple(mask.shape)}")
+        out = self.converter.orient(mask)
+        if tuple(out.shape[1:]) != tuple(image.shape[1:]) or (
+                isinstance(image, MetaTensor) and not torch.allclose(out.affine.double(), image.affine.double(),
+                                                                     atol=1e-3)):
+            raise ValueError(f"{name}: mask {key!r} of shape {tuple(out.shape[1:])} is not on the volume's grid "
+                             f"{tuple(image.shape[1:])} (same affine expected; ct_preprocess writes them so)")
+        values = out.as_tensor()
+        return (values.round() if values.is_floating_point() else values).to(dtype).contiguous()
 
     @classmethod
     def from_model_config(cls, keys: KeysCollection, config: Mapping | str | InputContract, **kwargs) -> ToModelInputd:
@@ -107,6 +152,7 @@ class ToModelInputd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        first = None
         for key in self.key_iterator(d):
             try:
                 d[key] = self.converter(d[key])
@@ -114,4 +160,8 @@ class ToModelInputd(MapTransform):
                 if "name" in d and str(d["name"]) not in str(err):
                     raise ValueError(f"{d['name']}: {err}") from None
                 raise
+            first = d[key] if first is None else first
+        if self.mask_keys and first is not None:
+            for key in self.mask_keys:
+                d[key] = self._mask(d, key, first)
         return d

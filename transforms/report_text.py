@@ -17,8 +17,11 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from ctclip_contract import NOT_GIVEN, load_model_config, normalise_report_sections
+from ctclip_contract.anatomy import ANATOMY_REGIONS
+from ctclip_contract.anatomy_lexicon import region_sentence_mask
 
-__all__ = ["ReportTextd", "TokenizeReportd", "split_sentences", "report_sections_from_config"]
+__all__ = ["ReportTextd", "TokenizeReportd", "SentenceRegionsd", "split_sentences", "report_sentences",
+           "report_sections_from_config"]
 
 def report_sections_from_config(config: Mapping[str, Any] | str) -> tuple[str, ...]:
     """Datalist keys of the report sections a model config names (``text.report_sections``).
@@ -97,6 +100,13 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
 
 
+def report_sentences(text: str, max_sentences: int) -> list[str]:
+    """The sentences a report is tokenized into, one row each: the first ``max_sentences`` of
+    :func:`split_sentences`, or the whole text as one sentence when it has none. :class:`TokenizeReportd` and
+    :class:`SentenceRegionsd` read the same rows."""
+    return split_sentences(text)[: max_sentences] or [text]
+
+
 class TokenizeReportd(MapTransform):
     """Tokenize a text entry into fixed-length ``input_ids`` and ``attention_mask`` (int64 tensors): ``(L,)``,
     or ``(max_sentences, L)`` with one sentence per row (:func:`split_sentences`; sentences past
@@ -149,11 +159,62 @@ class TokenizeReportd(MapTransform):
             d[self.ids_key] = tok["input_ids"][0].to(torch.long)
             d[self.mask_key] = tok["attention_mask"][0].to(torch.long)
             return d
-        sentences = split_sentences(text)[: self.max_sentences] or [text]
+        sentences = report_sentences(text, self.max_sentences)
         tok = self.tokenizer(sentences, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         ids = torch.full((self.max_sentences, self.max_length), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
         mask = torch.zeros((self.max_sentences, self.max_length), dtype=torch.long)
         ids[: len(sentences)], mask[: len(sentences)] = tok["input_ids"], tok["attention_mask"]
         d[self.ids_key], d[self.mask_key] = ids, mask
+        return d
+
+
+class SentenceRegionsd(MapTransform):
+    """Which anatomical regions each sentence of a report mentions: a ``(max_sentences, R)`` bool tensor, row ``s``
+    the sentence of row ``s`` of :class:`TokenizeReportd` (the same :func:`report_sentences`), column ``r`` region id
+    ``r + 1`` of :data:`ctclip_contract.anatomy.ANATOMY_REGIONS`, read by
+    :func:`ctclip_contract.anatomy_lexicon.region_sentence_mask`. Padding rows and sentences that name no region
+    are all False. The pairing of region-level alignment in pretraining.
+
+    Args:
+        keys: the text entry (one key; put :class:`ReportTextd` first).
+        max_sentences: rows per report (the model config's ``text.max_sentences``).
+        output_key: entry receiving the mask.
+    """
+
+    def __init__(self, keys: KeysCollection = "text", max_sentences: int = 16,
+                 output_key: str = "sentence_regions"):
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"SentenceRegionsd reads one text entry, got keys {self.keys}")
+        if int(max_sentences) < 1:
+            raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
+        self.max_sentences, self.output_key = int(max_sentences), output_key
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any] | str, keys: KeysCollection = "text",
+                          **kwargs) -> "SentenceRegionsd":
+        """Rows from the model config's ``text.max_sentences``; the config must tokenize reports sentence by
+        sentence (``text.pooling`` ``"sentence_mean"``), otherwise there are no sentences to pair with regions.
+
+        Raises:
+            ValueError: naming the config, when it does not pool ``"sentence_mean"``.
+        """
+        cfg = load_model_config(config)
+        if cfg.text.sentence_rows is None:
+            raise ValueError(f"model config {cfg.source}: region- and sentence-level alignment pair image parts with "
+                             f"report sentences; text.pooling must be 'sentence_mean' (is {cfg.text.pooling!r})")
+        return cls(keys, cfg.text.sentence_rows, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = self.keys[0]
+        if key not in d:
+            raise KeyError(f"{d.get('name', 'item')}: no {key!r} entry to read sentences from (put ReportTextd "
+                           "before SentenceRegionsd)")
+        sentences = report_sentences(str(d[key]), self.max_sentences)
+        out = torch.zeros((self.max_sentences, len(ANATOMY_REGIONS)), dtype=torch.bool)
+        if sentences:
+            out[: len(sentences)] = torch.as_tensor(region_sentence_mask(sentences), dtype=torch.bool)
+        d[self.output_key] = out
         return d
