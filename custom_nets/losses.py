@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather
 from torch import nn
 
+from .multilevel_alignment import PatchSegmentationLoss, RegionSentenceLoss, sentence_contrast
 from .patch_ib import SELECTIONS, SPARSE_MODES, consistency_loss, keep_count, sparsity_loss
 
 __all__ = ["clip_loss", "ClipLoss", "gather_with_grad", "ContrastiveTerm", "CloobLoss", "FilipLoss", "filip_similarity",
@@ -305,6 +306,49 @@ class ConsistencyLoss(nn.Module):
                                 _scale(pred))
 
 
+class RegionAlignmentLoss(nn.Module):
+    """#23 region level: each region embedding of a volume against the mean of its report's sentences that mention
+    that region (:class:`~custom_nets.multilevel_alignment.RegionSentenceLoss`); a region absent from the mask or
+    without a sentence leaves the loss. ``pred`` keys: ``region_latents``, ``region_mask``, ``sentence_latents``,
+    ``sentence_mask``, ``sentence_regions``, ``logit_scale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.loss = RegionSentenceLoss()
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return self.loss(pred["region_latents"], pred["region_mask"], pred["sentence_latents"], pred["sentence_mask"],
+                         pred["sentence_regions"], _scale(pred))
+
+
+class SentenceAlignmentLoss(nn.Module):
+    """#23 sentence level: each report sentence's attention pooling over its volume's patch tokens against the
+    batch's sentences (:func:`~custom_nets.multilevel_alignment.sentence_contrast`; the pooling is the network's
+    ``sentence`` head). ``pred`` keys: ``sentence_summaries``, ``sentence_latents``, ``sentence_mask``,
+    ``logit_scale``."""
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return sentence_contrast(pred["sentence_summaries"], pred["sentence_latents"], pred["sentence_mask"],
+                                 _scale(pred))
+
+
+class SegmentationLoss(nn.Module):
+    """#23 auxiliary loss: each patch's predicted region against its region in the mask
+    (:class:`~custom_nets.multilevel_alignment.PatchSegmentationLoss`), over the volumes that have a mask.
+    ``pred`` keys: ``segmentation_logits``, ``patch_regions``, ``segmented``.
+
+    Args:
+        target: ``"majority"`` or ``"soft"`` (see :class:`~custom_nets.multilevel_alignment.PatchSegmentationLoss`).
+    """
+
+    def __init__(self, target: str = "majority"):
+        super().__init__()
+        self.loss = PatchSegmentationLoss(target)
+
+    def forward(self, pred: Mapping[str, Any]) -> torch.Tensor:
+        return self.loss(pred["segmentation_logits"], pred["patch_regions"], pred["segmented"])
+
+
 # ------------------------------------------------------------------------------------------------ heads
 class MLMHead(nn.Module):
     """BERT-style MLM head: dense + GELU + LayerNorm, decoder tied to the text encoder's word embeddings (so a
@@ -391,6 +435,10 @@ class PretrainingLoss(nn.Module):
             or ``cons_weight`` > 0).
         topk_ratio: K of the top-K selection as a share of the encoder's tokens.
         topk_temperature: softness of ``"soft_topk"``.
+        region_weight: #23 region level: region embeddings against the report sentences naming their region.
+        sentence_weight: #23 sentence level: patch tokens, attention-pooled by each sentence, against the sentences.
+        segmentation_weight: #23 auxiliary per-patch region cross-entropy against the anatomical mask.
+        segmentation_target: ``"majority"`` or ``"soft"`` patch targets of the segmentation term.
 
     The Patch-IB settings (``token_selection``, ``topk_*``) shape the network's heads: the
     :class:`~custom_nets.pretraining.PretrainingNetwork` reads them from this object (:meth:`patch_ib_settings`).
@@ -403,7 +451,8 @@ class PretrainingLoss(nn.Module):
                  visual_ssl_dim: int = 256, simclr_temperature: float = 0.1, local_weight: float = 0.0,
                  sparse_weight: float = 0.0, cons_weight: float = 0.0, sparse_mode: str = "keep_ratio",
                  keep_ratio: float = 0.25, token_selection: str = "none", topk_ratio: float = 0.5,
-                 topk_temperature: float = 0.1):
+                 topk_temperature: float = 0.1, region_weight: float = 0.0, sentence_weight: float = 0.0,
+                 segmentation_weight: float = 0.0, segmentation_target: str = "majority"):
         super().__init__()
         if visual_ssl not in ("simsiam", "simclr"):
             raise ValueError(f"visual_ssl must be 'simsiam' or 'simclr', got {visual_ssl!r}")
@@ -412,7 +461,8 @@ class PretrainingLoss(nn.Module):
         self.weights = {"clip": float(clip_weight), "cloob": float(cloob_weight), "filip": float(filip_weight),
                         "multiview": float(multiview_weight), "mlm": float(mlm_weight),
                         "visual_ssl": float(visual_ssl_weight), "local": float(local_weight),
-                        "sparse": float(sparse_weight), "cons": float(cons_weight)}
+                        "sparse": float(sparse_weight), "cons": float(cons_weight), "region": float(region_weight),
+                        "sentence": float(sentence_weight), "segmentation": float(segmentation_weight)}
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"loss weights must be >= 0, got {self.weights}")
         if not any(self.weights.values()):
@@ -437,6 +487,9 @@ class PretrainingLoss(nn.Module):
             "local": LocalAlignmentLoss(),
             "sparse": SparsityLoss(sparse_mode, keep_ratio),
             "cons": ConsistencyLoss(),
+            "region": RegionAlignmentLoss(),
+            "sentence": SentenceAlignmentLoss(),
+            "segmentation": SegmentationLoss(segmentation_target),
         })
         self.last_terms: dict[str, float] = {}
 
@@ -447,7 +500,7 @@ class PretrainingLoss(nn.Module):
     def needs(self) -> set[str]:
         """Network outputs the active terms need beyond global latents: ``tokens`` (FILIP), ``view`` (multiview,
         visual SSL), ``mlm``, ``visual_ssl``, ``salience`` (Patch-IB mask: ``L_sparse``, ``L_cons``), ``local``
-        (Patch-IB local alignment)."""
+        (Patch-IB local alignment), ``regions``, ``sentences``, ``segmentation`` (the #23 levels)."""
         active = set(self.active())
         out = set()
         if "filip" in active:
@@ -462,6 +515,8 @@ class PretrainingLoss(nn.Module):
             out.add("salience")
         if "local" in active:
             out.add("local")
+        out |= {{"region": "regions", "sentence": "sentences", "segmentation": "segmentation"}[t]
+                for t in active & {"region", "sentence", "segmentation"}}
         return out
 
     def patch_ib_settings(self) -> dict[str, Any]:

@@ -76,3 +76,107 @@ def test_sentence_regions_follow_the_tokenized_sentence_rows():
     with pytest.raises(ValueError, match="text.pooling must be 'sentence_mean'"):
         SentenceRegionsd.from_model_config("ctspecialised_tiny")
     assert SentenceRegionsd.from_model_config("ctspecialised_small").max_sentences == 16
+
+
+def _sentences_config(tmp_path, **text):
+    raw = json.loads((ROOT / "ctclip_contract" / "configs" / "ctspecialised_tiny.json").read_text())
+    raw["name"] = "ctspecialised_tiny_sentences"
+    raw["text"].update(pooling="sentence_mean", max_sentences=4, max_length=16, **text)
+    path = tmp_path / "ctspecialised_tiny_sentences.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def _batch(tokenizer, reports, seg_fill=(True, True)):
+    from custom_nets import image_input_shape
+
+    ids, mask, mentions = [], [], []
+    for text in reports:
+        tok = TokenizeReportd(tokenizer=tokenizer, max_length=16, max_sentences=4)({"text": text})
+        ids.append(tok["input_ids"]), mask.append(tok["attention_mask"])
+        mentions.append(SentenceRegionsd(max_sentences=4)({"text": text})["sentence_regions"])
+    shape = image_input_shape("ctspecialised_tiny")
+    image = torch.rand((len(reports), *shape), generator=torch.Generator().manual_seed(0))
+    seg = torch.zeros((len(reports), *shape), dtype=torch.uint8)
+    for b, filled in enumerate(seg_fill):  # lungs in the top half of the depth, heart below, pleura at the back
+        if filled:
+            seg[b, :, :8, :, :16] = REGION_IDS["lung_lower_lobe_right"]
+            seg[b, :, :8, :, 16:] = REGION_IDS["lung_lower_lobe_left"]
+            seg[b, :, 8:, :16] = REGION_IDS["heart"]
+            seg[b, :, 8:, 16:] = REGION_IDS["pleural_space"]
+    return image, torch.stack(ids), torch.stack(mask), seg, torch.stack(mentions)
+
+
+REPORTS = ["Atelectasis in the right lower lobe. The heart is enlarged. Pleural effusion.",
+           "Nodule in the left lower lobe. Heart is normal."]
+
+
+def test_the_three_levels_are_terms_of_the_pretraining_loss(tmp_path):
+    import custom_nets as cn
+    from custom_nets.losses import PretrainingLoss
+    from custom_nets.pretraining import PretrainingNetwork
+
+    config = _sentences_config(tmp_path)
+    torch.manual_seed(0)
+    model = cn.create_model(str(config))
+    loss = PretrainingLoss(region_weight=1.0, sentence_weight=0.5, segmentation_weight=0.25)
+    assert loss.needs() == {"regions", "sentences", "segmentation"}
+    net = PretrainingNetwork(model, loss)
+    assert {"regions", "sentence"} <= set(net.heads)
+    image, ids, mask, seg, mentions = _batch(cn.build_tokenizer(str(config)), REPORTS)
+    out = net(image, ids, mask, seg=seg, sentence_regions=mentions)
+    assert out["region_latents"].shape == (2, len(ANATOMY_REGIONS), 32)
+    assert out["sentence_latents"].shape == out["sentence_summaries"].shape == (2, 4, 32)
+    assert out["sentence_mask"].tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert out["segmented"].tolist() == [True, True]
+    total = loss(out)
+    terms = loss.last_terms
+    assert set(terms) == {"clip", "region", "sentence", "segmentation"} and all(v > 0 for v in terms.values())
+    expected = terms["clip"] + terms["region"] + 0.5 * terms["sentence"] + 0.25 * terms["segmentation"]
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    for name in ("heads.regions.weight", "heads.sentence.to_query.weight",
+                 "model.visual_transformer.segmentation_head.weight", "model.visual_transformer.region_embedding.weight"):
+        grad = dict(net.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+    # the region term: only (volume, region) pairs with a mask region and a sentence; the right lower lobe of
+    # volume 1 (no sentence) and the pleura of volume 2 (no sentence) are out, the left lower lobe of volume 1
+    # (in the mask, no sentence) too
+    valid = out["region_mask"] & (out["sentence_regions"] & out["sentence_mask"][..., None]).any(1)
+    col = {name: REGION_IDS[name] - 1 for name in ANATOMY_REGIONS}
+    assert valid[0].nonzero().flatten().tolist() == sorted([col["lung_lower_lobe_right"], col["heart"],
+                                                            col["pleural_space"]])
+    assert valid[1].nonzero().flatten().tolist() == sorted([col["lung_lower_lobe_left"], col["heart"]])
+
+    # a volume without a mask (all background) leaves the region and segmentation terms
+    image, ids, mask, seg, mentions = _batch(cn.build_tokenizer(str(config)), REPORTS, seg_fill=(True, False))
+    out = net(image, ids, mask, seg=seg, sentence_regions=mentions)
+    assert out["segmented"].tolist() == [True, False] and not out["region_mask"][1].any()
+    assert torch.isfinite(loss(out))
+    # a batch of volumes without masks: the region and segmentation terms are zero, not NaN
+    out = net(image, ids, mask, seg=torch.zeros_like(seg), sentence_regions=mentions)
+    loss(out)
+    assert loss.last_terms["region"] == 0.0 and loss.last_terms["segmentation"] == 0.0
+
+
+def test_the_levels_say_what_they_need(tmp_path):
+    import custom_nets as cn
+    from custom_nets.losses import PretrainingLoss
+    from custom_nets.pretraining import PretrainingNetwork
+
+    with pytest.raises(ValueError, match="reads anatomical masks"):
+        PretrainingNetwork(cn.create_model("ctclip_tiny"), PretrainingLoss(region_weight=1.0))
+    with pytest.raises(ValueError, match="text.pooling must be 'sentence_mean'"):
+        PretrainingNetwork(cn.create_model("ctspecialised_tiny"), PretrainingLoss(sentence_weight=1.0))
+    raw = json.loads(_sentences_config(tmp_path).read_text())
+    raw["image_encoder"]["aux_segmentation"] = False
+    (tmp_path / "noaux.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="aux_segmentation"):
+        PretrainingNetwork(cn.create_model(str(tmp_path / "noaux.json")), PretrainingLoss(segmentation_weight=1.0))
+    net = PretrainingNetwork(cn.create_model(str(_sentences_config(tmp_path))), PretrainingLoss(region_weight=1.0))
+    image, ids, mask, seg, mentions = _batch(cn.build_tokenizer(str(_sentences_config(tmp_path))), REPORTS)
+    with pytest.raises(ValueError, match="need the anatomical mask"):
+        net(image, ids, mask, sentence_regions=mentions)
+    with pytest.raises(ValueError, match="sentence_regions"):
+        net(image, ids, mask, seg=seg)
