@@ -158,9 +158,10 @@ class ZeroShotClassifier(nn.Module):
             self._cache = (key, latents.detach())
         return latents
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Probabilities ``(B, n_classes)`` for images ``(B, 1, D, H, W)``."""
-        return self.probabilities(self.model.encode_image(image))
+    def forward(self, image: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Probabilities ``(B, n_classes)`` for images ``(B, 1, D, H, W)`` (with their anatomical masks ``seg`` for
+        an encoder that reads them)."""
+        return self.probabilities(self.model.encode_image(image, seg=seg))
 
     def evidence(self, image_latents: torch.Tensor) -> torch.Tensor:
         """Evidence per template pair ``(n_templates, B, n_classes)`` from image latents ``(B, dim_latent)``:

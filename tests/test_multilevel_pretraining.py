@@ -180,3 +180,81 @@ def test_the_levels_say_what_they_need(tmp_path):
         net(image, ids, mask, sentence_regions=mentions)
     with pytest.raises(ValueError, match="sentence_regions"):
         net(image, ids, mask, seg=seg)
+
+
+def _env():
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_a_tiny_pretraining_with_all_three_levels_through_the_bundle(tiny_preprocessed_dir, tmp_path):
+    """Acceptance of #23: masks from the preprocessed cohort reach the encoder, the three levels train beside the
+    global term, each is logged on its own, and the heads are saved."""
+    datalist = json.loads((tiny_preprocessed_dir / "datalist.json").read_text())
+    assert all(item.get("seg") for item in datalist["training"][:4]), "the tiny cohort carries anatomical masks"
+    config = _sentences_config(tmp_path)
+    out = tmp_path / "run"
+    files = f"['{TRAIN}','{BUNDLE / 'configs' / 'multilevel.json'}']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", files,
+           "--dataset_dir", str(tiny_preprocessed_dir), "--output_dir", str(out), "--model_config", str(config),
+           "--epochs", "1", "--num_workers", "0", "--progress", "False", "--batch_size", "2", "--val_batch_size", "4",
+           "--max_train_items", "4", "--max_val_items", "4", "--cache", "none"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "regions off" not in proc.stdout + proc.stderr  # every volume came with its mask
+    row = json.loads((out / "eval" / "metrics_per_epoch.json").read_text())[0]
+    for term in ("clip", "region", "sentence", "segmentation"):
+        assert row[f"train_{term}"] > 0, row
+    assert 0.0 <= row["macro_auroc"] <= 1.0
+    heads = torch.load(out / "models" / "heads.pt", map_location="cpu", weights_only=True)
+    assert "regions.weight" in heads and "sentence.to_query.weight" in heads
+
+    # zero-shot evaluation of the trained model reads the masks too (the encoder was trained with its regions on)
+    zs = ROOT / "bundles" / "ct_clip_zeroshot"
+    files = f"['{zs / 'configs' / 'inference.json'}','{zs / 'configs' / 'evaluate.json'}']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(zs), "--config_file", files,
+           "--dataset_dir", str(tiny_preprocessed_dir), "--output_dir", str(tmp_path / "zeroshot"),
+           "--model_config", str(config), "--pretrained", str(out / "models" / "model.pt"), "--num_workers", "0",
+           "--batch_size", "2", "--n_bootstrap", "20"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "regions off" not in proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "zeroshot" / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["auroc"]["macro"] is None or 0.0 <= metrics["auroc"]["macro"] <= 1.0
+
+
+def test_an_encoder_without_masks_reads_none(tiny_preprocessed_dir, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tiny_preprocessed_dir), "output_dir": str(tmp_path),
+                   "model_config": "ctclip_tiny", "num_workers": 0, "cache": "none", "max_train_items": 2})
+    assert parser.get_parsed_content("mask_keys") == []
+    item = parser.get_parsed_content("train#dataset")[0]
+    assert set(item) == {"image", "label", "name", "input_ids", "attention_mask"}
+    parser.update({"model_config": "ctspecialised_tiny"})
+    parser.parse()  # a fresh parse: the model and the transforms follow the config
+    assert parser.get_parsed_content("mask_keys") == ["seg"]
+    item = parser.get_parsed_content("train#dataset")[0]
+    assert item["seg"].shape == item["image"].shape and item["seg"].dtype == torch.uint8
+    assert int(item["seg"].max()) > 0 and "sentence_regions" not in item  # no region term: no pairing
+
+
+def test_the_demo_pretrains_a_mask_reading_comparison_model_with_the_three_levels():
+    from workflows import demo
+
+    assert demo.multilevel_alignment_applies("ctspecialised_small")
+    assert not demo.multilevel_alignment_applies("ctclip_small")  # reads no masks
+    assert not demo.multilevel_alignment_applies("ctspecialised_tiny")  # reports are not split into sentences
+    stages = {s.name: s for s in demo.demo_stages(Path("/tmp/demo"), 10, 0, "ctclip_small", 1, 1, 1, False, 0.0,
+                                                 compare_model_config="ctspecialised_small")}
+    assert stages["pretrain_ctspecialised_small"].config_files == ["train.json", "multilevel.json"]
+    assert (BUNDLE / "configs" / "multilevel.json").is_file()
+    assert stages["pretrain"].config_files == ["train.json"]
+    stages = {s.name: s for s in demo.demo_stages(Path("/tmp/demo"), 10, 0, "ctclip_small", 1, 1, 1, False, 0.0,
+                                                 compare_model_config="slicefusion_small")}
+    assert stages["pretrain_slicefusion_small"].config_files == ["train.json"]

@@ -315,9 +315,11 @@ def inference_items(input_path: str | os.PathLike, splits: Sequence[str] = ("tra
 
 
 def evaluation_items(dataset_dir: str | os.PathLike | None = None, input: str | os.PathLike | None = None,
-                     split: str = "test", datalist: str = "datalist.json") -> list[dict[str, Any]]:
+                     split: str = "test", datalist: str = "datalist.json",
+                     mask_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The items an evaluation or inference run scores: raw ``input`` (:func:`inference_items`) when given, else
-    one split (or ``"all"``) of the ct_preprocess datalist in ``dataset_dir``.
+    one split (or ``"all"``) of the ct_preprocess datalist in ``dataset_dir``; ``mask_keys`` (e.g. ``["seg"]``, for
+    a model whose encoder reads masks) keep those masks' paths in the stored items that have them.
 
     Raises:
         FileNotFoundError / KeyError / ValueError: naming the path and the reason.
@@ -327,4 +329,5 @@ def evaluation_items(dataset_dir: str | os.PathLike | None = None, input: str | 
     if not dataset_dir:
         raise ValueError("give --dataset_dir (a ct_preprocess output folder) or --input (raw NIfTI/DICOM)")
     splits = ["training", "validation", "test"] if split == "all" else [split]
-    return [_inference_item(item) for s in splits for item in load_datalist(dataset_dir, s, datalist)]
+    return [{**_inference_item(item), **{k: item[k] for k in mask_keys if item.get(k)}}
+            for s in splits for item in load_datalist(dataset_dir, s, datalist)]

@@ -32,6 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import fire
+import torch
+
+from ctclip_contract import load_model_config
+from custom_nets import reads_segmentation
+from custom_nets.image_encoders import build_image_encoder
 
 from .metrics import macro_ece
 
@@ -75,6 +80,20 @@ class Stage:
             return f'"{arg}"' if arg.startswith("[") and '"' not in arg else shlex.quote(arg)
 
         return " ".join(["python"] + [quote(c) for c in self.command()[1:]])
+
+
+def multilevel_alignment_applies(model_config: str) -> bool:
+    """Whether a model config can pretrain with the multi-level alignment (the pretraining bundle's
+    ``configs/multilevel.json``): its image encoder reads anatomical masks (built on the meta device where it can
+    be: no weights, no memory) and its reports come as sentences (``text.pooling`` ``"sentence_mean"``)."""
+    config = load_model_config(model_config)
+    if config.text.sentence_rows is None:
+        return False
+    try:
+        with torch.device("meta"):
+            return reads_segmentation(build_image_encoder(config))
+    except (RuntimeError, NotImplementedError):  # an encoder that computes while it is built (CTViT): on the CPU
+        return reads_segmentation(build_image_encoder(config))
 
 
 def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrain_epochs: int,
@@ -132,10 +151,14 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
         # a second image encoder on the same preprocessed volumes, pretrained and evaluated the same way
         second = out / "compare" / compare_model_config
         options = {**common, "model_config": compare_model_config}
+        # an encoder that reads anatomical masks pretrains with the multi-level alignment on (#23)
+        multilevel = multilevel_alignment_applies(compare_model_config)
         stages += [
-            Stage(f"pretrain_{compare_model_config}", f"{b}/ct_clip_pretrain", ["train.json"],
+            Stage(f"pretrain_{compare_model_config}", f"{b}/ct_clip_pretrain",
+                  ["train.json"] + (["multilevel.json"] if multilevel else []),
                   {**options, "output_dir": str(second / "pretrain"), "epochs": pretrain_epochs},
-                  f"Contrastive pretraining of the second model, {compare_model_config}"),
+                  f"Contrastive pretraining of the second model, {compare_model_config}"
+                  + (" (global, region and sentence alignment, patch segmentation)" if multilevel else "")),
             Stage(f"zeroshot_evaluate_{compare_model_config}", f"{b}/ct_clip_zeroshot",
                   ["inference.json", "evaluate.json"],
                   {**options, "output_dir": str(second / "zeroshot"),
