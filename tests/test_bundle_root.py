@@ -27,7 +27,8 @@ BUNDLES = ROOT / "bundles"
 ENTRY_POINTS = {
     "ct_preprocess": [["preprocess.json"], ["preprocess.json", "export.json"]],
     "synthetic_chest_ct": [["generate.json"]],
-    "ct_clip_pretrain": [["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"]],
+    "ct_clip_pretrain": [["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"],
+                         ["train.json", "multilevel.json"]],
     "ct_clip_classfine": [["train.json"], ["train.json", "evaluate.json"], ["train.json", "vocabfine.json"],
                           ["train.json", "vocabfine.json", "evaluate.json"], ["inference.json"],
                           ["inference.json", "export.json"]],
