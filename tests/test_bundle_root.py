@@ -28,12 +28,13 @@ ENTRY_POINTS = {
     "ct_preprocess": [["preprocess.json"], ["preprocess.json", "export.json"]],
     "synthetic_chest_ct": [["generate.json"]],
     "ct_clip_pretrain": [["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"],
-                         ["train.json", "multilevel.json"]],
+                         ["train.json", "multilevel.json"],
+                         *(["train.json", f"patch_ib_{v}.json"] for v in "ABCDE")],
     "ct_clip_classfine": [["train.json"], ["train.json", "evaluate.json"], ["train.json", "vocabfine.json"],
                           ["train.json", "vocabfine.json", "evaluate.json"], ["inference.json"],
                           ["inference.json", "export.json"]],
     "ct_clip_zeroshot": [["inference.json"], ["inference.json", "evaluate.json"], ["inference.json", "retrieval.json"],
-                         ["inference.json", "export.json"]],
+                         ["inference.json", "export.json"], ["inference.json", "salience.json"]],
 }
 CASES = [(bundle, files) for bundle, lists in ENTRY_POINTS.items() for files in lists]
 
