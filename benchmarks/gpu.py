@@ -104,19 +104,25 @@ def random_reports(model, batch: int, tokens: int, generator: torch.Generator) -
 
 def count_flops(config: str, batch: int, text_tokens: int) -> dict:
     """FLOPs of one training step (forward + backward of the image and text encoders and projections) and of one
-    zero-shot volume (image forward), counted on the meta device (nothing is computed or allocated)."""
+    zero-shot volume (image forward), counted on the meta device (nothing is computed or allocated), or on the CPU
+    for a config that cannot be built there (keep those small)."""
     import torch.nn.functional as F
 
     import custom_nets as cn
 
-    with torch.device("meta"):
+    device = "meta"
+    try:
+        with torch.device("meta"):
+            model = cn.create_model(config, **no_download(config))
+    except RuntimeError:  # a config whose construction reads a tensor's values (HU band edges): count on CPU
+        device = "cpu"
         model = cn.create_model(config, **no_download(config))
     model.train()
     codebook = getattr(getattr(model.visual_transformer, "vq", None), "_codebook", None)
     if codebook is not None:
         codebook.eval()  # its EMA update (bincount) has no meta kernel and no FLOPs worth counting
-    volume = torch.zeros((batch,) + cn.image_input_shape(model.config), device="meta")
-    ids = torch.zeros(batch, min(text_tokens, model.config.text.max_length), dtype=torch.long, device="meta")
+    volume = torch.zeros((batch,) + cn.image_input_shape(model.config), device=device)
+    ids = torch.ones(batch, min(text_tokens, model.config.text.max_length), dtype=torch.long, device=device)
     counter = flop_counter()
     with counter:
         image = model.encode_image(volume)

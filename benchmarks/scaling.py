@@ -85,11 +85,16 @@ def part_preprocess(args) -> list[dict]:
         for n in args.volumes:
             sub = tmp / f"sub_{n}"
             (sub / "volumes").mkdir(parents=True)
-            for f in cohort.iterdir():  # the cohort's tables; only the first n patients' volumes
-                if f.is_file():
-                    os.symlink(f, sub / f.name)
+            for f in cohort.iterdir():  # the cohort's tables; only the first n patients' volumes (copied:
+                if f.is_file():             # discovery does not follow links)
+                    shutil.copy2(f, sub / f.name)
+                elif f.name != "volumes":
+                    shutil.copytree(f, sub / f.name)
             for p in patients[:n]:
-                os.symlink(p, sub / "volumes" / p.name)
+                shutil.copytree(p, sub / "volumes" / p.name)
+            if n == args.volumes[0]:  # untimed warm-up: imports, first-use caches, the page cache of the inputs
+                CTPreprocessor(input_dir=str(sub), output_dir=str(tmp / "warmup"), model_config="ctclip_tiny",
+                               num_workers=0, progress=False, resume=False).run()
             for workers in args.workers:
                 out = tmp / f"out_{n}_{workers}"
                 runner = CTPreprocessor(input_dir=str(sub), output_dir=str(out), model_config="ctclip_tiny",
@@ -97,7 +102,8 @@ def part_preprocess(args) -> list[dict]:
                 t0 = time.perf_counter()
                 runner.run()
                 seconds = time.perf_counter() - t0
-                written = len(list((out / "volumes").glob("*.nii.gz")))
+                datalist = json.loads((out / "datalist.json").read_text())
+                written = sum(len(v) for v in datalist.values() if isinstance(v, list))
                 rows.append({"patients": n, "volumes": written, "workers": workers, "seconds": seconds,
                              "volumes_per_s": written / seconds, "load": machine_state()})
                 shutil.rmtree(out, ignore_errors=True)
@@ -119,7 +125,7 @@ def part_zero_shot(args) -> list[dict]:
     import custom_nets as cn
 
     torch.manual_seed(0)
-    model = cn.create_model(args.model_config).eval()
+    model = cn.create_model(args.model_config, ctclip={"text_cache_size": 0}).eval()  # prompts encoded cold
     tokenizer = cn.build_tokenizer(model.config)
     volume = torch.rand((1,) + cn.image_input_shape(model.config)) * 2 - 1
     encoder = model.visual_transformer
@@ -134,27 +140,32 @@ def part_zero_shot(args) -> list[dict]:
     rows = []
     try:
         with torch.inference_mode():
-            image_s = min(timed(lambda: model.encode_image(volume), repeats=3, warmup=1))
+            image_s = float("inf")
             for n in args.classes:
                 names = [f"finding number {i}" for i in range(n)]
                 zs = cn.ZeroShotClassifier.from_config(model, model.config, tokenizer=tokenizer, class_names=names)
                 passes[0] = 0
                 best, prompt_s = float("inf"), float("inf")
+                zs(volume)  # warm-up
+                passes[0] = 0
                 for _ in range(args.repeats):
                     zs.refresh_prompts()
                     t0 = time.perf_counter()
                     zs.prompt_latents()
                     p = time.perf_counter() - t0
+                    t1 = time.perf_counter()
                     zs(volume)
                     total = time.perf_counter() - t0
                     best, prompt_s = min(best, total), min(prompt_s, p)
+                    image_s = min(image_s, time.perf_counter() - t1)  # the image pass and the scoring
                 rows.append({"classes": n, "prompts": len(zs.prompts()), "seconds": best, "prompt_s": prompt_s,
-                             "image_passes": passes[0] / args.repeats, "reference_s": n * image_s + prompt_s,
-                             "load": machine_state()})
+                             "image_passes": passes[0] / args.repeats, "load": machine_state()})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         del encoder.encode_volume
-    print(f"\n{args.model_config}, one volume; one image pass {image_s:.3f} s")
+    for r in rows:  # the reference: one image pass per class (priced at our best pass) and the same prompts
+        r["reference_s"] = r["classes"] * image_s + r["prompt_s"]
+    print(f"\n{args.model_config}, one volume; one image pass (best) {image_s:.3f} s")
     print("| classes | prompts | seconds | prompt encoding s | image passes | reference (one pass per class) s | "
           "reference / ours |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
