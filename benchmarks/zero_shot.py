@@ -37,7 +37,8 @@ def reference_procedure(model, tokenizer, volume, pathologies, max_length: int =
     for name in pathologies:
         tok = tokenizer([f"{name} is present.", f"{name} is not present."], padding="max_length",
                         truncation=True, max_length=max_length, return_tensors="pt")
-        logits = model.reference_forward(tok["input_ids"], volume, text_attention_mask=tok["attention_mask"])
+        logits = model.reference_forward(tok["input_ids"].to(volume.device), volume,
+                                         text_attention_mask=tok["attention_mask"].to(volume.device))
         probs.append(logits.softmax(dim=0)[0])
     return torch.stack(probs).unsqueeze(0)
 
