@@ -72,16 +72,24 @@ class ToModelInput(Transform):
         if not isinstance(img, MetaTensor):
             img = MetaTensor(img)  # identity affine: RAS in MONAI's convention
         out = self.orient(img)
-        t = out.as_tensor().to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
+        src = out.as_tensor()
+        # one pass from the stored dtype (int16 when read as stored) into a contiguous float32 copy in the new axis
+        # order, then the window in place: at 240x480x480 each extra pass over the 221 MB float32 volume costs a
+        # loader worker ~0.1-0.5 s (the same numbers as clamp, subtract and divide on copies)
+        t = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+        t.copy_(src)
+        if src.is_floating_point() and not bool(torch.isfinite(t).all()):  # an integer volume cannot hold NaN/inf
             # a clip keeps NaN, and a model turns it into plausible-looking probabilities: refuse here, where every
             # stage forms its input
             n_bad = int((~torch.isfinite(t)).sum())
             source = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
             raise ValueError(f"{source or 'volume'}: {n_bad} non-finite voxels (NaN/inf) in the model input")
-        t = (t.clamp(*self.hu_window) - self.hu_offset) / self.hu_scale
+        t.clamp_(*self.hu_window)
+        if self.hu_offset:
+            t.sub_(self.hu_offset)
+        t.div_(self.hu_scale)
         meta = {k: v for k, v in out.meta.items() if k != "affine"}
-        return MetaTensor(t.contiguous(), affine=out.affine, meta=meta)
+        return MetaTensor(t, affine=out.affine, meta=meta)
 
 
 class ToModelInputd(MapTransform):
