@@ -34,7 +34,8 @@ ENTRY_POINTS = {
                           ["train.json", "vocabfine.json", "evaluate.json"], ["inference.json"],
                           ["inference.json", "export.json"]],
     "ct_clip_zeroshot": [["inference.json"], ["inference.json", "evaluate.json"], ["inference.json", "retrieval.json"],
-                         ["inference.json", "export.json"], ["inference.json", "salience.json"]],
+                         ["inference.json", "export.json"], ["inference.json", "salience.json"],
+                         ["inference.json", "multilevel_eval.json"]],
 }
 CASES = [(bundle, files) for bundle, lists in ENTRY_POINTS.items() for files in lists]
 

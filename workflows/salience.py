@@ -126,16 +126,19 @@ def write_salience_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np
 
 
 def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience: np.ndarray, n_slices: int = 3,
-                           title: str = "") -> Path:
+                           title: str = "", slices: Optional[Sequence[int]] = None,
+                           outline: Optional[np.ndarray] = None) -> Path:
     """PNG of ``n_slices`` axial slices (first axis, the model input's depth) of ``image`` with the salience over it
-    in colour (from its minimum to its maximum): the slices with the most salience mass. Needs matplotlib."""
+    in colour (from its minimum to its maximum): the slices with the most salience mass, or ``slices`` when given.
+    ``outline``: an optional bool volume on the same grid drawn as a contour (e.g. a finding's mask). Needs
+    matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mass = salience.reshape(salience.shape[0], -1).sum(1)
-    picks = sorted(np.argsort(mass)[::-1][:n_slices].tolist())
+    picks = sorted(np.argsort(mass)[::-1][:n_slices].tolist()) if slices is None else [int(k) for k in slices]
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
     # the colour spans the map's own range: a mask that barely varies still shows where it is higher
     vmin, vmax = float(salience.min()), float(salience.max())
@@ -143,6 +146,8 @@ def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience:
     for ax, k in zip(axes[0], picks):
         ax.imshow(image[k], cmap="gray")
         ax.imshow(salience[k], cmap="inferno", alpha=0.45, vmin=vmin, vmax=vmax)
+        if outline is not None and np.asarray(outline[k]).any():
+            ax.contour(np.asarray(outline[k], dtype=float), levels=[0.5], colors="cyan", linewidths=1.0)
         ax.set_title(f"slice {k}", fontsize=9)
         ax.axis("off")
     if title:
