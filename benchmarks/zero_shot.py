@@ -8,8 +8,9 @@ softmax of the two logits. Ours (:class:`custom_nets.ZeroShotClassifier`) encode
 ``model.reference_forward`` for the reference procedure), random weights (seeded), eval mode, no grad.
 
 Printed: both wall times, the speed-up, the per-volume latency of ours once prompts are cached, the peak
-RSS of each phase (``VmHWM``, reset between phases through ``/proc/self/clear_refs``) and the largest
-probability difference (must be <= 1e-5).
+RSS of each phase (``VmHWM``, reset between phases through ``/proc/self/clear_refs``), the largest
+probability difference (must be <= 1e-5), and each against the floor: the image forward's FLOPs (counted on the
+meta device) at the fp32 matmul rate measured at the end of the run.
 
 Run: ``python benchmarks/zero_shot.py`` (about 5 minutes on 2 CPU cores; ~6 GB RAM). ``--size small`` runs
 the same comparison on the ctclip_small architecture in seconds (a smoke run, not the benchmark).
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from memory import peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss  # benchmarks/ is on sys.path
+from memory import matmul_rate, peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss  # benchmarks/ on sys.path
 
 
 def reference_procedure(model, tokenizer, volume, pathologies, max_length: int = 512) -> torch.Tensor:
@@ -98,6 +99,11 @@ def main(argv=None) -> int:
         ours_again = classifier(volume)
         ours_warm_s = time.perf_counter() - t0
 
+    from gpu import count_flops  # benchmarks/gpu.py: FLOPs counted on the meta device, no compute
+
+    image_flops = count_flops(config, 1, 1)["image_forward"]
+    rate = matmul_rate()
+    floor_s = image_flops / rate
     diff = float((ours - ref).abs().max())
     repeat = float((ours - ours_again).abs().max())
     speedup = ref_s / ours_cold_s
@@ -109,6 +115,9 @@ def main(argv=None) -> int:
     print(f"CPU time (less sensitive to other load on the machine): reference {ref_cpu:.0f} s, ours {ours_cpu:.0f} s "
           f"({ref_cpu / ours_cpu:.1f}x); load average at the end {os.getloadavg()[0]:.1f}")
     print(f"peak RSS: ours {ours_peak:.0f} MB, reference {ref_peak:.0f} MB")
+    print(f"floor: the image forward's {image_flops / 1e12:.3f} TFLOP at the fp32 matmul rate {rate / 1e9:.0f} GFLOP/s = "
+          f"{floor_s:.2f} s; ours {ours_warm_s / floor_s:.2f}x the floor per volume with cached prompts, "
+          f"{ours_cold_s / floor_s:.2f}x with the prompts; the reference {ref_s / floor_s:.1f}x")
     ok = diff <= 1e-5
     if not ok:
         print("FAIL: probabilities differ by more than 1e-5", file=sys.stderr)
