@@ -197,3 +197,45 @@ def test_the_evaluation_through_the_zeroshot_bundle_on_the_tiny_cohort(tiny_prep
         png = out / "eval" / "multilevel" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not (out / "eval" / "test").exists()  # no zero-shot scores: evaluate.json writes those
+
+
+def test_the_demo_evaluates_and_tabulates_a_model_pretrained_with_the_three_levels(tmp_path):
+    from workflows import demo
+
+    names = [s.name for s in demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0,
+                                              compare_model_config="ctspecialised_small")]
+    assert names[-2:] == ["zeroshot_evaluate_ctspecialised_small", "multilevel_evaluate_ctspecialised_small"]
+    stage = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0,
+                             compare_model_config="ctspecialised_small")[-1]
+    assert stage.config_files == ["inference.json", "multilevel_eval.json"]
+    second = tmp_path / "compare" / "ctspecialised_small"
+    assert stage.overrides["heads_path"] == str(second / "pretrain" / "models" / "heads.pt")
+    assert stage.overrides["output_dir"] == str(second / "zeroshot")  # beside its zero-shot scores
+    assert not any(s.name.startswith("multilevel_evaluate") for s in demo.demo_stages(
+        tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0, compare_model_config="slicefusion_small"))
+
+    # the table: the comparison model's row carries both scores with their chance levels, the others a dash
+    zeroshot = {"auroc": {"macro": 0.61, "macro_ci_low": 0.55, "macro_ci_high": 0.67}}
+    levels = {"region_alignment": {"accuracy": 0.6, "ci_low": 0.5, "ci_high": 0.7, "chance": 0.1, "n_sentences": 12},
+              "localisation": {"hit_rate_macro": 0.25, "ci_low": 0.125, "ci_high": 0.375, "chance_macro": 0.2,
+                               "n_findings": 8},
+              "figures": ["v1_lung_nodule_attention.png"]}
+    for rel, obj in (("zeroshot/eval/test/metrics.json", zeroshot),
+                     ("compare/ctspecialised_small/zeroshot/eval/test/metrics.json", zeroshot),
+                     ("compare/ctspecialised_small/zeroshot/eval/multilevel/metrics.json", levels)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(obj))
+    (tmp_path / "compare/ctspecialised_small/zeroshot/eval/multilevel/v1_lung_nodule_attention.png").write_bytes(b"")
+    results = demo.collect_results(tmp_path)
+    table = demo.summary_table(results).splitlines()
+    assert "region alignment accuracy" in table[0] and "pointing game" in table[0]
+    assert table[0].count("|") == table[1].count("|")
+    compare = next(line for line in table if line.startswith("| Zero-shot, ctspecialised_small"))
+    assert "0.600 [0.500, 0.700] (chance 0.100, 12 sentences)" in compare
+    assert "0.250 [0.125, 0.375] (chance 0.200, 8 findings)" in compare
+    plain = next(line for line in table if line.startswith("| Zero-shot |"))
+    assert plain.count("|") == compare.count("|") and plain.rstrip(" |").endswith("–")
+    report = demo.write_report(tmp_path, results, []).read_text()
+    assert "compare/ctspecialised_small/zeroshot/eval/multilevel/v1_lung_nodule_attention.png" in report
+    # without a multi-level model the table is as before
+    assert "pointing game" not in demo.summary_table({"zeroshot_test": zeroshot})

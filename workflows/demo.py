@@ -165,6 +165,14 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
                    "pretrained": str(second / "pretrain" / "models" / "model.pt")},
                   f"Zero-shot classification with the second model, {compare_model_config}"),
         ]
+        if multilevel:  # what the region and sentence levels learned, on the same test volumes
+            stages.append(Stage(
+                f"multilevel_evaluate_{compare_model_config}", f"{b}/ct_clip_zeroshot",
+                ["inference.json", "multilevel_eval.json"],
+                {**options, "output_dir": str(second / "zeroshot"),
+                 "pretrained": str(second / "pretrain" / "models" / "model.pt"),
+                 "heads_path": str(second / "pretrain" / "models" / "heads.pt")},
+                f"Region alignment and localisation (pointing game) of the second model, {compare_model_config}"))
     return stages
 
 
@@ -258,6 +266,10 @@ def collect_results(out: Path) -> dict[str, Any]:
         metrics = _load_json(path)
         if metrics is not None:
             results.setdefault("compare_zeroshot_test", {})[path.parents[3].name] = metrics
+    for path in sorted(out.glob("compare/*/zeroshot/eval/multilevel/metrics.json")):
+        metrics = _load_json(path)
+        if metrics is not None:
+            results.setdefault("compare_multilevel_test", {})[path.parents[3].name] = metrics
     retrieval = _load_json(out / "zeroshot" / "retrieval" / "metrics.json")
     if retrieval is not None:
         results["retrieval"] = retrieval
@@ -268,25 +280,50 @@ def _num(v: Any, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
 
 
+def _multilevel_cells(metrics: Any) -> tuple[str, str]:
+    """Region alignment accuracy and pointing-game hit rate (macro), each with its CI, count and chance level."""
+    if not isinstance(metrics, dict):
+        return "–", "–"
+    region, loc = metrics.get("region_alignment") or {}, metrics.get("localisation") or {}
+    return (f"{_num(region.get('accuracy'))} [{_num(region.get('ci_low'))}, {_num(region.get('ci_high'))}] "
+            f"(chance {_num(region.get('chance'))}, {region.get('n_sentences', 0)} sentences)",
+            f"{_num(loc.get('hit_rate_macro'))} [{_num(loc.get('ci_low'))}, {_num(loc.get('ci_high'))}] "
+            f"(chance {_num(loc.get('chance_macro'))}, {loc.get('n_findings', 0)} findings)")
+
+
 def summary_table(results: dict[str, Any]) -> str:
-    """Markdown table: ClassFine against zero-shot on held-out test patients, every protocol."""
+    """Markdown table: ClassFine against zero-shot on held-out test patients, every protocol; a comparison model
+    pretrained with the multi-level alignment adds its region alignment accuracy and pointing-game hit rate."""
+    multilevel = results.get("compare_multilevel_test", {})
+    extra = " region alignment accuracy [95% CI]*** | pointing game [95% CI]*** |" if multilevel else ""
     lines = ["| model (test patients) | macro AUROC [95% CI] | macro ECE before → after calibration** | F1 val-Youden "
-             "| F1 VLM3D (0.5) | F1 CT-CLIP paper* |", "|---|---|---|---|---|---|"]
-    rows = [("ClassFine", results.get("classfine_test")), ("Zero-shot", results.get("zeroshot_test"))]
-    rows += [(f"Zero-shot, {name}", metrics) for name, metrics in results.get("compare_zeroshot_test", {}).items()]
-    for label, metrics in rows:
+             "| F1 VLM3D (0.5) | F1 CT-CLIP paper* |" + extra, "|---|---|---|---|---|---|" + "---|---|" * bool(extra)]
+    rows = [("ClassFine", results.get("classfine_test"), None), ("Zero-shot", results.get("zeroshot_test"), None)]
+    rows += [(f"Zero-shot, {name}", metrics, multilevel.get(name))
+             for name, metrics in results.get("compare_zeroshot_test", {}).items()]
+    for label, metrics, levels in rows:
         m = _macro(metrics)
         if not m:
             continue
+        cells = " {} | {} |".format(*_multilevel_cells(levels)) if extra else ""
         lines.append(f"| {label} | {_num(m.get('auroc'))} [{_num(m.get('ci_low'))}, {_num(m.get('ci_high'))}] | "
                      f"{_num(m.get('ece'))} → {_num(m.get('ece_calibrated'))} | "
-                     f"{_num(m.get('val_youden_f1'))} | {_num(m.get('vlm3d_f1'))} | {_num(m.get('ctclip_paper_f1'))} |")
+                     f"{_num(m.get('val_youden_f1'))} | {_num(m.get('vlm3d_f1'))} | {_num(m.get('ctclip_paper_f1'))} |"
+                     + cells)
     lines.append("")
     lines.append("*CT-CLIP paper protocol: thresholds tuned on the evaluated set itself and support-weighted F1 "
                  "(optimistic; shown only for comparison with published numbers).")
     lines += ["", "**Expected calibration error (10 equal-width bins, mean over the findings) of the probabilities "
                  "as the model gives them → after the per-finding calibration fitted on validation (the probabilities "
                  "inference writes); the AUROC and the val-Youden decisions are the same for both."]
+    if extra:
+        lines += ["", "***Multi-level alignment (#23), on the same test volumes with their masks: region alignment "
+                      "accuracy = share of the report sentences naming one anatomical region whose own region's "
+                      "embedding ranks first among the regions in the volume's mask (chance: 1 / regions present); "
+                      "pointing game = share of positive findings whose prompt's attention peaks on a patch holding "
+                      "a voxel of the finding's mask, macro over the findings (chance: the share of patches holding "
+                      "one). CIs: percentile bootstrap over volumes. Only models pretrained with the three levels "
+                      "have them (–: not applicable)."]
     return "\n".join(lines)
 
 
@@ -356,6 +393,10 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
                 ("ClassFine reliability diagram (test)", "classfine/eval/test/reliability.png"),
                 ("Zero-shot reliability diagram (test)", "zeroshot/eval/test/reliability.png"),
                 ("Image latents (2-D map)", "zeroshot/retrieval/latent_map.png")]
+    for name, metrics in results.get("compare_multilevel_test", {}).items():
+        folder = f"compare/{name}/zeroshot/eval/multilevel"
+        pictures += [(f"{name}: where a finding's prompt looks ({f.split('_attention')[0]})", f"{folder}/{f}")
+                     for f in (metrics.get("figures") or [])]
     shown = [(t, p) for t, p in pictures if (out / p).is_file()]
     if shown:
         lines += ["## Pictures", ""] + [f"### {t}\n\n![{t}]({p})\n" for t, p in shown]
