@@ -239,3 +239,22 @@ def test_the_demo_evaluates_and_tabulates_a_model_pretrained_with_the_three_leve
     assert "compare/ctspecialised_small/zeroshot/eval/multilevel/v1_lung_nodule_attention.png" in report
     # without a multi-level model the table is as before
     assert "pointing game" not in demo.summary_table({"zeroshot_test": zeroshot})
+
+
+def test_token_cells_match_the_patches_the_encoder_pools_the_mask_over():
+    """The voxels the pointing game gives each token are the ones the encoder read for it: the region fractions
+    of each token's cells equal the encoder's own patch_regions (a wrong axis order or flip would not)."""
+    import custom_nets as cn
+
+    torch.manual_seed(0)
+    model = cn.create_model("ctspecialised_tiny").eval()
+    shape = cn.image_input_shape("ctspecialised_tiny")  # (1, D, H, W)
+    seg = torch.randint(0, len(REGION_IDS) + 1, (1, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        encoding = model.image_encoding(torch.rand(1, *shape), seg.to(torch.uint8))
+    cells = token_cells(encoding.positions, shape[1:])
+    ids = seg[0, 0].numpy()
+    n = encoding.positions.shape[0]
+    fractions = np.stack([np.bincount(ids[cells == t], minlength=len(REGION_IDS) + 1) for t in range(n)]).astype(float)
+    fractions /= fractions.sum(1, keepdims=True)
+    np.testing.assert_allclose(fractions, encoding.patch_regions[0].numpy(), atol=1e-6)
