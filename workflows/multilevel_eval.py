@@ -450,7 +450,8 @@ class MultilevelEvaluation:
         ra, lo = metrics["region_alignment"], metrics["localisation"]
         logger.info(f"region alignment accuracy {_fmt(ra['accuracy'])} over {ra['n_sentences']} sentences "
                     f"(chance {_fmt(ra['chance'])}); pointing game {_fmt(lo['hit_rate_macro'])} macro over "
-                    f"{lo['n_findings']} findings (chance {_fmt(lo['chance_macro'])}); {self.output_dir / 'metrics.json'}")
+                    f"{lo['n_findings']} findings (chance {_fmt(lo['chance_macro'])}); "
+                    f"{self.output_dir / 'metrics.json'}")
         return metrics
 
 
