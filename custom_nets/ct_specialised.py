@@ -53,7 +53,8 @@ from torch.utils.checkpoint import checkpoint
 from ctclip_contract import ModelConfig, ModelConfigError
 
 from .image_encoders import ImageEncoding, grid_positions, register_image_encoder
-from .slice_fusion import SettingsError, _choice, _flag, _integer, _known_keys, _number, centred_positions
+from .encoder_parts import (PreNormBlock, SettingsError, centred_positions, choice_setting, flag_setting,
+                            integer_setting, known_keys, number_setting)
 
 __all__ = ["CTSpecialisedEncoder", "SliceDistanceBlock", "RegionCrossAttention", "build_ct_specialised",
            "resolve_settings", "patch_region_fractions", "sincos_positions", "slice_distances", "POOLINGS"]
@@ -73,25 +74,25 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         SettingsError: naming the key, what was expected and what was given.
     """
-    sec = _known_keys(settings, "image_encoder", list(DEFAULTS))
+    sec = known_keys(settings, "image_encoder", list(DEFAULTS))
     patch = sec.get("patch_size", DEFAULTS["patch_size"])
     if (not isinstance(patch, Sequence) or isinstance(patch, str) or len(patch) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in patch)):
         raise SettingsError("image_encoder.patch_size", "three integers >= 1, (d, h, w) voxels", patch)
     out = {
         "patch_size": [int(v) for v in patch],
-        "dim": _integer(sec, "image_encoder", "dim", DEFAULTS["dim"], 1),
-        "depth": _integer(sec, "image_encoder", "depth", DEFAULTS["depth"], 1),
-        "heads": _integer(sec, "image_encoder", "heads", DEFAULTS["heads"], 1),
-        "mlp_ratio": _number(sec, "image_encoder", "mlp_ratio", DEFAULTS["mlp_ratio"], "a number > 0",
+        "dim": integer_setting(sec, "image_encoder", "dim", DEFAULTS["dim"], 1),
+        "depth": integer_setting(sec, "image_encoder", "depth", DEFAULTS["depth"], 1),
+        "heads": integer_setting(sec, "image_encoder", "heads", DEFAULTS["heads"], 1),
+        "mlp_ratio": number_setting(sec, "image_encoder", "mlp_ratio", DEFAULTS["mlp_ratio"], "a number > 0",
                              lambda v: v > 0),
-        "dropout": _number(sec, "image_encoder", "dropout", DEFAULTS["dropout"], "a number in [0, 1)",
+        "dropout": number_setting(sec, "image_encoder", "dropout", DEFAULTS["dropout"], "a number in [0, 1)",
                            lambda v: 0 <= v < 1),
-        "max_slice_distance": _integer(sec, "image_encoder", "max_slice_distance", DEFAULTS["max_slice_distance"], 0),
-        "num_regions": _integer(sec, "image_encoder", "num_regions", DEFAULTS["num_regions"], 0),
-        "aux_segmentation": _flag(sec, "image_encoder", "aux_segmentation", DEFAULTS["aux_segmentation"]),
-        "pooling": _choice(sec, "image_encoder", "pooling", POOLINGS, DEFAULTS["pooling"]),
-        "gradient_checkpointing": _flag(sec, "image_encoder", "gradient_checkpointing",
+        "max_slice_distance": integer_setting(sec, "image_encoder", "max_slice_distance", DEFAULTS["max_slice_distance"], 0),
+        "num_regions": integer_setting(sec, "image_encoder", "num_regions", DEFAULTS["num_regions"], 0),
+        "aux_segmentation": flag_setting(sec, "image_encoder", "aux_segmentation", DEFAULTS["aux_segmentation"]),
+        "pooling": choice_setting(sec, "image_encoder", "pooling", POOLINGS, DEFAULTS["pooling"]),
+        "gradient_checkpointing": flag_setting(sec, "image_encoder", "gradient_checkpointing",
                                         DEFAULTS["gradient_checkpointing"]),
     }
     if out["dim"] % out["heads"]:
@@ -178,7 +179,7 @@ def _alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
 
 
-class SliceDistanceBlock(nn.Module):
+class SliceDistanceBlock(PreNormBlock):
     """Pre-norm transformer block whose attention logits get a learned bias per head and per clamped z-distance.
 
     Args:
@@ -189,15 +190,7 @@ class SliceDistanceBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  max_slice_distance: int = 8):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        hidden = int(round(dim * mlp_ratio))
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.drop = nn.Dropout(dropout)
+        super().__init__(dim, heads, mlp_ratio, dropout)
         distance = torch.arange(max_slice_distance + 1, dtype=torch.float32)
         self.slice_bias = nn.Parameter(-_alibi_slopes(heads)[:, None] * distance)
 
@@ -205,14 +198,8 @@ class SliceDistanceBlock(nn.Module):
         """``(1, heads, N, N)`` additive attention bias from the ``(N, N)`` clamped distances (a gather: no loop)."""
         return self.slice_bias[:, distances].unsqueeze(0)
 
-    def forward(self, x: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-        b, n, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # 4-D (1, heads, N, N): the fused CPU kernel takes a 4-D mask without materialising (B, heads, N, N)
-        bias = self.attention_bias(distances).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(out.transpose(1, 2).reshape(b, n, dim)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, attn_bias=self.attention_bias(distances))
 
 
 def pool_regions(tokens: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:

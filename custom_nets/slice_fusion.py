@@ -45,6 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ctclip_contract import ModelConfig, ModelConfigError
 
+from .encoder_parts import (PreNormBlock, SettingsError, centred_positions, choice_setting, flag_setting,
+                            integer_setting, known_keys, number_setting)
 from .image_encoders import ImageEncoding, grid_positions, register_image_encoder
 from .text_encoder import resolve_pretrained
 
@@ -66,88 +68,8 @@ _FUSION_DEFAULTS = {"dim": 256, "depth": 2, "heads": 8, "mlp_ratio": 4.0, "dropo
 _NOT_ARCHITECTURE = ("transformers_version", "_name_or_path")
 
 
-class SettingsError(ValueError):
-    """A bad setting of the slice-fusion encoder; ``key`` is its path in the ``image_encoder`` section."""
-
-    def __init__(self, key: str, expected: str, got: Any):
-        super().__init__(f"{key}: expected {expected}, got {got!r}")
-        self.key, self.expected, self.got = key, expected, got
-
-
-def _integer(sec: Mapping, section: str, key: str, default: int, minimum: int) -> int:
-    v = sec.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise SettingsError(f"{section}.{key}", f"an integer >= {minimum}", v)
-    return v
-
-
-def _number(sec: Mapping, section: str, key: str, default: float, expected: str, ok) -> float:
-    v = sec.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not ok(v):
-        raise SettingsError(f"{section}.{key}", expected, v)
-    return float(v)
-
-
-def _flag(sec: Mapping, section: str, key: str, default: bool) -> bool:
-    v = sec.get(key, default)
-    if not isinstance(v, bool):
-        raise SettingsError(f"{section}.{key}", "true or false", v)
-    return v
-
-
-def _choice(sec: Mapping, section: str, key: str, choices: Sequence[str], default: str) -> str:
-    v = sec.get(key, default)
-    if v not in choices:
-        raise SettingsError(f"{section}.{key}", f"one of {list(choices)}", v)
-    return v
-
-
-def _known_keys(sec: Any, section: str, known: Sequence[str]) -> Mapping:
-    if not isinstance(sec, Mapping):
-        raise SettingsError(section, "an object", sec)
-    unknown = sorted(k for k in set(sec) - set(known) if not str(k).startswith("_"))  # "_doc": a comment
-    if unknown:  # a misspelt option would otherwise silently keep its default
-        raise SettingsError(f"{section}.{unknown[0]}", f"one of the keys {list(known)}", unknown[0])
-    return sec
-
-
 def _pair(size: Any) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
-
-
-def centred_positions(depth: int, device=None) -> torch.Tensor:
-    """Depth positions ``(D,)`` of the slices of a ``D``-slice volume, in slices, centred: ``k - (D - 1) / 2``."""
-    return torch.arange(depth, device=device, dtype=torch.float32) - (depth - 1) / 2
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-class _FusionBlock(nn.Module):
-    """Pre-norm transformer block (fused attention, optional rotary q/k)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        hidden = int(round(dim * mlp_ratio))
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        b, n, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        if rotary is not None:
-            cos, sin = (t.to(q.dtype) for t in rotary)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(out.transpose(1, 2).reshape(b, n, dim)))
-        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class DepthFusion(nn.Module):
@@ -183,7 +105,7 @@ class DepthFusion(nn.Module):
         else:
             inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.blocks = nn.ModuleList(_FusionBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def learned_positions(self, positions: torch.Tensor) -> torch.Tensor:
@@ -241,7 +163,7 @@ def _build_backbone(settings: Mapping[str, Any]) -> transformers.Dinov2Model:
     config = settings.get("config")
     if config is not None and not isinstance(config, Mapping):
         raise SettingsError("backbone.config", "an object of Dinov2Config kwargs", config)
-    load = _flag(settings, "backbone", "load_pretrained_weights", pretrained is not None)
+    load = flag_setting(settings, "backbone", "load_pretrained_weights", pretrained is not None)
     if load and pretrained is None:
         raise SettingsError("backbone.pretrained", "a pretrained backbone when load_pretrained_weights is true", None)
     if load:
@@ -282,8 +204,8 @@ class SliceFusionEncoder(nn.Module):
                  fusion: Optional[Mapping[str, Any]] = None, *,
                  hu_windows: Optional[Sequence[Sequence[float]]] = None):
         super().__init__()
-        backbone = _known_keys(backbone, "backbone", _BACKBONE_KEYS)
-        fusion = _known_keys(fusion or {}, "fusion", tuple(_FUSION_DEFAULTS))
+        backbone = known_keys(backbone, "backbone", _BACKBONE_KEYS)
+        fusion = known_keys(fusion or {}, "fusion", tuple(_FUSION_DEFAULTS))
         # checked in Python: the encoder may be built on the meta device (sizing without memory)
         windows = [[float(v) for v in w] for w in windows]
         if len(windows) not in (1, 3) or any(len(w) != 2 for w in windows):
@@ -293,11 +215,11 @@ class SliceFusionEncoder(nn.Module):
         windows_t = torch.tensor(windows, dtype=torch.float32)
         self._backbone_settings = copy.deepcopy(dict(backbone))
         self.hu_windows = None if hu_windows is None else [list(map(float, w)) for w in hu_windows]
-        self.slice_features_kind = _choice(backbone, "backbone", "slice_features", SLICE_FEATURES, "cls")
-        self.slice_chunk = _integer(backbone, "backbone", "slice_chunk", 32, 1)
-        self.gradient_checkpointing = _flag(backbone, "backbone", "gradient_checkpointing", False)
-        freeze = _flag(backbone, "backbone", "freeze", False)
-        top = _integer(backbone, "backbone", "unfreeze_top_blocks", 0, 0)
+        self.slice_features_kind = choice_setting(backbone, "backbone", "slice_features", SLICE_FEATURES, "cls")
+        self.slice_chunk = integer_setting(backbone, "backbone", "slice_chunk", 32, 1)
+        self.gradient_checkpointing = flag_setting(backbone, "backbone", "gradient_checkpointing", False)
+        freeze = flag_setting(backbone, "backbone", "freeze", False)
+        top = integer_setting(backbone, "backbone", "unfreeze_top_blocks", 0, 0)
         if top and not freeze:
             raise SettingsError("backbone.unfreeze_top_blocks", "0 unless backbone.freeze is true", top)
 
@@ -327,15 +249,15 @@ class SliceFusionEncoder(nn.Module):
 
         self.fusion_settings = {**_FUSION_DEFAULTS, **{k: v for k, v in fusion.items() if k in _FUSION_DEFAULTS}}
         self.fusion_settings.update(
-            dim=_integer(fusion, "fusion", "dim", _FUSION_DEFAULTS["dim"], 1),
-            depth=_integer(fusion, "fusion", "depth", _FUSION_DEFAULTS["depth"], 0),
-            heads=_integer(fusion, "fusion", "heads", _FUSION_DEFAULTS["heads"], 1),
-            mlp_ratio=_number(fusion, "fusion", "mlp_ratio", _FUSION_DEFAULTS["mlp_ratio"], "a number > 0",
+            dim=integer_setting(fusion, "fusion", "dim", _FUSION_DEFAULTS["dim"], 1),
+            depth=integer_setting(fusion, "fusion", "depth", _FUSION_DEFAULTS["depth"], 0),
+            heads=integer_setting(fusion, "fusion", "heads", _FUSION_DEFAULTS["heads"], 1),
+            mlp_ratio=number_setting(fusion, "fusion", "mlp_ratio", _FUSION_DEFAULTS["mlp_ratio"], "a number > 0",
                               lambda v: v > 0),
-            dropout=_number(fusion, "fusion", "dropout", _FUSION_DEFAULTS["dropout"], "a number in [0, 1)",
+            dropout=number_setting(fusion, "fusion", "dropout", _FUSION_DEFAULTS["dropout"], "a number in [0, 1)",
                             lambda v: 0 <= v < 1),
-            position=_choice(fusion, "fusion", "position", POSITIONS, _FUSION_DEFAULTS["position"]),
-            max_slices=_integer(fusion, "fusion", "max_slices", _FUSION_DEFAULTS["max_slices"], 1))
+            position=choice_setting(fusion, "fusion", "position", POSITIONS, _FUSION_DEFAULTS["position"]),
+            max_slices=integer_setting(fusion, "fusion", "max_slices", _FUSION_DEFAULTS["max_slices"], 1))
         width = cfg.hidden_size * (2 if self.slice_features_kind == "cls_mean" else 1)
         self.fusion = DepthFusion(width, **self.fusion_settings)
         self.embedding_dim = self.token_dim = self.fusion_settings["dim"]
