@@ -28,6 +28,7 @@ from monai.data import decollate_batch
 from torch import nn
 
 from ctclip_contract import CTRATE_PATHOLOGIES, atomic_path
+from ctclip_contract.anatomy import mask_paths
 
 from custom_nets.patch_ib import PatchIBHead
 
@@ -38,9 +39,6 @@ __all__ = ["salience_on_model_grid", "to_stored_grid", "salience_mass_on_finding
            "write_salience_overlay", "load_salience_head", "SalienceWriter"]
 
 logger = logging.getLogger(__name__)
-
-FINDINGS_SUFFIX = "_findings.nii.gz"
-
 
 def _axis_centres(values: torch.Tensor) -> torch.Tensor:
     return torch.unique(values.round(decimals=4))
@@ -270,8 +268,8 @@ class SalienceWriter:
                 logger.warning(f"salience overlay not drawn ({err})")
         findings = _item_path(item, self.findings_key)
         if findings is None and source.endswith(".nii.gz"):
-            beside = source[: -len(".nii.gz")] + FINDINGS_SUFFIX
-            findings = beside if Path(beside).is_file() else None
+            beside = mask_paths(source)["findings"]
+            findings = str(beside) if beside.is_file() else None
         if findings is not None:
             mask = np.asarray(nib.load(findings).dataobj)
             row.update(salience_mass_on_findings(on_stored, mask))
