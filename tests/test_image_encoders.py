@@ -60,12 +60,20 @@ class MeanPoolEncoder(nn.Module):
         return ImageEncoding(tokens.mean(1), tokens, None)
 
 
-@register_image_encoder("test_mean_pool")
-def _build_mean_pool(settings: dict, config) -> MeanPoolEncoder:
-    return MeanPoolEncoder(settings["width"])
+@pytest.fixture
+def mean_pool_registered():
+    """The encoder registered for one test and taken out after it: the registry is process-wide, and other tests
+    (the GPU benchmark's coverage check) see what the library registers."""
+
+    @register_image_encoder("test_mean_pool")
+    def _build_mean_pool(settings: dict, config) -> MeanPoolEncoder:
+        return MeanPoolEncoder(settings["width"])
+
+    yield
+    IMAGE_ENCODERS.pop("test_mean_pool", None)
 
 
-def test_a_registered_encoder_needs_no_other_code():
+def test_a_registered_encoder_needs_no_other_code(mean_pool_registered):
     assert "test_mean_pool" in IMAGE_ENCODERS
     raw = load_model_config("ctclip_tiny").to_dict()
     raw.pop("ctvit")
