@@ -123,16 +123,17 @@ class ToModelInputd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes)
         self.mask_keys = (mask_keys,) if isinstance(mask_keys, str) else tuple(mask_keys)
-        self._said_missing = False
+        self._said_missing: set[str] = set()  # each mask key's absence is said once
 
     def _mask(self, d: Mapping[Hashable, Any], key: Hashable, image: torch.Tensor) -> torch.Tensor:
         dtype = MASK_INPUT_DTYPES.get(str(key), torch.int64)
         name = d.get("name", "item")
         if d.get(key) is None:
-            if not self._said_missing:
-                logger.warning(f"{name}: no {key!r} mask; an all-background map stands in (regions off for this "
-                               "volume); said once")
-                self._said_missing = True
+            if str(key) not in self._said_missing:
+                effect = " (regions off for this volume)" if str(key) == MASK_KEYS["seg"] else ""
+                logger.warning(f"{name}: no {key!r} mask; an all-background map stands in{effect}; said once per "
+                               "mask key")
+                self._said_missing.add(str(key))
             return torch.zeros(image.shape, dtype=dtype)
         mask = d[key]
         if not isinstance(mask, MetaTensor):
