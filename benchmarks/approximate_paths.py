@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,13 +84,17 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--variants", nargs="+", default=["bf16"], choices=sorted(VARIANTS))
     parser.add_argument("--n-bootstrap", type=int, default=1000)
-    parser.add_argument("--out", default="approximate_paths_out")
+    parser.add_argument("--out", default=None, help="where the runs go (default: DEMO_OUTPUT/approximate_paths, or a "
+                        "new temporary folder): never the working directory, which may be the repository")
     args = parser.parse_args(argv)
     if args.demo_output:
         args.dataset_dir = args.dataset_dir or os.path.join(args.demo_output, "preprocessed")
         args.pretrained = args.pretrained or os.path.join(args.demo_output, "pretrain", "models", "model.pt")
     if not args.dataset_dir:
         parser.error("give --demo-output or --dataset-dir")
+    if args.out is None:
+        args.out = (os.path.join(args.demo_output, "approximate_paths") if args.demo_output
+                    else tempfile.mkdtemp(prefix="approximate_paths_"))
 
     from transforms.discovery import load_datalist
     from workflows.writers import read_predictions_csv
