@@ -318,9 +318,14 @@ class CTCLIP(nn.Module):
         sentences[present] = pooled
         return sentences.reshape(b, s, -1), present.reshape(b, s)
 
-    def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        sentences, present = self.sentence_embeddings(input_ids, mask)
+    @staticmethod
+    def mean_of_sentences(sentences: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """A report's embedding from its sentences ``(B, S, D)``: the mean over the ``present`` ``(B, S)`` ones
+        (padding rows are zeros)."""
         return sentences.sum(1) / present.sum(-1, keepdim=True).clamp(min=1)
+
+    def _sentence_mean(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.mean_of_sentences(*self.sentence_embeddings(input_ids, mask))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     token_type_ids: Optional[torch.Tensor] = None, extra: bool = False) -> torch.Tensor:

@@ -165,8 +165,7 @@ class PretrainingNetwork(nn.Module):
         hidden = encoded.new_zeros(b * s, length, encoded.shape[-1])
         hidden[present] = encoded
         pooled = m.pool_text(hidden, flat_mask).masked_fill(~present[:, None], 0.0).reshape(b, s, -1)
-        counts = present.reshape(b, s).sum(-1, keepdim=True).clamp(min=1)  # as CTCLIP's sentence mean
-        return pooled.sum(1) / counts, hidden.reshape(b, s, length, -1), pooled
+        return m.mean_of_sentences(pooled, present.reshape(b, s)), hidden.reshape(b, s, length, -1), pooled
 
     def _mask_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # BERT recipe: of the chosen tokens 80% [MASK], 10% a random token, 10% unchanged
@@ -228,7 +227,7 @@ class PretrainingNetwork(nn.Module):
             text, hidden, sentence_states = self._text_token_states(text_input_ids, text_attention_mask)
         elif multilevel & {"regions", "sentences"}:  # each sentence once (the frozen encoder's cache applies)
             sentence_states, present = m.sentence_embeddings(text_input_ids, text_attention_mask)
-            text = sentence_states.sum(1) / present.sum(-1, keepdim=True).clamp(min=1)
+            text = m.mean_of_sentences(sentence_states, present)
         else:
             text = m.text_embedding(text_input_ids, text_attention_mask)
         out = {
