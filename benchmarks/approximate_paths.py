@@ -54,7 +54,7 @@ def paired_macro_change(labels: np.ndarray, exact: np.ndarray, approx: np.ndarra
                         seed: int = 0, ci: float = 0.95) -> dict:
     """Macro AUROC of both score sets and the change ``approx - exact`` with a percentile interval over case
     resamples shared by both (resamples where a class has one label value are skipped)."""
-    from workflows.metrics import macro_auroc
+    from workflows.metrics import macro_auroc, percentile_ci
 
     def macro(y, s):
         with np.errstate(all="ignore"):
@@ -70,7 +70,7 @@ def paired_macro_change(labels: np.ndarray, exact: np.ndarray, approx: np.ndarra
         if ((y.min(0) == y.max(0)) & (labels.min(0) != labels.max(0))).any():
             continue  # a class that counts in the full data has one label value here
         deltas.append(macro(y, approx[idx]) - macro(y, exact[idx]))
-    low, high = (np.percentile(deltas, [50 * (1 - ci), 50 * (1 + ci)]) if deltas else (float("nan"),) * 2)
+    low, high = percentile_ci(np.asarray(deltas, dtype=float), ci)
     return {"macro_exact": base, "macro_approx": new, "change": new - base, "ci_low": float(low),
             "ci_high": float(high), "n_valid": len(deltas)}
 

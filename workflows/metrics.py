@@ -201,7 +201,10 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.nda
         return np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan)
 
 
-def _percentile_ci(values: np.ndarray, ci: float) -> tuple[float, float]:
+def percentile_ci(values: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval ``(low, high)`` at confidence ``ci`` of bootstrap replicates (NaN replicates left out;
+    NaNs when none is left)."""
+    values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if values.size == 0:
         return float("nan"), float("nan")
@@ -262,7 +265,7 @@ def bootstrap_auroc(
 
     per_class: dict[str, dict[str, Any]] = {}
     for c, name in enumerate(names):
-        low, high = _percentile_ci(replicates[:, c], ci)
+        low, high = percentile_ci(replicates[:, c], ci)
         per_class[name] = {
             "auroc": float(point[c]),
             "ci_low": low,
@@ -276,7 +279,7 @@ def bootstrap_auroc(
         macro_reps = np.where(valid, np.where(np.isnan(sub), 0.0, sub).mean(axis=1), np.nan)
     else:
         macro_reps = np.full(n_bootstrap, np.nan)
-    low, high = _percentile_ci(macro_reps, ci)
+    low, high = percentile_ci(macro_reps, ci)
     n_valid_macro = int(np.sum(~np.isnan(macro_reps)))
     if n_valid_macro < n_bootstrap:
         notes.append(

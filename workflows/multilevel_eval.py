@@ -48,7 +48,7 @@ from custom_nets.pretraining import PretrainingNetwork
 from transforms import ReportTextd
 from transforms.report_text import split_sentences
 
-from .metrics import _percentile_ci
+from .metrics import percentile_ci
 from .salience import salience_mass_on_findings, salience_on_model_grid, write_salience_overlay
 from .writers import write_json
 from .zeroshot import find_clip_model
@@ -198,7 +198,7 @@ def bootstrap_rate(hits: np.ndarray, counts: np.ndarray, n_bootstrap: int = 1000
     point = float(rate(hits.sum(0), counts.sum(0)))
     n = hits.shape[0]
     idx = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
-    low, high = _percentile_ci(rate(hits[idx].sum(1), counts[idx].sum(1)), ci)
+    low, high = percentile_ci(rate(hits[idx].sum(1), counts[idx].sum(1)), ci)
     return point, low, high
 
 
