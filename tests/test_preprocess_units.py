@@ -29,6 +29,7 @@ from transforms import (  # noqa: E402
     split_patients,
 )
 from transforms.ctrate import CTRATETableError, datalist_from_records, parse_list, patient_id  # noqa: E402
+from transforms.hu import _value_counts, hu_evidence  # noqa: E402
 
 
 def _ct(offset=0.0):
@@ -73,6 +74,24 @@ def test_hu_sources_and_padding_floor():
     mr = MetaTensor(torch.linspace(0, 1500, 40 * 36 * 24).reshape(1, 40, 36, 24))
     with pytest.raises(HUDecisionError, match="no plausible HU mapping"):
         RescaleToHU("auto")(mr, name="mr_volume")
+
+
+@pytest.mark.parametrize("padding", ["none", "constant", "scattered"])
+def test_hu_evidence_from_value_counts_equals_the_sample(padding):
+    """Integer volumes are judged on their sample's distinct values and counts (one bincount for every candidate):
+    the same evidence as the sample itself, ties, padding below air and a falling mapping included."""
+    rng = np.random.default_rng(3)
+    sample = rng.normal(-300, 500, 20000).round()
+    if padding == "constant":
+        sample[:4000] = -3024  # one padding constant: left out of the fractions
+    elif padding == "scattered":
+        sample[:4000] = rng.integers(-3000, -1600, 4000)  # not one constant: counted as below air
+    sample = sample.astype(np.float32)
+    values, counts = _value_counts(sample)
+    assert counts.sum() == sample.size and np.all(np.diff(values) > 0)
+    for slope, intercept in ((1.0, 0.0), (1.0, -1024.0), (-1.0, 0.0), (0.5, -10.0)):
+        assert hu_evidence(values * slope + intercept, counts) == hu_evidence(sample * slope + intercept)
+    assert _value_counts(sample + 0.5) is None  # fractions: judged on the sample itself
 
 
 def test_quality_check_reasons():

@@ -47,31 +47,60 @@ def _sample(values: torch.Tensor, max_samples: int = 2_000_000) -> np.ndarray:
     return flat[::step].to(torch.float32).cpu().numpy()
 
 
-def hu_evidence(hu_sample: np.ndarray) -> dict[str, float]:
+def _value_counts(sample: np.ndarray, max_range: int = 1 << 20) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(distinct values ascending, counts)`` of an integer-valued sample, by one ``bincount``; ``None`` for
+    a sample with fractions or a value range too wide to count (the caller then works on the sample itself).
+
+    Every candidate mapping of an integer volume is judged on the same sample: its distinct values (a few
+    thousand) are mapped instead of the 2 M sampled voxels, and no candidate needs a sort or a partition.
+    """
+    if not sample.size:
+        return None
+    lo, hi = float(sample.min()), float(sample.max())
+    if hi - lo > max_range or not np.array_equal(sample, np.floor(sample)):
+        return None
+    counts = np.bincount((sample - lo).astype(np.int64))
+    present = np.flatnonzero(counts)
+    return (present + lo).astype(np.float32), counts[present]
+
+
+def hu_evidence(hu_sample: np.ndarray, counts: np.ndarray | None = None) -> dict[str, float]:
     """Fractions of the voxels in the tissue bands and a few percentiles (values already in HU).
 
     Voxels far below air (< -1500 HU) are treated as outside-field-of-view padding when they are
     essentially one constant (-2048, -3024, -8192 ...), and excluded from the fractions.
+
+    Args:
+        hu_sample: sampled voxel values in HU; with ``counts``, the sample's distinct values (any order).
+        counts: how often each of ``hu_sample``'s values occurs (:func:`_value_counts`), or ``None``.
     """
     v = np.asarray(hu_sample, dtype=np.float32)
-    n_all = max(v.size, 1)
+    w = None if counts is None else np.asarray(counts, dtype=np.int64)
+
+    def total(mask: np.ndarray) -> int:
+        return int(w[mask].sum()) if w is not None else int(np.count_nonzero(mask))
+
+    n_all = max(int(w.sum()) if w is not None else v.size, 1)
     low = v < _BELOW_AIR[0]
-    pad_fraction = float(low.mean()) if v.size else 0.0
+    n_low = total(low)
+    pad_fraction = n_low / n_all if v.size else 0.0
     pad_constant = True
-    if low.any():
-        vals, counts = np.unique(v[low], return_counts=True)
-        pad_constant = bool(counts.max() >= 0.9 * low.sum())
-    inside = v[~low] if pad_constant else v
-    n = max(inside.size, 1)
+    if n_low:
+        largest = int(w[low].max()) if w is not None else int(np.unique(v[low], return_counts=True)[1].max())
+        pad_constant = bool(largest >= 0.9 * n_low)
+    keep = ~low if pad_constant else np.ones(v.shape, dtype=bool)
+    n = max(total(keep), 1)
 
-    def frac(band):
-        return float(((inside >= band[0]) & (inside < band[1])).sum() / n)
+    def frac(band, within=keep, of=n):
+        return total(within & (v >= band[0]) & (v < band[1])) / of
 
-    tissue = inside[inside >= -900.0]  # the gap is judged against non-air voxels: air volume varies a lot
-    gap = float(((tissue >= _GAP[0]) & (tissue < _GAP[1])).mean()) if tissue.size else 0.0
-    body = inside[inside >= -500.0]  # fat, soft tissue, bone: CT puts most of it in [-200, 200]
-    soft_of_body = float(((body >= _SOFT[0]) & (body < _SOFT[1])).mean()) if body.size else 0.0
-    p = np.percentile(inside, [1, 50, 99]) if inside.size else np.array([np.nan] * 3)
+    tissue = keep & (v >= -900.0)  # the gap is judged against non-air voxels: air volume varies a lot
+    n_tissue = total(tissue)
+    gap = frac(_GAP, tissue, n_tissue) if n_tissue else 0.0
+    body = keep & (v >= -500.0)  # fat, soft tissue, bone: CT puts most of it in [-200, 200]
+    n_body = total(body)
+    soft_of_body = frac(_SOFT, body, n_body) if n_body else 0.0
+    p = _percentiles(v[keep], None if w is None else w[keep], (1, 50, 99))
     return {
         "air_lung": frac(_AIR_LUNG),
         "soft_tissue": frac(_SOFT),
@@ -83,6 +112,21 @@ def hu_evidence(hu_sample: np.ndarray) -> dict[str, float]:
         "p50": float(p[1]),
         "p99": float(p[2]),
     }
+
+
+def _percentiles(values: np.ndarray, counts: np.ndarray | None, qs: Sequence[float]) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear interpolation), of ``values`` repeated ``counts`` times when given."""
+    if not values.size:
+        return np.full(len(qs), np.nan)
+    if counts is None:
+        return np.percentile(values, qs)
+    order = np.argsort(values, kind="stable")
+    vals, ends = values[order].astype(np.float64), np.cumsum(counts[order])  # ends[i]: ranks < ends[i] hold vals[i]
+    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (ends[-1] - 1)
+    below = np.floor(pos)
+    a = vals[np.searchsorted(ends, below, side="right")]
+    b = vals[np.searchsorted(ends, np.minimum(below + 1, ends[-1] - 1), side="right")]
+    return a + (b - a) * (pos - below)
 
 
 def _plausible(ev: Mapping[str, float]) -> tuple[bool, str]:
@@ -206,20 +250,23 @@ class RescaleToHU(Transform):
                       (float(np.ceil(pad_range[0])), float(np.floor(pad_range[1]))))
             pad_mask = (t_in >= lo) & (t_in <= hi)  # before the mapping, which may work in place
             sample = sample[~((sample >= pad_range[0]) & (sample <= pad_range[1]))]
+        counted = _value_counts(sample)
+
+        def evidence_of(s: float, b: float) -> dict[str, float]:
+            return hu_evidence(counted[0] * s + b, counted[1]) if counted else hu_evidence(sample * s + b)
+
         if self.source == "header":
             chosen = ("header", 1.0, 0.0)
-            ev = hu_evidence(sample)
-            evidence = {"header": ev}
+            evidence = {"header": evidence_of(1.0, 0.0)}
         elif self.source == "metadata":
             if slope is None or intercept is None:
                 raise HUDecisionError(f"{name}: source='metadata' but no RescaleSlope/RescaleIntercept given")
             chosen = ("metadata", float(slope), float(intercept))
-            ev = hu_evidence(sample * chosen[1] + chosen[2])
-            evidence = {"metadata": ev}
+            evidence = {"metadata": evidence_of(*chosen[1:])}
         else:
             evidence, ranked = {}, []
             for label, s, b in self.candidates(slope, intercept):
-                ev = hu_evidence(sample * s + b)
+                ev = evidence_of(s, b)
                 ok, why = _plausible(ev)
                 evidence[label] = dict(ev, plausible=ok, why_not=why)
                 if ok:

@@ -23,7 +23,7 @@ from monai.transforms import MapTransform, Transform
 
 from ctclip_contract import NUM_PATHOLOGIES, gzip_stream_size
 
-from .hu import _plausible, _sample, hu_evidence
+from .hu import _plausible, _sample, _value_counts, hu_evidence
 
 __all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input",
            "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES", "align_mask_to_image",
@@ -354,7 +354,8 @@ class CTQualityCheck(Transform):
         if self.check_structure:
             self._structure(img, t, name)
         if self.check_hu:
-            ok, why = _plausible(hu_evidence(_sample(t)))
+            sample = _sample(t)
+            ok, why = _plausible(hu_evidence(*(_value_counts(sample) or (sample,))))
             if not ok:
                 raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
         return img
