@@ -3,7 +3,7 @@ retrieval against the gallery size, a training step against the batch size; each
 
 Usage::
 
-    .venv/bin/python benchmarks/scaling.py [--parts preprocess zero_shot retrieval train]
+    .venv/bin/python benchmarks/scaling.py [--parts preprocess zero_shot retrieval train] [--only retrieval]
         [--cohort DIR] [--volumes 4 8 16] [--workers 0 1 2] [--classes 18 36 72 144]
         [--gallery 1000 10000 50000] [--batches 1 2 4 8] [--model-config ctclip_small]
 
@@ -14,10 +14,13 @@ Usage::
 * ``zero_shot``: :class:`custom_nets.ZeroShotClassifier` on one volume with 18 .. 144 classes (2 prompts each), prompts
   encoded cold: seconds, image-encoder passes (must stay 1), prompt-encoding share; the baseline is the
   reference's one image pass per class, priced at the measured image-pass time.
-* ``retrieval``: every one of N report latents against a gallery of N volume latents (512-d): top-10 by blocks of
-  queries whose similarity rows fit ``--block-mb`` (:func:`blockwise_top_k`), against the full similarity matrix
-  of :func:`workflows.retrieval.similarity_matrix` (float64, N x N) where that fits in ``--max-baseline-gb``; the
-  floor is ``2 N^2 d`` FLOPs at the measured matmul rate; peak RSS above the start of each.
+* ``retrieval``: :func:`workflows.retrieval.retrieval_metrics` on N volume and N report latents (512-d) with 18
+  labels (both directions, volume→volume mAP@1..50, alignment and uniformity), its similarities by blocks of rows
+  that fit ``--block-mb``, against :func:`full_matrix_retrieval_metrics` (the same metrics as they were computed
+  before, from float64 N x N matrices) where the N x N matrix fits in ``--max-baseline-gb``; both give the same
+  results (the largest difference is printed). The floor is the products' FLOPs (``6 N^2 d`` ours: one pass for
+  both directions, one for volume→volume, half of one per uniformity; ``8 N^2 d`` the baseline) at the measured
+  numpy float64 matmul rate; peak RSS above the start of each.
 * ``train``: one training step of the pretraining network (:func:`gpu.train_rows`, CPU float32) at each batch
   size: samples/s, peak RSS, and the ratio to the FLOP floor.
 
@@ -41,30 +44,72 @@ import torch
 from memory import flop_counter, machine_state, matmul_rate, peak_rss_mb, reset_peak_rss, rss_mb, timed
 
 
-def blockwise_top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
-                    block_bytes: int = 256 * 2 ** 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` cosine similarities of each query in the gallery, ``(Q, k)`` scores and indices, computing the
-    similarity rows of as many queries at a time as fit in ``block_bytes`` (float32): memory ``O(block + Q k)``
-    instead of the ``Q x N`` matrix."""
-    q = torch.nn.functional.normalize(queries.float(), dim=-1)
-    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
-    rows = max(1, block_bytes // (4 * g.shape[0]))
-    scores, indices = [], []
-    for block in q.split(rows):
-        s, i = (block @ g.t()).topk(min(k, g.shape[0]), dim=-1)
-        scores.append(s)
-        indices.append(i)
-    return torch.cat(scores), torch.cat(indices)
+def full_matrix_retrieval_metrics(image_latents: np.ndarray, text_latents: np.ndarray, labels: np.ndarray,
+                                  ks=(1, 5, 10, 50, 100), map_ks=(1, 5, 10, 50), relevance: str = "exact") -> dict:
+    """The baseline: :func:`workflows.retrieval.retrieval_metrics` as it was computed before it went by blocks
+    (e2fb669), from whole matrices: the float64 volume x report similarity, an N x N x C label comparison and the
+    N x N relevance, the volume x volume similarity with a stable argsort of every row per mAP cut-off, and each
+    uniformity's N x N distances and their upper triangle. The rank formulas are the library's (the same)."""
+    from workflows.metrics import to_jsonable
+    from workflows.retrieval import _l2_normalize, _rank_metrics
+
+    img, txt = _l2_normalize(np.asarray(image_latents, np.float64)), _l2_normalize(np.asarray(text_latents, np.float64))
+    n = img.shape[0]
+
+    def ranks(sim):
+        match = np.diag(sim)[:, None]
+        return (sim > match).sum(axis=1), (sim == match).sum(axis=1)
+
+    def uniformity(a, t=2.0):
+        sq = np.maximum(2.0 - 2.0 * (a @ a.T), 0.0)
+        v = -t * sq[np.triu_indices(n, k=1)]
+        m = v.max()
+        return float(m + np.log(np.mean(np.exp(v - m))))
+
+    sim = img @ txt.T
+    out = {"n": n, "report_to_volume": _rank_metrics(*ranks(sim.T), ks),
+           "volume_to_report": _rank_metrics(*ranks(sim), ks)}
+    del sim
+    out["embedding"] = {"alignment": float((np.linalg.norm(img - txt, axis=1) ** 2).mean()),
+                        "uniformity_image": uniformity(img), "uniformity_text": uniformity(txt)}
+    y = np.asarray(labels).astype(bool)
+    rel = (y[:, None, :] == y[None, :, :]).all(axis=2) if relevance == "exact" else (y.astype(np.int64) @ y.T) > 0
+    np.fill_diagonal(rel, False)
+    vv_sim = img @ img.copy().T
+    n_rel = rel.sum(axis=1)
+    used = n_rel > 0
+    vv = {"relevance": relevance}
+    for k in map_ks:
+        sim_k = np.array(vv_sim)  # a copy per cut-off with the query left out, as mean_average_precision_at_k made
+        np.fill_diagonal(sim_k, -np.inf)
+        order = np.argsort(-sim_k, axis=1, kind="stable")[:, : min(k, n - 1)]
+        del sim_k
+        hits = np.take_along_axis(rel, order, axis=1).astype(np.float64)
+        precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+        ap = (precision_at_i * hits).sum(axis=1)[used] / np.minimum(k, n_rel[used])
+        vv[f"map@{k}"], vv["n_queries"] = float(ap.mean()), int(used.sum())
+    vv["random_precision"] = float(rel.sum() / (n * (n - 1)))
+    out["volume_to_volume"] = vv
+    out["notes"] = [f"recall@k with k >= N={n} is 1 by construction"] if any(k >= n for k in ks) else []
+    return to_jsonable(out)
 
 
-def full_matrix_top_k(queries: np.ndarray, gallery: np.ndarray, k: int = 10) -> np.ndarray:
-    """The baseline: the whole similarity matrix (the retrieval metrics' :func:`similarity_matrix`), then top-k."""
-    from workflows.retrieval import similarity_matrix
+def largest_difference(a, b, path: str = "") -> tuple[float, str]:
+    """The largest absolute difference between two results' numbers, and where (both must have the same keys)."""
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            raise ValueError(f"{path or 'results'}: keys differ")
+        return max((largest_difference(a[k], b[k], f"{path}/{k}") for k in a), default=(0.0, ""))
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and a is not None and b is not None:
+        return abs(float(a) - float(b)), path
+    return (0.0, "") if a == b else (float("inf"), path)
 
-    sim = similarity_matrix(queries, gallery)
-    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(-sim, top, axis=1).argsort(axis=1)
-    return np.take_along_axis(top, order, axis=1)
+
+def numpy_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` FLOP/s of an ``n x n`` float64 numpy product: the BLAS the retrieval metrics use."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    return 2 * n ** 3 / min(timed(lambda: a @ b, repeats=repeats, warmup=1))
 
 
 # --------------------------------------------------------------------------------------------------- parts
@@ -176,35 +221,43 @@ def part_zero_shot(args) -> list[dict]:
 
 
 def part_retrieval(args) -> list[dict]:
-    rate = matmul_rate(torch.float32)
+    from workflows.retrieval import retrieval_metrics
+
+    rate = numpy_matmul_rate()
     rows = []
     for n in args.gallery:
-        g = torch.Generator().manual_seed(n)
-        queries, gallery = torch.randn(n, args.dim, generator=g), torch.randn(n, args.dim, generator=g)
+        rng = np.random.default_rng(n)
+        img = rng.normal(size=(n, args.dim))
+        txt = img + 6 * rng.normal(size=(n, args.dim))  # reports loosely paired: the matches' ranks spread out
+        labels = rng.random((n, 18)) < 0.1  # 18 findings at 10% each: 15% of the scans normal
         base_rss = rss_mb()
         reset_peak_rss()
         t0 = time.perf_counter()
-        _, idx = blockwise_top_k(queries, gallery, k=10, block_bytes=args.block_mb * 2 ** 20)
+        ours = retrieval_metrics(img, txt, labels=labels, block_bytes=args.block_mb * 2 ** 20)
         ours_s = time.perf_counter() - t0
         row = {"gallery": n, "ours_s": ours_s, "ours_peak_mb": peak_rss_mb() - base_rss,
-               "floor_s": 2 * n * n * args.dim / rate, "baseline_matrix_gb": n * n * 8 / 2 ** 30}
+               "floor_s": 6 * n * n * args.dim / rate, "baseline_matrix_gb": n * n * 8 / 2 ** 30,
+               "recall@10": ours["report_to_volume"]["recall@10"], "map@10": ours["volume_to_volume"]["map@10"]}
         if row["baseline_matrix_gb"] <= args.max_baseline_gb:
             reset_peak_rss()
             t0 = time.perf_counter()
-            ref = full_matrix_top_k(queries.numpy(), gallery.numpy(), k=10)
+            ref = full_matrix_retrieval_metrics(img, txt, labels)
             row.update(baseline_s=time.perf_counter() - t0, baseline_peak_mb=peak_rss_mb() - base_rss,
-                       top1_agree=float((ref[:, 0] == idx[:, 0].numpy()).mean()))
+                       baseline_floor_s=8 * n * n * args.dim / rate)
+            row["largest_difference"], row["where"] = largest_difference(ref, ours)
         row["load"] = machine_state()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{args.dim}-d latents, N queries against N gallery items, top-10; fp32 matmul {rate / 1e9:.0f} GFLOP/s")
+    print(f"\nretrieval_metrics, {args.dim}-d latents, 18 labels, block {args.block_mb} MB; "
+          f"float64 matmul (numpy) {rate / 1e9:.0f} GFLOP/s")
     print("| gallery N | ours s | ours peak MB | floor s | ours / floor | full matrix (float64) | baseline s | "
-          "baseline peak MB | baseline / ours |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "baseline peak MB | baseline / ours | largest difference |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        base = (f"{r['baseline_s']:.2f} | {r['baseline_peak_mb']:.0f} | {r['baseline_s'] / r['ours_s']:.1f}x"
-                if "baseline_s" in r else "not run (does not fit) | | ")
-        print(f"| {r['gallery']} | {r['ours_s']:.2f} | {r['ours_peak_mb']:.0f} | {r['floor_s']:.2f} | "
+        base = (f"{r['baseline_s']:.2f} | {r['baseline_peak_mb']:.0f} | {r['baseline_s'] / r['ours_s']:.1f}x | "
+                f"{r['largest_difference']:.1e}" + (f" ({r['where']})" if r["largest_difference"] else "")
+                if "baseline_s" in r else "not run (does not fit) | | | ")
+        print(f"| {r['gallery']:,} | {r['ours_s']:.2f} | {r['ours_peak_mb']:.0f} | {r['floor_s']:.2f} | "
               f"{r['ours_s'] / r['floor_s']:.1f}x | {r['baseline_matrix_gb']:.2f} GB | {base} |")
     return rows
 
@@ -235,7 +288,8 @@ PARTS = {"preprocess": part_preprocess, "zero_shot": part_zero_shot, "retrieval"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--parts", "--only", nargs="+", default=list(PARTS), choices=list(PARTS),
+                        help="the parts to run (default all)")
     parser.add_argument("--cohort", help="raw cohort (synthetic_chest_ct layout); default: generate a tiny one")
     parser.add_argument("--volumes", type=int, nargs="+", default=[4, 8, 16], help="patients preprocessed")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
