@@ -17,6 +17,8 @@ in its own subprocess, with torch's default thread count:
 * ``ours``: ``CTPreprocessor.preprocess_volume``, i.e. ``process_item`` minus the file write: header
   checks, nibabel read in the stored dtype, HU decision (auto) with floor, QC, RAS resampling with
   the crop/pad folded in, int16; our module imports and transform construction are inside the timer;
+* ``ours_warm``: the same for a second volume in the same process (a cohort run's per-volume cost: our imports,
+  the chain and the first-touch allocations are paid once per run, not per volume);
 * ``ours_stages``: the same, stage by stage (header checks, read, each transform of the chain): where the time goes;
 * ``ours_write``: ``process_item`` (the same plus the atomic ``.nii.gz`` write, ISA-L at
   ``ctclip_contract.files.GZIP_LEVEL``, and the checksum);
@@ -230,6 +232,8 @@ def child(variant: str, path: str, out: str | None, workdir: str) -> None:
     import monai  # noqa: F401
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "ours_warm":  # a cohort run's second volume: our imports and set-up are paid once per run
+        run_ours(path, False, workdir)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     stages = None
@@ -244,7 +248,7 @@ def child(variant: str, path: str, out: str | None, workdir: str) -> None:
         result = None
     elif variant == "baseline":
         result = run_baseline(path)
-    elif variant == "ours":
+    elif variant in ("ours", "ours_warm"):
         result = run_ours(path, False, workdir)
     elif variant == "ours_write":
         result = run_ours(path, True, workdir)
@@ -302,8 +306,8 @@ def compare(workdir: Path) -> dict:
     }
 
 
-VARIANTS = ("floor_zlib", "floor_isal", "read_ours", "baseline", "ours", "ours_stages", "ours_write", "ours_matched",
-            "ours_matched_nofloor")
+VARIANTS = ("floor_zlib", "floor_isal", "read_ours", "baseline", "ours", "ours_warm", "ours_stages", "ours_write",
+            "ours_matched", "ours_matched_nofloor")
 SAVED = ("baseline", "ours", "ours_matched", "ours_matched_nofloor")
 
 
@@ -353,6 +357,8 @@ def main() -> None:
         "ours_stages_best": stages,
         "wall_ratio_ours_over_isal_floor": o["wall_s"] / fi["wall_s"],
         "cpu_ratio_ours_over_isal_floor": o["cpu_s"] / fi["cpu_s"],
+        "wall_ratio_ours_warm_over_isal_floor": results["ours_warm"]["wall_s"] / fi["wall_s"],
+        "cpu_ratio_ours_warm_over_isal_floor": results["ours_warm"]["cpu_s"] / fi["cpu_s"],
         "wall_ratio_read_ours_over_isal_floor": results["read_ours"]["wall_s"] / fi["wall_s"],
         "wall_ratio_zlib_floor_over_isal_floor": fz["wall_s"] / fi["wall_s"],
         "wall_ratio_baseline_over_ours": b["wall_s"] / o["wall_s"],
@@ -373,7 +379,7 @@ def main() -> None:
     m, mn = hu["matched"], hu["matched_without_floor"]
     print(f"""
 read floor: zlib {fz['wall_s']:.3f} s, ISA-L {fi['wall_s']:.3f} s wall ({s['wall_ratio_zlib_floor_over_isal_floor']:.2f}x); our reader alone {results['read_ours']['wall_s']:.3f} s = {s['wall_ratio_read_ours_over_isal_floor']:.2f}x the ISA-L floor.
-ours (read only) / ISA-L read floor: {s['wall_ratio_ours_over_isal_floor']:.2f}x wall, {s['cpu_ratio_ours_over_isal_floor']:.2f}x CPU time (goal: at most 1.3x).
+ours (read only) / ISA-L read floor: {s['wall_ratio_ours_over_isal_floor']:.2f}x wall, {s['cpu_ratio_ours_over_isal_floor']:.2f}x CPU time (goal: at most 1.3x); per volume of a cohort run (our imports and set-up done, ours_warm): {s['wall_ratio_ours_warm_over_isal_floor']:.2f}x wall, {s['cpu_ratio_ours_warm_over_isal_floor']:.2f}x CPU.
 baseline / ours: {s['wall_ratio_baseline_over_ours']:.2f}x wall, {s['cpu_ratio_baseline_over_ours']:.2f}x CPU time \
 ({s['wall_ratio_baseline_over_ours_with_write']:.2f}x wall, {s['cpu_ratio_baseline_over_ours_with_write']:.2f}x CPU \
 when ours also writes the .nii.gz); \
