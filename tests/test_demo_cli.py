@@ -56,3 +56,6 @@ def test_boolean_overrides_reach_the_config_as_booleans(tmp_path):
     stages = {s.name: s for s in demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0)}
     cmd = stages["classfine_export"].command()
     assert cmd[cmd.index("--make_zip") + 1] == "False" and cmd[cmd.index("--overwrite") + 1] == "True"
+    # the zero-shot figures come from the zero-shot stage, not from a second run inside ClassFine's evaluation
+    cmd = stages["classfine_evaluate"].command()
+    assert cmd[cmd.index("--skip_zeroshot") + 1] == "True"

@@ -127,8 +127,10 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
         Stage("classfine_train", f"{b}/ct_clip_classfine", ["train.json"],
               {**common, "output_dir": str(classfine), "pretrained": str(pretrained), "epochs": classfine_epochs},
               "ClassFine: 18-label head on the pretrained image encoder"),
+        # the zero-shot figures come from the zero-shot stage: ClassFine's own zero-shot baseline would be a
+        # second evaluation of the same model on the same volumes
         Stage("classfine_evaluate", f"{b}/ct_clip_classfine", ["train.json", "evaluate.json"],
-              {**common, "output_dir": str(classfine), "pretrained": str(pretrained)},
+              {**common, "output_dir": str(classfine), "pretrained": str(pretrained), "skip_zeroshot": True},
               "ClassFine evaluation on validation and held-out test patients"),
         Stage("zeroshot_evaluate", f"{b}/ct_clip_zeroshot", ["inference.json", "evaluate.json"],
               {**common, "output_dir": str(zeroshot), "pretrained": str(pretrained)},
