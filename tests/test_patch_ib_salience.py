@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from custom_nets.image_encoders import grid_positions
 from transforms import ToModelInput
-from workflows.salience import (salience_mass_on_findings, salience_on_model_grid, to_stored_grid,
-                                write_salience_nifti)
+from workflows.salience import (radiological_view, salience_mass_on_findings, salience_on_model_grid,
+                                to_stored_grid, write_salience_nifti)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "ct_clip_zeroshot" / "configs"
@@ -54,6 +55,21 @@ def test_salience_goes_back_onto_the_stored_grid_with_its_affine(tmp_path):
     written = nib.load(out)
     np.testing.assert_array_equal(written.affine, affine)
     assert written.shape == hu.shape and written.get_data_dtype() == np.float32
+
+
+def test_overlay_slices_are_shown_as_radiologists_read_them():
+    """Anterior at the top and the patient's right on the image's left, whatever the model input's axis codes."""
+    hu = np.full((20, 24, 12), -1000, dtype=np.int16)  # RAS: i runs to the right, j to anterior, k to superior
+    hu[19, 23, 5] = 1000  # the patient's right, most anterior
+    hu[0, 0, 5] = 500     # the patient's left, most posterior
+    image = MetaTensor(torch.from_numpy(hu)[None], affine=torch.eye(4))
+    for codes in ("SLP", "SRA", "SAL"):
+        slice_ = ToModelInput(axis_codes=codes)(image)[0, 5].numpy()
+        view = radiological_view(slice_, codes)
+        assert view.shape == (24, 20)
+        assert view[0, 0] == view.max() and view[-1, -1] == np.sort(view.ravel())[-2], codes
+    with pytest.raises(ValueError, match="L/R and A/P"):
+        radiological_view(np.zeros((3, 3)), "ASL")
 
 
 def test_salience_mass_on_findings_against_the_chance_level():

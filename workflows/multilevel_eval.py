@@ -366,6 +366,7 @@ class MultilevelEvaluation:
         try:
             write_salience_overlay(self.output_dir / file, np.asarray(image.cpu()), grid,
                                    slices=sorted({depth, largest}), outline=mask,
+                                   axis_codes=self.model.config.input.axis_codes,
                                    title=f"{name}: \"{self.template.format(finding)}\" {'hit' if hit else 'miss'} "
                                          f"({where})")
         except ImportError as err:

@@ -36,7 +36,7 @@ from .writers import write_json
 from .zeroshot import find_clip_model
 
 __all__ = ["salience_on_model_grid", "to_stored_grid", "salience_mass_on_findings", "write_salience_nifti",
-           "write_salience_overlay", "load_salience_head", "SalienceWriter"]
+           "radiological_view", "write_salience_overlay", "load_salience_head", "SalienceWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +123,29 @@ def write_salience_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np
     return Path(path)
 
 
+def radiological_view(axial: np.ndarray, axis_codes: str = "SLP") -> np.ndarray:
+    """An axial slice ``(H, W)`` of a model input with axis codes ``axis_codes`` (``D, H, W``), as radiologists look
+    at it: anterior at the top, the patient's right on the image's left (rows run to posterior, columns to left).
+
+    Raises:
+        ValueError: the in-plane axes are not one left-right and one anterior-posterior axis.
+    """
+    codes = axis_codes.upper()[1:]
+    lr = next((i for i, c in enumerate(codes) if c in "LR"), None)
+    ap = next((i for i, c in enumerate(codes) if c in "AP"), None)
+    if len(codes) != 2 or lr is None or ap is None:
+        raise ValueError(f"axis codes {axis_codes!r}: the H and W axes of an axial slice must be L/R and A/P")
+    view = np.asarray(axial).transpose(ap, lr)
+    return view[:: 1 if codes[ap] == "P" else -1, :: 1 if codes[lr] == "L" else -1]
+
+
 def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience: np.ndarray, n_slices: int = 3,
                            title: str = "", slices: Optional[Sequence[int]] = None,
-                           outline: Optional[np.ndarray] = None) -> Path:
+                           outline: Optional[np.ndarray] = None, axis_codes: str = "SLP") -> Path:
     """PNG of ``n_slices`` axial slices (first axis, the model input's depth) of ``image`` with the salience over it
     in colour (from its minimum to its maximum): the slices with the most salience mass, or ``slices`` when given.
-    ``outline``: an optional bool volume on the same grid drawn as a contour (e.g. a finding's mask). Needs
+    ``outline``: an optional bool volume on the same grid drawn as a contour (e.g. a finding's mask). The slices are
+    shown as radiologists read them (:func:`radiological_view` of the model input's ``axis_codes``). Needs
     matplotlib."""
     import matplotlib
 
@@ -142,10 +159,11 @@ def write_salience_overlay(path: str | os.PathLike, image: np.ndarray, salience:
     vmin, vmax = float(salience.min()), float(salience.max())
     vmax = vmax if vmax > vmin else vmin + 1e-6
     for ax, k in zip(axes[0], picks):
-        ax.imshow(image[k], cmap="gray")
-        ax.imshow(salience[k], cmap="inferno", alpha=0.45, vmin=vmin, vmax=vmax)
+        ax.imshow(radiological_view(image[k], axis_codes), cmap="gray")
+        ax.imshow(radiological_view(salience[k], axis_codes), cmap="inferno", alpha=0.45, vmin=vmin, vmax=vmax)
         if outline is not None and np.asarray(outline[k]).any():
-            ax.contour(np.asarray(outline[k], dtype=float), levels=[0.5], colors="cyan", linewidths=1.0)
+            ax.contour(radiological_view(np.asarray(outline[k], dtype=float), axis_codes), levels=[0.5],
+                       colors="cyan", linewidths=1.0)
         ax.set_title(f"slice {k}", fontsize=9)
         ax.axis("off")
     if title:
@@ -262,7 +280,7 @@ class SalienceWriter:
         if self.png_slices > 0:
             try:
                 write_salience_overlay(self.output_dir / f"{name}_salience.png", grid, model_grid, self.png_slices,
-                                       title=name)
+                                       title=name, axis_codes=self.axis_codes)
                 row["png"] = f"{name}_salience.png"
             except ImportError as err:
                 logger.warning(f"salience overlay not drawn ({err})")
