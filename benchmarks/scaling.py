@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory import flop_counter, machine_state, matmul_rate, peak_rss_mb, reset_peak_rss, rss_mb, timed
+from memory import machine_state, matmul_rate, peak_rss_mb, reset_peak_rss, rss_mb, timed
 
 
 def full_matrix_retrieval_metrics(image_latents: np.ndarray, text_latents: np.ndarray, labels: np.ndarray,
