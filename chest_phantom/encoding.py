@@ -255,7 +255,7 @@ def write_label_nifti(path: str | Path, labels: np.ndarray, affine_lps_matrix: n
     hdr["descrip"] = b"synthetic chest CT phantom labels"
     raw = bytearray(hdr.binaryblock) + b"\x00\x00\x00\x00"
     raw += np.asarray(labels, dtype=labels.dtype.newbyteorder("<")).tobytes(order="F")
-    atomic_write_bytes(Path(path), gzip_compress(raw, mtime=0))
+    atomic_write_bytes(Path(path), gzip_compress(raw, mtime=0, labels=True))
     return {"dtype": str(labels.dtype), "affine_ras": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
 
 

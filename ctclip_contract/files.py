@@ -44,8 +44,8 @@ os.umask(_UMASK)
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_path", "read_json",
            "file_sha256", "is_environment_fault", "OutputFolderLocked", "output_folder_lock",
-           "remove_stale_temporaries", "HAVE_ISAL", "GZIP_LEVEL", "GZIP_LEVEL_ZLIB", "gzip_open", "gzip_compress",
-           "gzip_decompress", "gzip_stream_size", "route_nibabel_gzip"]
+           "remove_stale_temporaries", "HAVE_ISAL", "GZIP_LEVEL", "GZIP_LEVEL_ZLIB", "GZIP_LEVEL_LABELS", "gzip_open",
+           "gzip_compress", "gzip_decompress", "gzip_stream_size", "route_nibabel_gzip"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -242,6 +242,12 @@ GZIP_LEVEL = 3
 #: zlib level when ISA-L is absent: level 1, within 1.4 % of ISA-L level 3's size (the table) at zlib's fastest
 GZIP_LEVEL_ZLIB = 1
 
+#: ISA-L level of label maps and masks (``gzip_compress(..., labels=True)``): long runs of one value, which ISA-L
+#: level 1 writes smaller and faster than level 3 (measured on the demo cohort's masks, 128x128x144 voxels, one
+#: thread: the uint8 anatomical label map, 2.4 MB raw, level 1 141 kB in 1.1 ms against level 3 150 kB in 5.5 ms;
+#: the int32 finding bits, 9.4 MB raw, 29 kB in 0.6 ms against 52 kB in 24.8 ms). Without ISA-L: zlib level 1.
+GZIP_LEVEL_LABELS = 1
+
 
 def _gzip_class(compresslevel: Optional[int]) -> tuple[type, int]:
     """The GzipFile class and level that write at ``compresslevel`` (None: the project's level)."""
@@ -286,11 +292,13 @@ def gzip_open(filename: str | os.PathLike, mode: str = "rb", compresslevel: Opti
     return f
 
 
-def gzip_compress(data: bytes | bytearray | memoryview, compresslevel: Optional[int] = None, mtime: int = 0) -> bytes:
-    """``data`` as one gzip stream (no file name, ``mtime`` 0): ISA-L at the project's level, or zlib at
-    ``compresslevel`` when one is given (see :func:`gzip_open`)."""
+def gzip_compress(data: bytes | bytearray | memoryview, compresslevel: Optional[int] = None, mtime: int = 0,
+                  labels: bool = False) -> bytes:
+    """``data`` as one gzip stream (no file name, ``mtime`` 0): ISA-L at the project's level (:data:`GZIP_LEVEL`,
+    or :data:`GZIP_LEVEL_LABELS` for a label map or mask, ``labels``), or zlib at ``compresslevel`` when one is
+    given (see :func:`gzip_open`)."""
     if compresslevel is None and HAVE_ISAL:
-        return _igzip.compress(data, compresslevel=GZIP_LEVEL, mtime=mtime)
+        return _igzip.compress(data, compresslevel=GZIP_LEVEL_LABELS if labels else GZIP_LEVEL, mtime=mtime)
     return gzip.compress(data, compresslevel=GZIP_LEVEL_ZLIB if compresslevel is None else compresslevel, mtime=mtime)
 
 
