@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import fire
+import pytest
 
 from workflows import demo
 
@@ -32,9 +33,21 @@ def test_generate_stage_gets_the_cohort_options(tmp_path):
 
     assert generate(balanced=0.4, two_recon_fraction=0.0) == {
         "output_dir": str(tmp_path / "cohort"), "num_cases": 10, "seed": 0, "num_workers": 1, "balanced": 0.4,
-        "two_recon_fraction": 0.0}
+        "two_recon_fraction": 0.0, "anatomy_masks": False, "finding_masks": False}  # no stage reads masks
     assert generate(balanced=True)["balanced"] == 0.4  # the generator's meaning of True
     assert "balanced" not in generate(balanced=False)  # CT-RATE prevalences: the generator's default
+
+
+@pytest.mark.parametrize("compare, masks", [(None, False), ("slicefusion_small", False),
+                                            ("ctspecialised_small", True)])
+def test_the_cohort_has_masks_when_a_stage_reads_them(tmp_path, compare, masks):
+    """Only the CT-specialised comparison reads the anatomical and finding masks; without it the demo spends no
+    generation time on them, and ``masks`` overrides the choice."""
+    assert demo.demo_reads_masks(compare) is masks
+    cohort = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0, compare)[0].overrides
+    assert cohort["anatomy_masks"] is cohort["finding_masks"] is masks
+    forced = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0, compare, masks=True)[0]
+    assert forced.overrides["anatomy_masks"] is True
 
 
 def test_every_stage_passes_its_bundle_folder(tmp_path):
@@ -59,3 +72,24 @@ def test_boolean_overrides_reach_the_config_as_booleans(tmp_path):
     # the zero-shot figures come from the zero-shot stage, not from a second run inside ClassFine's evaluation
     cmd = stages["classfine_evaluate"].command()
     assert cmd[cmd.index("--skip_zeroshot") + 1] == "True"
+
+
+def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(tmp_path, monkeypatch):
+    """``make demo`` (no masks), then ``make demo DEMO_COMPARE=ctspecialised_small``: the generation and the
+    preprocessing run again, now with masks; the finished stages that read none are not redone."""
+    ran = []
+
+    def run_stage(stage, out):
+        ran.append(stage.name)
+        stage.seconds = 0.0
+
+    monkeypatch.setattr(demo, "run_stage", run_stage)
+    monkeypatch.setattr(demo, "_example_picture", lambda out: None)
+    (tmp_path / ".done").mkdir()
+    for stage in demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0):
+        (tmp_path / ".done" / stage.name).write_text("{}")
+    demo.main(str(tmp_path), compare_model_config="slicefusion_small")  # reads no masks: only its own stages
+    assert ran and not {"generate", "preprocess"} & set(ran)
+    ran.clear()
+    demo.main(str(tmp_path), compare_model_config="ctspecialised_small")
+    assert ran[:2] == ["generate", "preprocess"] and "pretrain" not in ran and "pretrain_ctspecialised_small" in ran

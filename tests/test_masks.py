@@ -118,13 +118,19 @@ def test_cohort_writes_masks_beside_every_volume_on_its_grid(cohort):
     assert formats == {"nifti", "dicom"}
 
 
-def test_finding_masks_off_leave_the_volumes_as_they_were(cohort, tmp_path):
+@pytest.mark.parametrize("anatomy", [True, False])
+def test_masks_off_leave_the_volumes_as_they_were(cohort, tmp_path, anatomy):
     out = tmp_path / "no_findings"
     generate_cohort(out, 2, seed=5, geometry="tests", num_workers=1, progress=False, dicom_fraction=0.5,
-                    two_recon_fraction=1.0, anisotropic_fraction=0.5, balanced=True, finding_masks=False)
-    assert not list(out.rglob("*_findings.nii.gz")) and list(out.rglob("*_seg.nii.gz"))
+                    two_recon_fraction=1.0, anisotropic_fraction=0.5, balanced=True, finding_masks=False,
+                    anatomy_masks=anatomy)
+    assert not list(out.rglob("*_findings.nii.gz"))
+    assert bool(list(out.rglob("*_seg.nii.gz"))) == anatomy == (out / LABEL_TABLE_FILE).exists()
+    assert json.loads((out / "cohort.json").read_text())["parameters"]["anatomy_masks"] is anatomy
+    if not anatomy:
+        assert all(json.loads(p.read_text())["storage"]["masks"] == {} for p in (out / "ground_truth").glob("*.json"))
     for path in sorted((cohort / "volumes").rglob("*")):
-        if path.is_file() and "_findings" not in path.name:
+        if path.is_file() and "_findings" not in path.name and (anatomy or "_seg" not in path.name):
             assert path.read_bytes() == (out / path.relative_to(cohort)).read_bytes(), path.name
 
 

@@ -35,6 +35,7 @@ import fire
 import torch
 
 from ctclip_contract import load_model_config
+from ctclip_contract.anatomy import LABEL_TABLE_FILE
 from custom_nets import reads_segmentation
 from custom_nets.image_encoders import build_image_encoder
 
@@ -96,18 +97,27 @@ def multilevel_alignment_applies(model_config: str) -> bool:
         return reads_segmentation(build_image_encoder(config))
 
 
+def demo_reads_masks(compare_model_config: Optional[str]) -> bool:
+    """Whether a stage of the demo reads the cohort's anatomical and finding masks: only the comparison model's
+    multi-level pretraining and evaluation do. Without them the cohort is written without masks (about 50 s less
+    of generation on 2 cores)."""
+    return bool(compare_model_config) and multilevel_alignment_applies(compare_model_config)
+
+
 def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrain_epochs: int,
                 classfine_epochs: int, num_workers: int, balanced: float | bool,
                 two_recon_fraction: float, compare_model_config: Optional[str] = None,
-                pretrain_preset: Optional[str] = None) -> list[Stage]:
+                pretrain_preset: Optional[str] = None, masks: Optional[bool] = None) -> list[Stage]:
     """The demo pipeline as a list of bundle runs (paths relative to ``out``; arguments as :func:`main`)."""
+    if masks is None:
+        masks = demo_reads_masks(compare_model_config)
     cohort, pre = out / "cohort", out / "preprocessed"
     pretrain, classfine, zeroshot = out / "pretrain", out / "classfine", out / "zeroshot"
     pretrained = pretrain / "models" / "model.pt"
     bundles = out / "bundles"
     export_options = {"overwrite": True, "make_zip": False}  # a rerun replaces them; no second copy as a .zip
     common = {"dataset_dir": str(pre), "model_config": model_config}
-    cohort_options = {"two_recon_fraction": two_recon_fraction}
+    cohort_options = {"two_recon_fraction": two_recon_fraction, "anatomy_masks": masks, "finding_masks": masks}
     if balanced not in (False, None):
         cohort_options["balanced"] = 0.4 if balanced is True else float(balanced)  # the generator's True
     b = "bundles"
@@ -421,7 +431,7 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
 def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, model_config: str = "ctclip_small",
          pretrain_epochs: int = 8, classfine_epochs: int = 8, num_workers: int = 2, balanced: float | bool = 0.4,
          two_recon_fraction: float = 0.0, compare_model_config: Optional[str] = None, force: bool = False,
-         pretrain_preset: Optional[str] = None) -> dict:
+         pretrain_preset: Optional[str] = None, masks: Optional[bool] = None) -> dict:
     """Run the demo end to end and print the summary.
 
     Args:
@@ -444,13 +454,23 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
         force: rerun stages that already finished.
         pretrain_preset: a Patch-IB ablation preset, ``A``-``E`` (docs/patch_ib.md): the pretraining bundle's
             ``configs/patch_ib_<preset>.json`` is merged over ``train.json``.
+        masks: write the cohort's anatomical label maps and finding masks (None: when a stage reads them,
+            :func:`demo_reads_masks`). A demo output whose cohort has none is generated again (the same volumes)
+            when a later run needs them.
     """
     out = (REPO_ROOT / output_dir).resolve() if not os.path.isabs(output_dir) else Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = out / ".done"
     done.mkdir(exist_ok=True)
+    if masks is None:
+        masks = demo_reads_masks(compare_model_config)
     stages = demo_stages(out, num_cases, seed, model_config, pretrain_epochs, classfine_epochs, num_workers,
-                         balanced, two_recon_fraction, compare_model_config, pretrain_preset)
+                         balanced, two_recon_fraction, compare_model_config, pretrain_preset, masks)
+    if masks and (done / "generate").exists() and not (out / "cohort" / LABEL_TABLE_FILE).exists():
+        print("The cohort was generated without masks, which this run reads: generating it again (the same volumes) "
+              "and preprocessing the masks")
+        for name in ("generate", "preprocess"):
+            (done / name).unlink(missing_ok=True)
     start = time.time()
     print(f"Demo: {num_cases} synthetic scans, model {model_config}, output in {out}")
     for i, stage in enumerate(stages, 1):
