@@ -13,7 +13,9 @@ Five levels, each a test-split AUROC per finding with a 95% bootstrap CI (same h
    to the model config's input spacing before the detectors run. What resampling to the model's grid keeps.
 3. **probe on the encoder's features**: the pretrained image encoder frozen, its global embedding of every
    training volume, one L2-regularised logistic regression per finding (regularisation chosen on validation
-   macro AUROC), scored on test. What the pretrained features hold, with labels.
+   macro AUROC), scored on test. What the pretrained features hold, with labels. With ``--token_probe`` also the
+   same probe on all of the encoder's tokens, unpooled (for CTViT ``t * h * w`` tokens instead of their depth
+   pooling): what the pooling loses, apart from the encoder (about 6 minutes more at the demo's size).
 4. **ClassFine** and 5. **zero-shot**: read from the demo's own test evaluations (``classfine/eval/test`` and
    ``zeroshot/eval/test`` ``metrics.json``).
 
@@ -38,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LEVELS = ("detector_native", "detector_model_grid", "probe", "classfine", "zeroshot")
+LEVELS = ("detector_native", "detector_model_grid", "probe_tokens", "probe", "classfine", "zeroshot")
 
 
 def _stem(name: str) -> str:
@@ -113,8 +115,9 @@ def detector_levels(items: list[dict], cohort: Path, spacing_mm, workers: int) -
     return np.asarray(native), np.asarray(coarse)
 
 
-def encoder_features(model, items: list[dict], model_config) -> np.ndarray:
-    """The frozen encoder's global embedding (before the latent projection) of each preprocessed volume."""
+def encoder_features(model, items: list[dict], model_config, tokens: bool = False) -> dict[str, np.ndarray]:
+    """The frozen encoder's global embedding (before the latent projection) of each preprocessed volume,
+    ``{"embedding": (N, dim_image)}``, and with ``tokens`` all its tokens flattened, ``"tokens"``."""
     import torch
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
@@ -122,12 +125,15 @@ def encoder_features(model, items: list[dict], model_config) -> np.ndarray:
 
     load = Compose([LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image"),
                     ToModelInputd.from_model_config("image", model_config)])
-    out = []
+    out: dict[str, list] = {"embedding": [], **({"tokens": []} if tokens else {})}
     with torch.inference_mode():
         for item in items:
             x = torch.as_tensor(load({"image": item["image"]})["image"]).float()[None]
-            out.append(model.image_embedding(x).float().flatten(1)[0].numpy())
-    return np.stack(out)
+            encoding = model.image_encoding(x)
+            out["embedding"].append(encoding.embedding.flatten(1)[0].numpy())
+            if tokens:
+                out["tokens"].append(encoding.tokens.flatten(1)[0].numpy())
+    return {k: np.stack(v) for k, v in out.items()}
 
 
 def probe_scores(xtr, ytr, xva, yva, xte, c_grid=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple[np.ndarray, float]:
@@ -181,7 +187,8 @@ def markdown_table(blocks: dict[str, dict]) -> str:
     from ctclip_contract import CTRATE_PATHOLOGIES
 
     heads = {"detector_native": "detector, native grid", "detector_model_grid": "detector, model-input grid",
-             "probe": "probe on encoder features", "classfine": "ClassFine", "zeroshot": "zero-shot"}
+             "probe_tokens": "probe on all encoder tokens", "probe": "probe on encoder features",
+             "classfine": "ClassFine", "zeroshot": "zero-shot"}
     cols = [k for k in LEVELS if k in blocks]
     lines = ["| finding | " + " | ".join(heads[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in CTRATE_PATHOLOGIES:
@@ -199,6 +206,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n_bootstrap", type=int, default=1000)
     p.add_argument("--max_cases", type=int, default=None, help="first N evaluated volumes only (a smoke run)")
     p.add_argument("--skip_detectors", action="store_true")
+    p.add_argument("--token_probe", action="store_true", help="also probe all encoder tokens, unpooled")
     p.add_argument("--output", default=None, help="JSON of every level (default: DEMO_DIR/auroc_levels.json)")
     args = p.parse_args(argv)
 
@@ -229,12 +237,19 @@ def main(argv=None) -> dict:
     model = custom_nets.create_model(cfg, checkpoint=str(demo / "pretrain" / "models" / "model.pt")).eval()
     train = load_datalist(pre, "training", require_labels=True)
     val = load_datalist(pre, "validation", require_labels=True)
-    feats = {k: encoder_features(model, v, cfg) for k, v in (("training", train), ("validation", val), ("test", test))}
-    scores, c = probe_scores(feats["training"], np.asarray([i["label"] for i in train]), feats["validation"],
-                             np.asarray([i["label"] for i in val]), feats["test"])
-    blocks["probe"] = auroc_block(y_test, scores, args.n_bootstrap)
-    timings["probe_s"] = time.perf_counter() - t
-    print(f"  probe: {feats['training'].shape[1]}-d features, C={c}, {timings['probe_s']:.0f} s", flush=True)
+    feats = {k: encoder_features(model, v, cfg, tokens=args.token_probe)
+             for k, v in (("training", train), ("validation", val), ("test", test))}
+    y_train, y_val = (np.asarray([i["label"] for i in items]) for items in (train, val))
+    for level, kind in (("probe", "embedding"), ("probe_tokens", "tokens")):
+        if kind not in feats["training"]:
+            continue
+        scores, c = probe_scores(feats["training"][kind], y_train, feats["validation"][kind], y_val,
+                                 feats["test"][kind])
+        blocks[level] = auroc_block(y_test, scores, args.n_bootstrap)
+        timings[f"{level}_s"] = time.perf_counter() - t
+        print(f"  {level}: {feats['training'][kind].shape[1]}-d features, C={c}, {timings[f'{level}_s']:.0f} s",
+              flush=True)
+        t = time.perf_counter()
 
     for level, sub in (("classfine", "classfine"), ("zeroshot", "zeroshot")):
         path = demo / sub / "eval" / args.split / "metrics.json"
