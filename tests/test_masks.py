@@ -295,7 +295,7 @@ def test_totalsegmentator_layouts_map_onto_our_regions(tmp_path):
     """A user's own masks: one file per structure (TotalSegmentator's default) or one multi-label file + mapping."""
     inp = tmp_path / "in"
     seg = _phantom_seg_lps()
-    folder_vol = write_nifti(inp / "folder.nii.gz")
+    write_nifti(inp / "folder.nii.gz")
     structures = inp / "folder_seg"
     structures.mkdir()
     from test_preprocess_phantom import _lps_affine_ras
