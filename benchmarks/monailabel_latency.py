@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from workflows.monailabel_server import monailabel_server
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -80,33 +80,11 @@ def main() -> None:
         shutil.copy(scan, studies / "scan.nii.gz")
         app = shutil.copytree(REPO / "monailabel_app", work / "app",
                               ignore=shutil.ignore_patterns("bin", "lib", "model", "logs", "finetuned"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(work / "server.log", "w")
-        server = subprocess.Popen([python, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
-                                   str(studies), "--conf", "models", "model", "--conf", "bundles", str(work / "bundles"),
-                                   "--conf", "finetuned_dir", str(work / "finetuned"), "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 300
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/info/", timeout=5).read()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.time() > deadline:
-                        raise RuntimeError((work / "server.log").read_text()[-3000:])
-                    time.sleep(1)
+        conf = {"models": "model", "bundles": str(work / "bundles"), "finetuned_dir": str(work / "finetuned")}
+        with monailabel_server(python, app, studies, conf, work, env=env, timeout=300) as url:
             infer = f"{url}/infer/model?image=scan&output=json"
             _post(infer)  # warm-up: the bundle is loaded on first use
             served = [_post(infer) for _ in range(args.requests)]
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-            log.close()
 
     own = statistics.median(in_process)
     med = statistics.median(served)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from custom_nets import ClipLoss, clip_loss, create_model
 from custom_nets.losses import CloobLoss, PretrainingLoss, filip_similarity, gather_with_grad
 from custom_nets.pretraining import PretrainingNetwork
+from workflows.distributed import free_port
 
 
 def _batch(model, b=3, seed=0):
@@ -131,12 +131,6 @@ def test_weights_are_validated():
         PretrainingLoss(visual_ssl="byol")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, x, y, out):
     import torch.distributed as dist
 
@@ -165,7 +159,7 @@ def test_global_negatives_under_gloo_ddp_give_the_full_batch_gradient():
     torch.manual_seed(1)
     x, y = torch.randn(6, 5), torch.randn(6, 6)
     out = torch.zeros(2, 5 * 4 + 4 + 6 * 4 + 4 + 1).share_memory_()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), x, y, out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), x, y, out), nprocs=2, join=True)
     torch.manual_seed(0)
     enc_i, enc_t = torch.nn.Linear(5, 4), torch.nn.Linear(6, 4)
     pred = {"image_latents": torch.nn.functional.normalize(enc_i(x), dim=-1),

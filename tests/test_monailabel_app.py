@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from ctclip_contract import CTRATE_PATHOLOGIES, file_sha256
 from custom_nets import ClassFineClassifier, create_model
 from received_bundle import OFFLINE, dicom_series_folder, nifti_scans
 from workflows.calibration import Calibration
+from workflows.monailabel_server import monailabel_server
 from workflows.writers import read_predictions_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +45,6 @@ def _label_env_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_label_env_reason() is not None, reason=str(_label_env_reason()))
 
 requests = pytest.importorskip("requests", reason="the test talks to the server with requests (the test extra)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export(bundle: str, overrides: list[str], dest: Path) -> Path:
@@ -110,34 +103,11 @@ def server(tiny_cohort_dir, tiny_clip_checkpoint, tmp_path_factory):
         shutil.copy(scan, studies / scan.name)
     app = Path(shutil.copytree(REPO / "monailabel_app", work / "app", ignore=shutil.ignore_patterns(
         "bin", "lib", "model", "logs", "finetuned")))
-    port = _free_port()
-    log = open(work / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-         "--conf", "models", "ctclip_zeroshot,ctclip_classfine,ctclip_broken", "--conf", "bundles", str(bundles),
-         "--conf", "finetuned_dir", str(work / "finetuned"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=work, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{(work / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    conf = {"models": "ctclip_zeroshot,ctclip_classfine,ctclip_broken", "bundles": str(bundles),
+            "finetuned_dir": str(work / "finetuned")}
+    with monailabel_server(LABEL_PYTHON, app, studies, conf, work, env={**os.environ, **OFFLINE}) as url:
         yield {"url": url, "bundles": bundles, "studies": studies, "work": work, "ids": [s.name[:-7] for s in scans],
                "cohort": Path(tiny_cohort_dir)}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers, by the process id
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _infer(server, model: str, image: str) -> requests.Response:

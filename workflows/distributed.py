@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["rank", "unwrap"]
+__all__ = ["rank", "unwrap", "free_port"]
 
 
 def rank() -> int:
@@ -18,3 +20,11 @@ def unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module") and isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         module = module.module
     return module
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (a DDP rendezvous, a local server); another process may take it
+    before it is used, which a caller that binds it soon after accepts."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
