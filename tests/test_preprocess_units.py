@@ -16,6 +16,7 @@ from transforms import (  # noqa: E402
     CTRATE_PATHOLOGIES,
     CTQualityCheck,
     HUDecisionError,
+    HUWindow,
     QualityCheckError,
     RescaleToHU,
     RescaleToHUd,
@@ -147,6 +148,36 @@ def test_model_input_slp_layout_and_scaling():
     with pytest.raises(ValueError, match="hu_window"):
         ToModelInput(hu_window=(10, -10))
 
+
+
+@pytest.mark.parametrize("config", ["ctclip_tiny", "ctclip_small"])
+def test_deferred_window_is_the_same_model_input(config):
+    """``window=False`` hands over the stored int16 in the model's axis order (contiguous, half the bytes), and
+    :class:`HUWindow` of the same contract then gives the fused path's float32 input bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    affine = torch.diag(torch.tensor([-1.5, 2.0, 3.0, 1.0]))  # LAS stored, not RAS: the orientation must act
+    vol = MetaTensor(torch.randint(-3000, 3000, (1, 9, 10, 11), generator=g, dtype=torch.int16), affine=affine,
+                     meta={"filename_or_obj": "case.nii.gz"})
+    fused = ToModelInput.from_model_config(config)(vol)
+    stored = ToModelInput.from_model_config(config, window=False)(vol)
+    assert stored.dtype == torch.int16 and stored.is_contiguous() and stored.shape == fused.shape
+    assert torch.equal(stored.affine, fused.affine)
+    windowed = HUWindow.from_model_config(config)(stored)
+    assert windowed.dtype == torch.float32 and torch.equal(windowed, fused.as_tensor())
+    # a batch of deferred items, windowed at once (what prepare_batch does on the device)
+    batch = torch.stack([stored.as_tensor(), stored.as_tensor()])
+    assert torch.equal(HUWindow.from_model_config(config)(batch)[1], fused.as_tensor())
+    d = ToModelInputd.from_model_config("image", config, window=False)({"image": vol, "name": "case"})
+    assert torch.equal(d["image"].as_tensor(), stored.as_tensor())
+
+
+def test_hu_window_refuses_non_finite_naming_the_volume():
+    vol = torch.zeros(1, 4, 4, 4)
+    vol[0, 1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="scan_7.nii.gz: 1 non-finite"):
+        HUWindow()(MetaTensor(vol, meta={"filename_or_obj": "scan_7.nii.gz"}))
+    with pytest.raises(ValueError, match="hu_scale"):
+        HUWindow(hu_scale=0)
 
 def _write(path, header, rows):
     import csv

@@ -1,7 +1,9 @@
 """The last step before a model: its HU window and scaling, its axis codes and ``(C, D, H, W)`` layout.
 
 Preprocessed volumes are stored once as int16 HU in RAS; each model applies its own contract when it
-reads them, from the input contract of its model config (:class:`ctclip_contract.InputContract`). The masks stored
+reads them, from the input contract of its model config (:class:`ctclip_contract.InputContract`). The HU window can
+be deferred (``window=False``): the loader then hands over the stored int16 in the model's axis order, half the bytes
+of the float32 input, and :class:`HUWindow` applies the same window where the batch lands (a GPU). The masks stored
 beside a volume (``seg``, ``findings_mask``: :data:`ctclip_contract.anatomy.MASK_KEYS`) take the same reorientation,
 without the HU window, when a model reads them (:class:`ToModelInputd` ``mask_keys``).
 """
@@ -20,12 +22,65 @@ from monai.transforms import MapTransform, Orientation, Transform
 from ctclip_contract import InputContract, load_model_config
 from ctclip_contract.anatomy import FINDINGS_DTYPE, MASK_KEYS, SEG_DTYPE
 
-__all__ = ["ToModelInput", "ToModelInputd", "MASK_INPUT_DTYPES"]
+__all__ = ["HUWindow", "ToModelInput", "ToModelInputd", "MASK_INPUT_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
 #: The dtype of each mask in the model input (the stored one: region ids, finding bits).
 MASK_INPUT_DTYPES = {MASK_KEYS["seg"]: getattr(torch, SEG_DTYPE), MASK_KEYS["findings"]: getattr(torch, FINDINGS_DTYPE)}
+
+
+class HUWindow(Transform):
+    """HU values to a model's input units: ``float32 (clip(HU, *hu_window) - hu_offset) / hu_scale``.
+
+    Runs on the tensor's device and keeps its layout, so the same window serves the loader (inside
+    :class:`ToModelInput`) and a batch of stored int16 already on a GPU (``window=False`` loaders); the results are
+    bitwise equal. A floating-point input with NaN or inf is refused: a clip keeps NaN, and a model turns it into
+    plausible-looking probabilities.
+
+    Args:
+        hu_window: (low, high) clip range in HU.
+        hu_offset: subtracted after clipping.
+        hu_scale: divisor after the offset.
+    """
+
+    def __init__(self, hu_window: Sequence[float] = (-1000.0, 1000.0), hu_offset: float = 0.0,
+                 hu_scale: float = 1000.0) -> None:
+        if len(hu_window) != 2 or hu_window[0] >= hu_window[1]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
+        if hu_scale == 0:
+            raise ValueError("hu_scale must not be 0")
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.hu_offset = float(hu_offset)
+        self.hu_scale = float(hu_scale)
+
+    @classmethod
+    def from_model_config(cls, config: Mapping | str | InputContract) -> HUWindow:
+        """Build from a model config (name, JSON path, dict or ModelConfig) or its input contract."""
+        inp = config if isinstance(config, InputContract) else load_model_config(config).input
+        return cls(inp.hu_window, inp.hu_offset, inp.hu_scale)
+
+    def __call__(self, img: torch.Tensor, source: str | None = None) -> torch.Tensor:  # type: ignore[override]
+        """The windowed float32 copy of ``img`` (a plain tensor; contiguous in ``img``'s axis order).
+
+        Args:
+            img: HU values of any dtype and shape, on any device.
+            source: the volume's name for the error message (default: the MetaTensor's file name).
+        """
+        if isinstance(img, MetaTensor):
+            source = source or img.meta.get("filename_or_obj")
+            img = img.as_tensor()
+        # one pass from the stored dtype (int16 when read as stored) into a contiguous float32 copy, then the window
+        # in place: at 240x480x480 each extra pass over the 221 MB float32 volume costs a loader worker ~0.1-0.5 s
+        t = torch.empty(img.shape, dtype=torch.float32, device=img.device)
+        t.copy_(img)
+        if img.is_floating_point() and not bool(torch.isfinite(t).all()):  # an integer volume cannot hold NaN/inf
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source or 'volume'}: {n_bad} non-finite voxels (NaN/inf) in the model input")
+        t.clamp_(*self.hu_window)
+        if self.hu_offset:
+            t.sub_(self.hu_offset)
+        return t.div_(self.hu_scale)
 
 
 class ToModelInput(Transform):
@@ -41,6 +96,9 @@ class ToModelInput(Transform):
         hu_offset: subtracted after clipping.
         hu_scale: divisor after the offset.
         axis_codes: anatomical codes of the output (D, H, W) axes, three letters from L/R, A/P, S/I.
+        window: apply the HU window here (float32 output). ``False``: the output keeps the stored dtype (int16 HU
+            from ct_preprocess), contiguous in the model's axis order, and :class:`HUWindow` of the same contract
+            must follow, e.g. on the GPU in the trainer's ``prepare_batch``.
     """
 
     def __init__(
@@ -49,22 +107,18 @@ class ToModelInput(Transform):
         hu_offset: float = 0.0,
         hu_scale: float = 1000.0,
         axis_codes: str = "SLP",
+        window: bool = True,
     ) -> None:
-        if len(hu_window) != 2 or hu_window[0] >= hu_window[1]:
-            raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
-        if hu_scale == 0:
-            raise ValueError("hu_scale must not be 0")
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
-        self.hu_offset = float(hu_offset)
-        self.hu_scale = float(hu_scale)
+        self.hu = HUWindow(hu_window, hu_offset, hu_scale)
+        self.window = bool(window)
         self.axis_codes = axis_codes.upper()
         self.orient = Orientation(axcodes=self.axis_codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
     @classmethod
-    def from_model_config(cls, config: Mapping | str | InputContract) -> ToModelInput:
+    def from_model_config(cls, config: Mapping | str | InputContract, window: bool = True) -> ToModelInput:
         """Build from a model config (name, JSON path, dict or ModelConfig) or its input contract."""
         inp = config if isinstance(config, InputContract) else load_model_config(config).input
-        return cls(inp.hu_window, inp.hu_offset, inp.hu_scale, inp.axis_codes)
+        return cls(inp.hu_window, inp.hu_offset, inp.hu_scale, inp.axis_codes, window=window)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if img.ndim != 4:
@@ -73,21 +127,8 @@ class ToModelInput(Transform):
             img = MetaTensor(img)  # identity affine: RAS in MONAI's convention
         out = self.orient(img)
         src = out.as_tensor()
-        # one pass from the stored dtype (int16 when read as stored) into a contiguous float32 copy in the new axis
-        # order, then the window in place: at 240x480x480 each extra pass over the 221 MB float32 volume costs a
-        # loader worker ~0.1-0.5 s (the same numbers as clamp, subtract and divide on copies)
-        t = torch.empty(src.shape, dtype=torch.float32, device=src.device)
-        t.copy_(src)
-        if src.is_floating_point() and not bool(torch.isfinite(t).all()):  # an integer volume cannot hold NaN/inf
-            # a clip keeps NaN, and a model turns it into plausible-looking probabilities: refuse here, where every
-            # stage forms its input
-            n_bad = int((~torch.isfinite(t)).sum())
-            source = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
-            raise ValueError(f"{source or 'volume'}: {n_bad} non-finite voxels (NaN/inf) in the model input")
-        t.clamp_(*self.hu_window)
-        if self.hu_offset:
-            t.sub_(self.hu_offset)
-        t.div_(self.hu_scale)
+        # the reorientation is a strided view: the window's float32 copy or (deferred) contiguous() gathers it once
+        t = self.hu(src, source=img.meta.get("filename_or_obj")) if self.window else src.contiguous()
         meta = {k: v for k, v in out.meta.items() if k != "affine"}
         return MetaTensor(t, affine=out.affine, meta=meta)
 
@@ -105,7 +146,7 @@ class ToModelInputd(MapTransform):
 
     Args:
         keys: image keys.
-        hu_window, hu_offset, hu_scale, axis_codes: see :class:`ToModelInput`.
+        hu_window, hu_offset, hu_scale, axis_codes, window: see :class:`ToModelInput`.
         allow_missing_keys: don't raise if a key is missing.
         mask_keys: mask keys that follow the (first) image key's reorientation; empty: masks are not touched.
     """
@@ -119,9 +160,10 @@ class ToModelInputd(MapTransform):
         axis_codes: str = "SLP",
         allow_missing_keys: bool = False,
         mask_keys: KeysCollection = (),
+        window: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes)
+        self.converter = ToModelInput(hu_window, hu_offset, hu_scale, axis_codes, window=window)
         self.mask_keys = (mask_keys,) if isinstance(mask_keys, str) else tuple(mask_keys)
         self._said_missing: set[str] = set()  # each mask key's absence is said once
 
