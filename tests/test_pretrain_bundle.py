@@ -79,6 +79,36 @@ def test_one_epoch_run_writes_every_output(tiny_preprocessed_dir, tmp_path, tiny
     torch.testing.assert_close(final["to_visual_latent.weight"], trained["model.to_visual_latent.weight"])
 
 
+
+def test_window_on_device_trains_bitwise_the_same(tiny_preprocessed_dir, tmp_path):
+    """``window_on_device``: the loader hands over stored int16 and prepare_batch windows it; one epoch gives the same
+    weights to the bit. Both runs share one disk cache folder: the cache key keeps the int16 and float32 items
+    apart (a float32 item windowed twice would train different weights)."""
+    cache, weights = tmp_path / "cache", {}
+    for deferred in (False, True):
+        out = tmp_path / f"deferred_{deferred}"
+        _run(["--config_file", TRAIN, "--dataset_dir", str(tiny_preprocessed_dir), "--output_dir", str(out),
+              "--epochs", "1", "--cache", "disk", "--cache_dir", str(cache), "--window_on_device", str(deferred)]
+             + FAST, out)
+        weights[deferred] = _state(out / "models" / "model_final.pt")
+    for k, v in weights[False].items():
+        assert torch.equal(v, weights[True][k]), k
+    from transforms import load_datalist
+
+    n_items = sum(len(load_datalist(tiny_preprocessed_dir, split)) for split in ("training", "validation"))
+    dtypes = sorted(str(torch.load(f, weights_only=True)["image"].dtype) for f in cache.glob("*.pt"))
+    n_read = len(dtypes) // 2  # every item each run read (drop_last leaves at most batch_size - 1 unread)
+    assert n_read >= n_items - 1 and dtypes == ["torch.float32"] * n_read + ["torch.int16"] * n_read
+
+
+def test_window_on_device_refuses_augmentation():
+    from workflows.datasets import resolve_window_on_device
+
+    assert resolve_window_on_device("auto", "cpu") is False and resolve_window_on_device("auto", "cuda") is True
+    assert resolve_window_on_device("auto", "cuda", augment=True) is False
+    with pytest.raises(ValueError, match="augment: false"):
+        resolve_window_on_device(True, "cpu", augment=True)
+
 def test_properties_complete(tiny_preprocessed_dir, tmp_path):
     from monai.bundle import ConfigWorkflow
 
