@@ -304,3 +304,17 @@ def test_integral_rescale_edge_cases_stay_exact():
     assert out.dtype == np.float32 and out.max() == 90000.0
     hu = RescaleToHU._apply(torch.from_numpy(raw.copy()), 1.0, -40000.0, inplace=True)
     assert int(hu.min()) == -20000 and int(hu.max()) == -10000
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS"])
+def test_model_input_through_ct_reader_equals_nibabel_reader(tmp_path, axcodes):
+    """The training loader reads stored volumes with CTVolumeReader (no transposing copy) instead of MONAI's
+    NibabelReader: the model input, windowed or deferred int16, and its affine are the same."""
+    from transforms import ToModelInput
+
+    p = write_nifti(tmp_path / "v.nii.gz", axcodes, "hu", dtype=np.int16)
+    for window in (True, False):
+        to_input = ToModelInput.from_model_config("ctclip_tiny", window=window)
+        ours, ref = to_input(_load(p, CTVolumeReader())), to_input(_load(p, "NibabelReader"))
+        assert ours.dtype == ref.dtype and torch.equal(ours.as_tensor(), ref.as_tensor())
+        np.testing.assert_allclose(ours.affine.numpy(), ref.affine.numpy(), atol=1e-6)
