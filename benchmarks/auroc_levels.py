@@ -121,9 +121,9 @@ def encoder_features(model, items: list[dict], model_config, tokens: bool = Fals
     import torch
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from transforms import ToModelInputd
+    from transforms import CTVolumeReader, ToModelInputd
 
-    load = Compose([LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image"),
+    load = Compose([LoadImaged("image", reader=CTVolumeReader(), dtype=None), EnsureChannelFirstd("image"),
                     ToModelInputd.from_model_config("image", model_config)])
     out: dict[str, list] = {"embedding": [], **({"tokens": []} if tokens else {})}
     with torch.inference_mode():

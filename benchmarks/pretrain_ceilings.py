@@ -40,11 +40,11 @@ def load_split(dataset_dir: str, split: str, config: str):
     import torch
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from transforms import ReportTextd, ToModelInputd
+    from transforms import CTVolumeReader, ReportTextd, ToModelInputd
     from transforms import load_datalist
 
     items = load_datalist(dataset_dir, split, require_labels=True)
-    load = Compose([LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image"),
+    load = Compose([LoadImaged("image", reader=CTVolumeReader(), dtype=None), EnsureChannelFirstd("image"),
                     ToModelInputd.from_model_config("image", config), ReportTextd.from_model_config(config)])
     images, texts = [], []
     for item in items:

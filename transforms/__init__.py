@@ -9,6 +9,6 @@ from .preprocessing import build_preprocessing, inference_transforms, raw_to_mod
 from .augmentation import view_transforms
 from .discovery import discover_inputs, evaluation_items, inference_items, load_datalist
 from .labels import SelectLabelsd
-from .io import CastToHUInt16d, ITKVolumeReader, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
+from .io import CastToHUInt16d, CTVolumeReader, ITKVolumeReader, ResampleToSpacing, ResampleToSpacingd, save_nifti_atomic
 from .ctrate import datalist_from_records, patient_id, read_labels_csv, read_metadata_csv, read_reports_csv, split_patients
 from .report_text import ReportTextd, SentenceRegionsd, TokenizeReportd, report_sections_from_config

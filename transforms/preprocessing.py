@@ -142,11 +142,12 @@ def inference_transforms(model_config: str | Mapping[str, Any], raw: bool = True
     if raw:
         head = raw_to_model_input_transforms(cfg, hu_source, qc, resampler)
     else:
-        # a stored volume passes the raw inputs' header checks before ITK reads it: a file that is not an image,
+        # a stored volume passes the raw inputs' header checks before it is read: a file that is not an image,
         # a truncated one or one whose header promises more voxels than it holds ends in one line naming it
         head = [CheckInputd(keys="image", padding_key=None,
                             max_bytes=dict(qc or {}).get("max_bytes", DEFAULT_MAX_READ_BYTES)),
-                LoadImaged(keys="image", reader="ITKReader", image_only=True), EnsureChannelFirstd(keys="image"),
+                LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
+                EnsureChannelFirstd(keys="image"),
                 ToModelInputd.from_model_config("image", cfg)]
     return Compose(head + [
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),

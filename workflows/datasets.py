@@ -52,13 +52,15 @@ def resolve_window_on_device(setting: bool | str = "auto", device: Optional[torc
 class MappedPersistentDataset(PersistentDataset):
     """``PersistentDataset`` whose cache hits are memory-mapped (``torch.load(mmap=True, weights_only=True)``).
 
-    Cached items hold plain tensors (MONAI stores them without metadata). A hit costs no copy of its own: the batch's collation reads the volume straight from the page cache, once.
-    At full size (105 MB of int16 per item) that halves a loader worker's time per cached item (docs/performance.md).
-    Misses and cache writes are MONAI's.
+    A hit costs no copy of its own: the batch's collation reads the volume straight from the page cache, once. At
+    full size (105 MB of int16 per item) that halves a loader worker's time per cached item (docs/performance.md).
+    Cached items hold plain tensors (MONAI stores them without metadata). Misses and cache writes are MONAI's; an
+    unreadable cache file is said, deleted and computed again.
     """
 
     def _cachecheck(self, item_transformed):
         if self.cache_dir is not None:
+            # the name MONAI gives the item: the datalist entry's hash, then the transform (here: cache_key) hash
             hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
             if hashfile.is_file():
                 try:
@@ -78,7 +80,7 @@ def make_dataset(data: Sequence[Mapping[str, Any]], transform: Callable, cache: 
         data: datalist items.
         transform: the preprocessing ``Compose``.
         cache: ``"none"`` (read every epoch), ``"memory"`` (``CacheDataset``), ``"disk"``
-            (``PersistentDataset`` in ``cache_dir``: survives restarts, one uncompressed file per item) or
+            (:class:`MappedPersistentDataset` in ``cache_dir``: survives restarts, one uncompressed file per item) or
             ``"auto"``: memory when ``len(data) * item_bytes`` fits in ``max_memory_gb``, else none.
         cache_dir: folder of the persistent cache.
         num_workers: workers that fill a memory cache.
