@@ -48,11 +48,15 @@ class ClassFineNetwork(ClassFineClassifier):
         cache_latents: enable the cache (only used when ``forward`` gets the volume ``names``; turn it off when
             the training transforms are random).
         freeze_codebook: keep the VQ codebook fixed even when the encoder trains (see :func:`freeze_vq_codebook`).
+        head_input: ``"latent"`` (the reference) or ``"embedding"`` (see :class:`ClassFineClassifier`; the cache then
+            holds the embedding whenever the CTViT is frozen).
     """
 
     def __init__(self, clip_model: nn.Module, num_classes: int = 18, dropout: float = 0.3,
-                 freeze_backbone: bool = True, cache_latents: bool = True, freeze_codebook: bool = True) -> None:
-        super().__init__(clip_model, num_classes=num_classes, dropout=dropout, freeze_backbone=freeze_backbone)
+                 freeze_backbone: bool = True, cache_latents: bool = True, freeze_codebook: bool = True,
+                 head_input: str = "latent") -> None:
+        super().__init__(clip_model, num_classes=num_classes, dropout=dropout, freeze_backbone=freeze_backbone,
+                         head_input=head_input)
         self.cache_latents = bool(cache_latents)
         self._cache: dict[str, torch.Tensor] = {}
         self._cache_key: Optional[tuple] = None
@@ -65,7 +69,7 @@ class ClassFineNetwork(ClassFineClassifier):
         clip = self.trained_model
         if _requires_grad(clip.visual_transformer):
             return None
-        return "embedding" if _requires_grad(clip.to_visual_latent) else "latent"
+        return "embedding" if self.head_input == "embedding" or _requires_grad(clip.to_visual_latent) else "latent"
 
     def clear_cache(self) -> None:
         """Forget every cached latent."""
@@ -111,8 +115,9 @@ class ClassFineNetwork(ClassFineClassifier):
                 self._cache[names[i]] = out[j].detach()
         return torch.stack([self._cache[n] for n in names])
 
-    def image_latents(self, image: torch.Tensor, names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """L2-normalised image latents ``(B, dim_latent)``, from the cache where allowed.
+    def head_features(self, image: torch.Tensor, names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """What the head reads (:meth:`encode`: l2-normalised image latents or embeddings), from the cache where
+        allowed.
 
         Args:
             image: ``(B, 1, D, H, W)`` model input.
@@ -130,14 +135,17 @@ class ClassFineNetwork(ClassFineClassifier):
         if not use_cache:
             if stage == "latent" or (self.freeze_backbone and stage is not None):
                 with torch.no_grad():
-                    return clip.encode_image(image)
+                    return self.encode(image)
+            if stage == "embedding" and self.head_input == "embedding":
+                with torch.no_grad():
+                    return clip.image_embedding(image)
             if stage == "embedding":
                 with torch.no_grad():
                     emb = clip.image_embedding(image)
                 return F.normalize(clip.to_visual_latent(emb), dim=-1)
-            return clip.encode_image(image)
+            return self.encode(image)
         out = self._cached(image, names, stage)
-        if stage == "embedding":
+        if stage == "embedding" and self.head_input == "latent":
             return F.normalize(clip.to_visual_latent(out), dim=-1)
         return out
 
@@ -149,7 +157,7 @@ class ClassFineNetwork(ClassFineClassifier):
             names: optional volume names (from ``PrepareBatchExtraInput(extra_keys={"names": "name"})``) that
                 enable the latent cache.
         """
-        return self.classifier(self.dropout(F.relu(self.image_latents(image, names))))
+        return self.head(self.head_features(image, names))
 
     # -- freezing -----------------------------------------------------------------------------------
     def unfreeze(self, parts: str = "image_encoder") -> list[nn.Parameter]:
@@ -163,6 +171,9 @@ class ClassFineNetwork(ClassFineClassifier):
         """
         if parts not in UNFREEZE_PARTS:
             raise ValueError(f"parts must be one of {UNFREEZE_PARTS}, got {parts!r}")
+        if parts == "projection" and self.head_input == "embedding":
+            raise ValueError("unfreeze_parts 'projection': a head on the embedding (head_input 'embedding') does not "
+                             "read the projection; unfreeze 'image_encoder' or use head_input 'latent'")
         clip = self.trained_model
         modules = [clip.to_visual_latent] + ([clip.visual_transformer] if parts == "image_encoder" else [])
         params = [p for m in modules for p in m.parameters() if not p.requires_grad]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -14,7 +15,11 @@ from .ctclip import CTCLIP
 from .ctvit import param_versions
 from .text_encoder import build_tokenizer
 
-__all__ = ["ClassFineClassifier", "ZeroShotClassifier", "ImageReportLatents"]
+__all__ = ["HEAD_INPUTS", "ClassFineClassifier", "classfine_head_input", "ZeroShotClassifier", "ImageReportLatents"]
+
+
+#: What the ClassFine head reads: the l2-normalised image latent (the reference) or the encoder's global embedding.
+HEAD_INPUTS = ("latent", "embedding")
 
 
 class ClassFineClassifier(nn.Module):
@@ -22,19 +27,33 @@ class ClassFineClassifier(nn.Module):
 
     Keys: ``trained_model.*`` (the whole CTCLIP, as in ``CT_LiPro_v2.pt``) and ``classifier.{weight,bias}``.
 
+    ``head_input="embedding"`` puts the head on the image encoder's global embedding instead (``dim_image``, before
+    the contrastive projection ``to_visual_latent``), standardised per feature by a ``BatchNorm1d`` without affine
+    parameters (keys ``embedding_norm.*``) in place of the ReLU: ``Linear(dim_image, num_classes)`` on
+    ``Dropout(BatchNorm(embedding))``. The projection was trained to match reports, not findings; on the demo the
+    head on the embedding scores what a tuned linear probe scores (docs/experiments.md). Not the published layout.
+
     Args:
         clip_model: the :class:`~custom_nets.CTCLIP` backbone.
         num_classes: number of labels (18 CT-RATE pathologies).
         dropout: dropout before the linear head (reference: 0.3).
         freeze_backbone: no gradients into the backbone, and the backbone stays in eval mode through ``train()``
             (no dropout, no VQ codebook update; the reference's "frozen" backbone drifted in train mode).
+        head_input: ``"latent"`` (the reference) or ``"embedding"``.
     """
 
-    def __init__(self, clip_model: CTCLIP, num_classes: int = 18, dropout: float = 0.3, freeze_backbone: bool = False):
+    def __init__(self, clip_model: CTCLIP, num_classes: int = 18, dropout: float = 0.3, freeze_backbone: bool = False,
+                 head_input: str = "latent"):
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
         self.trained_model = clip_model
+        self.head_input = head_input
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(clip_model.dim_latent, num_classes)
+        if head_input == "embedding":
+            self.embedding_norm = nn.BatchNorm1d(clip_model.dim_image, affine=False)
+        self.classifier = nn.Linear(clip_model.dim_latent if head_input == "latent" else clip_model.dim_image,
+                                    num_classes)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.trained_model.requires_grad_(False)
@@ -46,14 +65,48 @@ class ClassFineClassifier(nn.Module):
             self.trained_model.eval()
         return self
 
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """What the head reads, ``(B, dim)``: the l2-normalised image latent or the global embedding."""
+        clip = self.trained_model
+        return clip.encode_image(image) if self.head_input == "latent" else clip.image_embedding(image)
+
+    def head_activation(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's input from :meth:`encode`'s output: ReLU (reference) or the per-feature standardisation."""
+        if self.head_input == "latent":
+            return F.relu(features)
+        norm = self.embedding_norm
+        if norm.training and features.shape[0] < 2:  # one volume has no batch statistics: use the running ones
+            return F.batch_norm(features, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+        return norm(features)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits from :meth:`encode`'s output."""
+        return self.classifier(self.dropout(self.head_activation(features)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = "embedding" if f"{prefix}embedding_norm.running_mean" in state_dict else "latent"
+        if f"{prefix}classifier.weight" in state_dict and stored != self.head_input:
+            raise ValueError(f"the checkpoint's ClassFine head reads the {stored} (head_input {stored!r}), this "
+                             f"network's the {self.head_input}: build it with head_input {stored!r}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, num_classes)`` (apply a sigmoid for probabilities; train with BCE-with-logits)."""
         if self.freeze_backbone:
             with torch.no_grad():
-                latents = self.trained_model.encode_image(image)
+                features = self.encode(image)
         else:
-            latents = self.trained_model.encode_image(image)
-        return self.classifier(self.dropout(F.relu(latents)))
+            features = self.encode(image)
+        return self.head(features)
+
+
+def classfine_head_input(checkpoint: str | Any) -> str:
+    """The ``head_input`` of a saved ClassFine state dict (``"latent"`` when the file is absent: loading it then
+    fails on its own, naming the file). Read memory-mapped, ``weights_only``: the weights are not loaded."""
+    if not os.path.isfile(str(checkpoint)):
+        return "latent"
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
+    return "embedding" if "embedding_norm.running_mean" in state else "latent"
 
 
 class ZeroShotClassifier(nn.Module):

@@ -284,6 +284,22 @@ def test_evaluate_without_zeroshot_baseline(trained, tiny_preprocessed_dir, tiny
     assert set(json.loads((tmp_path / "eval" / "comparison.json").read_text())["test"]) == {"ClassFine"}
 
 
+
+def test_head_on_the_embedding_trains_evaluates_and_serves(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
+    """``--head_input embedding`` at training; evaluate.json and inference.json read the head from the checkpoint."""
+    w = run(workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
+                     pretrained=str(tiny_clip_checkpoint), epochs=2, head_input="embedding", **TINY))
+    assert w.parser.get_parsed_content("network").classifier.in_features == create_model("ctclip_tiny").dim_image
+    ckpt = tmp_path / "models" / "model.pt"
+    assert "embedding_norm.running_var" in torch.load(ckpt, weights_only=True)
+    run(workflow(["train.json", "evaluate.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
+                 pretrained=str(tiny_clip_checkpoint), n_bootstrap=0, skip_zeroshot=True, **TINY))
+    metrics = json.loads((tmp_path / "eval" / "test" / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc"]["macro"] <= 1.0
+    served = workflow(["inference.json"], workflow_type="infer", dataset_dir=str(tiny_preprocessed_dir),
+                      output_dir=str(tmp_path / "infer"), ckpt_path=str(ckpt), model_config="ctclip_tiny")
+    assert served.parser.get_parsed_content("network").head_input == "embedding"
+
 def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed_dir, tmp_path):
     """The trained ClassFine model exported with export.json, unzipped outside the repository and run in a new
     environment with only the bundle's wheel (tests/received_bundle.py): the probabilities and decisions of the

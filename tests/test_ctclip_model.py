@@ -145,6 +145,47 @@ def test_classfine_frozen_backbone_stays_in_eval(tiny):
     assert torch.equal(model.trained_model.visual_transformer.vq._codebook.embed, before)
 
 
+
+def test_classfine_head_on_the_embedding(tiny, tmp_path):
+    """``head_input="embedding"``: the head reads the encoder's embedding through a BatchNorm without affine; the
+    latent cache holds the embedding; a checkpoint of one head refuses to load into the other, naming the fix."""
+    from custom_nets import classfine_head_input
+    from custom_nets.classfine import ClassFineNetwork
+
+    torch.manual_seed(0)
+    net = ClassFineNetwork(tiny, num_classes=18, head_input="embedding")
+    assert net.classifier.in_features == tiny.dim_image and net._cache_stage() == "embedding"
+    assert "embedding_norm.running_mean" in net.state_dict()
+    image, names = torch.randn(3, *IMAGE), ["a", "b", "c"]
+    net.train()
+    logits = net(image, names)
+    assert logits.shape == (3, 18) and net.cache_size == 3
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    assert net.classifier.weight.grad is not None and all(p.grad is None for p in tiny.parameters())
+    assert net(image[:1], names[:1]).shape == (1, 18)  # one volume in train mode: the running statistics
+    net.eval()
+    with torch.no_grad():
+        cached, fresh = net(image, names), net(image)
+        ref = net.classifier((tiny.image_embedding(image) - net.embedding_norm.running_mean)
+                             / torch.sqrt(net.embedding_norm.running_var + net.embedding_norm.eps))
+    torch.testing.assert_close(cached, fresh)
+    torch.testing.assert_close(cached, ref)
+    torch.save(net.state_dict(), tmp_path / "embedding.pt")
+    torch.save(ClassFineClassifier(tiny).state_dict(), tmp_path / "latent.pt")
+    assert classfine_head_input(tmp_path / "embedding.pt") == "embedding"
+    assert classfine_head_input(tmp_path / "latent.pt") == "latent"
+    assert classfine_head_input(tmp_path / "absent.pt") == "latent"
+    with pytest.raises(ValueError, match="build it with head_input 'embedding'"):
+        load_checkpoint(ClassFineClassifier(cn.create_model("ctclip_tiny")), tmp_path / "embedding.pt")
+    served = ClassFineClassifier(cn.create_model("ctclip_tiny"), head_input="embedding").eval()
+    load_checkpoint(served, tmp_path / "embedding.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(served(image), cached)
+    with pytest.raises(ValueError, match="does not read the projection"):
+        net.unfreeze("projection")
+    with pytest.raises(ValueError, match="head_input must be one of"):
+        ClassFineClassifier(tiny, head_input="tokens")
+
 @torch.no_grad()
 def test_zero_shot_equals_the_reference_procedure(tiny):
     tiny.eval()
