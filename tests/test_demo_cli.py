@@ -93,3 +93,12 @@ def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(t
     ran.clear()
     demo.main(str(tmp_path), compare_model_config="ctspecialised_small")
     assert ran[:2] == ["generate", "preprocess"] and "pretrain" not in ran and "pretrain_ctspecialised_small" in ran
+
+
+def test_classfine_stage_gets_the_head_input(tmp_path):
+    def overrides(**kwargs):
+        stages = demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, 0.4, 0.0, **kwargs)
+        return next(s for s in stages if s.name == "classfine_train").overrides
+
+    assert overrides()["head_input"] == "embedding"  # the demo's choice (the bundle's default is the reference)
+    assert overrides(classfine_head_input="latent")["head_input"] == "latent"
