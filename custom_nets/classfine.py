@@ -133,13 +133,11 @@ class ClassFineNetwork(ClassFineClassifier):
             if len(set(names)) != len(names):
                 use_cache = False  # duplicate names in one batch: the names are not volume identities
         if not use_cache:
-            if stage == "latent" or (self.freeze_backbone and stage is not None):
+            # everything the head reads is frozen: no graph
+            if stage is not None and (stage == "latent" or self.freeze_backbone or self.head_input == "embedding"):
                 with torch.no_grad():
                     return self.encode(image)
-            if stage == "embedding" and self.head_input == "embedding":
-                with torch.no_grad():
-                    return clip.image_embedding(image)
-            if stage == "embedding":
+            if stage == "embedding":  # the latent head with only the projection training
                 with torch.no_grad():
                     emb = clip.image_embedding(image)
                 return F.normalize(clip.to_visual_latent(emb), dim=-1)
