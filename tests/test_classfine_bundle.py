@@ -285,8 +285,10 @@ def test_evaluate_without_zeroshot_baseline(trained, tiny_preprocessed_dir, tiny
 
 
 
-def test_head_on_the_embedding_trains_evaluates_and_serves(tiny_preprocessed_dir, tiny_clip_checkpoint, tmp_path):
-    """``--head_input embedding`` at training; evaluate.json and inference.json read the head from the checkpoint."""
+def test_head_on_the_embedding_trains_evaluates_and_serves(tiny_preprocessed_dir, tiny_clip_checkpoint,
+                                                           tiny_cohort_dir, tmp_path):
+    """``--head_input embedding`` at training; evaluate.json, inference.json and the export read the head from the
+    checkpoint; the MONAI Label app's bundle serves it and fine-tunes its head."""
     w = run(workflow(["train.json"], dataset_dir=str(tiny_preprocessed_dir), output_dir=str(tmp_path),
                      pretrained=str(tiny_clip_checkpoint), epochs=2, head_input="embedding", **TINY))
     assert w.parser.get_parsed_content("network").classifier.in_features == create_model("ctclip_tiny").dim_image
@@ -299,6 +301,18 @@ def test_head_on_the_embedding_trains_evaluates_and_serves(tiny_preprocessed_dir
     served = workflow(["inference.json"], workflow_type="infer", dataset_dir=str(tiny_preprocessed_dir),
                       output_dir=str(tmp_path / "infer"), ckpt_path=str(ckpt), model_config="ctclip_tiny")
     assert served.parser.get_parsed_content("network").head_input == "embedding"
+    export = tmp_path / "export" / "ct_clip_classfine_tiny"
+    run(workflow(["inference.json", "export.json"], "infer", model_config="ctclip_tiny", ckpt_path=str(ckpt),
+                 export_dir=str(export), metrics_file=str(tmp_path / "eval" / "test" / "metrics.json"),
+                 dataset_dir=str(tiny_preprocessed_dir), make_zip=False))
+    scan = nifti_scans(scan_folder(Path(tiny_cohort_dir), tmp_path / "scans"))[0]
+    app = ServedBundle(export, weights=tmp_path / "finetuned" / "model.pt")
+    before = app.predict(scan)["probabilities"]["Cardiomegaly"]
+    confirmed = np.full(len(CTRATE_PATHOLOGIES), np.nan)
+    confirmed[CTRATE_PATHOLOGIES.index("Cardiomegaly")] = 1
+    summary = app.fine_tune_head([(scan, confirmed)], app.weights, epochs=50)
+    assert summary["loss_after"] < summary["loss_before"]
+    assert ServedBundle(export, weights=app.weights).predict(scan)["probabilities"]["Cardiomegaly"] > before
 
 def test_the_trained_model_travels(evaluated, tiny_cohort_dir, tiny_preprocessed_dir, tmp_path):
     """The trained ClassFine model exported with export.json, unzipped outside the repository and run in a new
