@@ -139,6 +139,9 @@ def save_reference_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
     with the used projections, so the file stays small;
     ``position_ids`` included; ClassFine models keep their ``trained_model.``/``classifier.`` layout)."""
     if isinstance(model, ClassFineClassifier):
+        if model.head_input != "latent":
+            raise ValueError(f"a ClassFine head on the {model.head_input} has no reference layout (CT_LiPro_v2.pt's "
+                             "head reads the latent): save its state_dict() instead")
         sd = {f"trained_model.{k}": v for k, v in model.trained_model.reference_state_dict().items()}
         sd.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
     else:

@@ -20,6 +20,8 @@ __all__ = ["HEAD_INPUTS", "ClassFineClassifier", "classfine_head_input", "ZeroSh
 
 #: What the ClassFine head reads: the l2-normalised image latent (the reference) or the encoder's global embedding.
 HEAD_INPUTS = ("latent", "embedding")
+#: The state-dict key only a head on the embedding has (its batch norm's statistics).
+_EMBEDDING_HEAD_KEY = "embedding_norm.running_mean"
 
 
 class ClassFineClassifier(nn.Module):
@@ -84,7 +86,7 @@ class ClassFineClassifier(nn.Module):
         return self.classifier(self.dropout(self.head_activation(features)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stored = "embedding" if f"{prefix}embedding_norm.running_mean" in state_dict else "latent"
+        stored = "embedding" if f"{prefix}{_EMBEDDING_HEAD_KEY}" in state_dict else "latent"
         if f"{prefix}classifier.weight" in state_dict and stored != self.head_input:
             raise ValueError(f"the checkpoint's ClassFine head reads the {stored} (head_input {stored!r}), this "
                              f"network's the {self.head_input}: build it with head_input {stored!r}")
@@ -106,7 +108,7 @@ def classfine_head_input(checkpoint: str | Any) -> str:
     if not os.path.isfile(str(checkpoint)):
         return "latent"
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
-    return "embedding" if "embedding_norm.running_mean" in state else "latent"
+    return "embedding" if _EMBEDDING_HEAD_KEY in state else "latent"
 
 
 class ZeroShotClassifier(nn.Module):

@@ -183,6 +183,8 @@ def test_classfine_head_on_the_embedding(tiny, tmp_path):
         torch.testing.assert_close(served(image), cached)
     with pytest.raises(ValueError, match="does not read the projection"):
         net.unfreeze("projection")
+    with pytest.raises(ValueError, match="no reference layout"):
+        cn.save_reference_checkpoint(net, tmp_path / "reference.pt")
     with pytest.raises(ValueError, match="head_input must be one of"):
         ClassFineClassifier(tiny, head_input="tokens")
 
