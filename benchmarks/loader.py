@@ -182,6 +182,11 @@ def main(argv=None) -> int:
                   f"{node / gpu_rate:.2f}x |")
         print(f"window_on_device: the HU window of one batch item on this CPU {full['device_window_cpu_s']:.3f} s "
               "(on the GPU instead, in prepare_batch)", flush=True)
+        # what the disk must deliver at the GPU's rate: a CT-RATE-size cache does not fit in the page cache
+        for name, v in full["variants"].items():
+            read_mb = full["stored_mb"] if name.endswith("/read") else v["mb"]
+            print(f"{name}: {read_mb:.0f} MB read per volume, {gpu_rate * read_mb / 1024:.1f} GB/s from disk at the "
+                  f"GPU's {gpu_rate:.0f} samples/s", flush=True)
 
     step = step_rate(args.model_config, args.batch_size, args.steps)
     print(f"training step ({args.model_config}, batch {args.batch_size}, CPU float32): "
