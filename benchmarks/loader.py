@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         # what the disk must deliver at the GPU's rate: a CT-RATE-size cache does not fit in the page cache
         for name, v in full["variants"].items():
             read_mb = full["stored_mb"] if name.endswith("/read") else v["mb"]
-            print(f"{name}: {read_mb:.0f} MB read per volume, {gpu_rate * read_mb / 1024:.1f} GB/s from disk at the "
+            print(f"{name}: {read_mb:.0f} MiB read per volume, {gpu_rate * read_mb / 1024:.1f} GiB/s from disk at the "
                   f"GPU's {gpu_rate:.0f} samples/s", flush=True)
 
     step = step_rate(args.model_config, args.batch_size, args.steps)
