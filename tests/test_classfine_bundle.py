@@ -305,6 +305,7 @@ def test_head_on_the_embedding_trains_evaluates_and_serves(tiny_preprocessed_dir
     run(workflow(["inference.json", "export.json"], "infer", model_config="ctclip_tiny", ckpt_path=str(ckpt),
                  export_dir=str(export), metrics_file=str(tmp_path / "eval" / "test" / "metrics.json"),
                  dataset_dir=str(tiny_preprocessed_dir), make_zip=False))
+    assert "BatchNorm(image embedding)" in (export / "docs" / "README.md").read_text()  # the receiver is told
     scan = nifti_scans(scan_folder(Path(tiny_cohort_dir), tmp_path / "scans"))[0]
     app = ServedBundle(export, weights=tmp_path / "finetuned" / "model.pt")
     before = app.predict(scan)["probabilities"]["Cardiomegaly"]

@@ -371,6 +371,7 @@ def _readme(meta: dict[str, Any], bundle_name: str, wheel: str, entry_points: Se
         f"{meta.get('description', '')}\n",
         f"Exported on {exported['date']} from the `{exported['source_bundle']}` bundle {exported['source_version']} "
         f"with model config `{exported.get('model_config', 'n/a')}`, by {DIST_NAME} {exported['package_version']}.\n",
+        *([f"{exported['network']}.\n"] if exported.get("network") else []),
         "## Intended use\n",
         f"{meta.get('intended_use', 'Research only. Not a medical device; not for clinical decisions.')}\n",
         "## Training data\n",
@@ -502,6 +503,8 @@ def export_bundle(source_root: str | os.PathLike, export_dir: str | os.PathLike,
                     "source_version": source_meta.get("version"), "package_version": packages[DIST_NAME],
                     "model_config": model_cfg.get("name") if model_cfg is not None else None,
                     "dataset": _dataset_summary(dataset_dir), "wheel": wheel.name}
+        if callable(getattr(network, "describe", None)):  # what the weights are when a config option chose it
+            exported["network"] = network.describe()
         ndf = _network_data_format(model_cfg, class_names, output_type) if network is not None and class_names else None
         meta = _metadata(source_meta, packages, files_sha256, ndf, _eval_metrics(metrics), exported)
         write_json(tmp / "configs" / "metadata.json", meta)

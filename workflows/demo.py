@@ -138,7 +138,7 @@ def demo_stages(out: Path, num_cases: int, seed: int, model_config: str, pretrai
         Stage("classfine_train", f"{b}/ct_clip_classfine", ["train.json"],
               {**common, "output_dir": str(classfine), "pretrained": str(pretrained), "epochs": classfine_epochs,
                "head_input": classfine_head_input},
-              "ClassFine: 18-label head on the pretrained image encoder"),
+              f"ClassFine: 18-label head on the pretrained image encoder's {classfine_head_input}"),
         # the zero-shot figures come from the zero-shot stage: ClassFine's own zero-shot baseline would be a
         # second evaluation of the same model on the same volumes
         Stage("classfine_evaluate", f"{b}/ct_clip_classfine", ["train.json", "evaluate.json"],
