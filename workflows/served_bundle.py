@@ -196,16 +196,17 @@ class ServedBundle:
             raise ValueError("no confirmed labels yet: save a label JSON with tag 'final' for at least one image")
         self.refresh()
         torch.manual_seed(seed)
-        with torch.no_grad():  # what the head reads (latents or embeddings), the backbone frozen
-            latents = torch.cat([self.network.encode(torch.as_tensor(self.model_input(scan)["image"])[None]
-                                                     .to(self.device)) for scan, _ in cases])
+        with torch.no_grad():  # the linear layer's input (latents or embeddings, activated), the rest frozen
+            features = torch.cat([self.network.encode(torch.as_tensor(self.model_input(scan)["image"])[None]
+                                                      .to(self.device)) for scan, _ in cases])
+            features = self.network.dropout(self.network.head_activation(features))  # eval mode: fixed
         targets = torch.as_tensor(np.stack([labels for _, labels in cases]), dtype=torch.float32, device=self.device)
         confirmed = ~torch.isnan(targets)
         head = copy.deepcopy(self.network.classifier).train()
         optimizer = torch.optim.Adam(head.parameters(), lr=lr)
 
         def loss_of() -> torch.Tensor:
-            logits = head(self.network.dropout(self.network.head_activation(latents)))
+            logits = head(features)
             return F.binary_cross_entropy_with_logits(logits[confirmed], targets[confirmed])
 
         with torch.no_grad():
