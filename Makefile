@@ -5,7 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-DEMO_DIR ?= demo_output
+# default: 900 scans, about 15 minutes of stages on 2 cores; large: 2700 scans (README, "make demo DEMO_SCALE=large")
+DEMO_SCALE ?= default
+DEMO_DIR ?= $(if $(filter default,$(DEMO_SCALE)),demo_output,demo_output_$(DEMO_SCALE))
 # a second image encoder pretrained and evaluated beside the first, e.g. make demo DEMO_COMPARE=slicefusion_small
 DEMO_COMPARE ?=
 PY := $(VENV)/bin/python
@@ -23,7 +25,7 @@ venv: $(PY)
 # The main job: the synthetic demo cohort through every stage, with a report in $(DEMO_DIR)/.
 demo: venv
 	$(PIP) install --quiet -e ".[demo]"
-	$(PY) -m workflows.demo --output_dir $(DEMO_DIR) $(if $(DEMO_COMPARE),--compare_model_config $(DEMO_COMPARE))
+	$(PY) -m workflows.demo --output_dir $(DEMO_DIR) --scale $(DEMO_SCALE) $(if $(DEMO_COMPARE),--compare_model_config $(DEMO_COMPARE))
 
 # The test suite (CPU, tiny generated data). pytest exits 5 when it collected no test:
 # that is a failure here, never a silent pass.

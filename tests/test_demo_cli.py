@@ -1,5 +1,6 @@
 """The demo's command line: options reach ``main``, and the generate stage gets the cohort options."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,63 @@ def test_classfine_stage_gets_the_head_input(tmp_path):
 
     assert overrides()["head_input"] == "embedding"  # the demo's choice (the bundle's default is the reference)
     assert overrides(classfine_head_input="latent")["head_input"] == "latent"
+
+
+def _record_runs(monkeypatch) -> list:
+    ran = []
+
+    def run_stage(stage, out):
+        ran.append(stage.name)
+        stage.seconds = 0.0
+
+    monkeypatch.setattr(demo, "run_stage", run_stage)
+    monkeypatch.setattr(demo, "_example_picture", lambda out: None)
+    monkeypatch.setattr(demo, "collect_results", lambda out: {})
+    monkeypatch.setattr(demo, "write_report", lambda out, results, stages: out / "report.md")
+    monkeypatch.setattr(demo, "summary_table", lambda results: "")
+    monkeypatch.setattr(demo, "retrieval_table", lambda results: "")
+    return ran
+
+
+def test_a_folder_made_with_other_options_is_refused_not_resumed(tmp_path, monkeypatch):
+    """A finished stage records its command: rerunning the folder with the same options skips it, with other
+    options (here another cohort size) the run stops before any stage, naming the stage, instead of pretraining on
+    the old cohort or resuming the old checkpoint."""
+    ran = _record_runs(monkeypatch)
+    demo.main(str(tmp_path), num_cases=10)
+    assert ran[0] == "generate" and "pretrain" in ran
+    marker = json.loads((tmp_path / ".done" / "generate").read_text())
+    assert "--num_cases 10" in marker["command"]
+    ran.clear()
+    demo.main(str(tmp_path), num_cases=10)
+    assert ran == []  # everything finished with these options
+    with pytest.raises(ValueError, match=r"stage 'generate' ran with other options.*--num_cases 10.*--num_cases 30"):
+        demo.main(str(tmp_path), num_cases=30)
+    assert ran == []
+    demo.main(str(tmp_path), num_cases=30, force=True)  # force runs every stage again
+    assert ran[0] == "generate"
+
+
+def test_the_large_scale_has_its_own_cohort_size_and_folder(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "demo_stages", lambda out, num_cases, *args, **kwargs: seen.update(
+        out=out, num_cases=num_cases) or [])
+    monkeypatch.chdir(tmp_path)
+    _record_runs(monkeypatch)
+    monkeypatch.setattr(demo, "REPO_ROOT", tmp_path)
+    demo.main(scale="large")
+    assert seen == {"out": tmp_path / "demo_output_large", "num_cases": demo.DEMO_SCALES["large"]["num_cases"]}
+    demo.main(scale="large", num_cases=12)  # an explicit size wins
+    assert seen["num_cases"] == 12
+    demo.main()
+    assert seen == {"out": tmp_path / "demo_output", "num_cases": 900}
+    with pytest.raises(ValueError, match="scale must be one of"):
+        demo.main(scale="huge")
+
+
+def test_make_demo_passes_the_scale_and_its_folder():
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["make", "-n", "demo", "DEMO_SCALE=large"], cwd=repo, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--output_dir demo_output_large --scale large" in out.stdout

@@ -13,7 +13,12 @@
 and then prints a summary table and writes ``<output_dir>/report.md`` with the tables and pictures.
 Each stage runs in its own process through ``python -m monai.bundle run`` (exactly the command a
 user would type; the commands are in the report), logs to ``<output_dir>/logs/<stage>.log``, and
-leaves a marker when it finished, so running the demo again resumes after the last finished stage.
+leaves a marker when it finished, so running the demo again resumes after the last finished stage. The marker
+records the stage's command: a folder whose finished stages ran with other options (another ``--num_cases``, say)
+is refused instead of being resumed with stale results.
+
+``--scale large`` (``make demo DEMO_SCALE=large``) runs the same stages on a cohort three times the size
+(:data:`DEMO_SCALES`), in its own default folder.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import fire
 import torch
 
-from ctclip_contract import load_model_config
+from ctclip_contract import install_bundle_excepthook, load_model_config
 from ctclip_contract.anatomy import LABEL_TABLE_FILE
 from custom_nets import reads_segmentation
 from custom_nets.image_encoders import build_image_encoder
@@ -42,6 +47,10 @@ from custom_nets.image_encoders import build_image_encoder
 from .metrics import macro_ece
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The demo's sizes: ``default`` fits 15 minutes of stages on 2 CPU cores; ``large`` trades time for training pairs,
+#: which zero-shot accuracy grows with (docs/experiments.md, "More training pairs").
+DEMO_SCALES = {"default": {"num_cases": 900}, "large": {"num_cases": 2700}}
 
 
 @dataclass
@@ -430,17 +439,19 @@ def write_report(out: Path, results: dict[str, Any], stages: Sequence[Stage]) ->
     return path
 
 
-def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, model_config: str = "ctclip_small",
+def main(output_dir: Optional[str] = None, num_cases: Optional[int] = None, seed: int = 0, model_config: str = "ctclip_small",
          pretrain_epochs: int = 8, classfine_epochs: int = 8, num_workers: int = 2, balanced: float | bool = 0.4,
          two_recon_fraction: float = 0.0, compare_model_config: Optional[str] = None, force: bool = False,
          pretrain_preset: Optional[str] = None, masks: Optional[bool] = None,
-         classfine_head_input: str = "embedding") -> dict:
+         classfine_head_input: str = "embedding", scale: str = "default") -> dict:
     """Run the demo end to end and print the summary.
 
     Args:
-        output_dir: everything goes here (cohort, preprocessed data, models, evaluations, report.md).
-        num_cases: synthetic scans to generate. Zero-shot accuracy is limited by the number of training pairs:
-            on one 91-volume validation split, 207 training volumes gave a macro AUROC of 0.644 and 414 gave 0.686.
+        output_dir: everything goes here (cohort, preprocessed data, models, evaluations, report.md). Default:
+            ``demo_output`` (``demo_output_<scale>`` for another scale).
+        num_cases: synthetic scans to generate (default: the scale's). Zero-shot accuracy is limited by the number
+            of training pairs: on one 91-volume validation split, 207 training volumes gave a macro AUROC of 0.644
+            and 414 gave 0.686.
         seed: cohort seed (the same seed gives the same cohort and splits).
         model_config: architecture config for every model stage.
         pretrain_epochs: contrastive pretraining epochs (8 x ~630 volumes: about 5 minutes on 2 CPU cores).
@@ -463,7 +474,15 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
         classfine_head_input: what the ClassFine head reads: ``"embedding"`` (the encoder's global embedding,
             standardised; test macro AUROC 0.766 against 0.722 on the demo) or ``"latent"`` (the reference
             ClassFine, the bundle's default: the contrastive latent).
+        scale: ``"default"`` (900 scans, about 15 minutes of stages on 2 CPU cores) or ``"large"`` (2700 scans),
+            :data:`DEMO_SCALES`.
     """
+    if scale not in DEMO_SCALES:
+        raise ValueError(f"scale must be one of {sorted(DEMO_SCALES)}, got {scale!r}")
+    if num_cases is None:
+        num_cases = DEMO_SCALES[scale]["num_cases"]
+    if output_dir is None:
+        output_dir = "demo_output" if scale == "default" else f"demo_output_{scale}"
     out = (REPO_ROOT / output_dir).resolve() if not os.path.isabs(output_dir) else Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = out / ".done"
@@ -478,6 +497,7 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
               "and preprocessing the masks")
         for name in ("generate", "preprocess"):
             (done / name).unlink(missing_ok=True)
+    check_finished_stages(out, stages, force)
     start = time.time()
     print(f"Demo: {num_cases} synthetic scans, model {model_config}, output in {out}")
     for i, stage in enumerate(stages, 1):
@@ -487,7 +507,8 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
             continue
         print(f"[{i}/{len(stages)}] {stage.title}\n    $ {stage.shell_command()}")
         run_stage(stage, out)
-        marker.write_text(json.dumps({"seconds": stage.seconds}), encoding="utf-8")
+        marker.write_text(json.dumps({"seconds": stage.seconds, "command": stage.shell_command()}),
+                          encoding="utf-8")
         print(f"    done in {_fmt_seconds(stage.seconds)}")
         if stage.name == "generate":
             _example_picture(out)
@@ -501,6 +522,33 @@ def main(output_dir: str = "demo_output", num_cases: int = 900, seed: int = 0, m
         print(rt)
     print(f"\nTotal {_fmt_seconds(time.time() - start)}. Report: {report}")
     return results
+
+
+def check_finished_stages(out: Path, stages: Sequence[Stage], force: bool = False) -> None:
+    """Refuse to resume a demo folder whose finished stages ran with other options.
+
+    A stage is skipped when its marker exists, so a folder made with, say, ``--num_cases 900`` would otherwise be
+    "resumed" by a ``--num_cases 2700`` run with the old cohort, or a pretraining stage would resume the old
+    run's finished checkpoint. Markers written before the command was recorded are trusted.
+
+    Raises:
+        ValueError: a finished stage's recorded command differs from this run's (not with ``force``, which
+            runs every stage again).
+    """
+    if force:
+        return
+    for stage in stages:
+        marker = out / ".done" / stage.name
+        if not marker.exists():
+            continue
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8") or "{}").get("command")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None
+        if recorded is not None and recorded != stage.shell_command():
+            raise ValueError(
+                f"{out}: its finished stage {stage.name!r} ran with other options (was: {recorded}; now: "
+                f"{stage.shell_command()}); give another --output_dir (make demo DEMO_DIR=...) or remove the folder")
 
 
 def _example_picture(out: Path) -> None:
@@ -520,4 +568,5 @@ def cli(*args, **kwargs) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    install_bundle_excepthook(force=True)  # an error of the demo's own (a refused folder, a failed stage): one line
     fire.Fire(cli)
