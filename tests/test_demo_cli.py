@@ -75,9 +75,7 @@ def test_boolean_overrides_reach_the_config_as_booleans(tmp_path):
     assert cmd[cmd.index("--skip_zeroshot") + 1] == "True"
 
 
-def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(tmp_path, monkeypatch):
-    """``make demo`` (no masks), then ``make demo DEMO_COMPARE=ctspecialised_small``: the generation and the
-    preprocessing run again, now with masks; the finished stages that read none are not redone."""
+def _record_runs(monkeypatch) -> list:
     ran = []
 
     def run_stage(stage, out):
@@ -86,6 +84,17 @@ def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(t
 
     monkeypatch.setattr(demo, "run_stage", run_stage)
     monkeypatch.setattr(demo, "_example_picture", lambda out: None)
+    monkeypatch.setattr(demo, "collect_results", lambda out: {})
+    monkeypatch.setattr(demo, "write_report", lambda out, results, stages: out / "report.md")
+    monkeypatch.setattr(demo, "summary_table", lambda results: "")
+    monkeypatch.setattr(demo, "retrieval_table", lambda results: "")
+    return ran
+
+
+def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(tmp_path, monkeypatch):
+    """``make demo`` (no masks), then ``make demo DEMO_COMPARE=ctspecialised_small``: the generation and the
+    preprocessing run again, now with masks; the finished stages that read none are not redone."""
+    ran = _record_runs(monkeypatch)
     (tmp_path / ".done").mkdir()
     for stage in demo.demo_stages(tmp_path, 10, 0, "ctclip_small", 1, 1, 1, False, 0.0):
         (tmp_path / ".done" / stage.name).write_text("{}")
@@ -103,22 +112,6 @@ def test_classfine_stage_gets_the_head_input(tmp_path):
 
     assert overrides()["head_input"] == "embedding"  # the demo's choice (the bundle's default is the reference)
     assert overrides(classfine_head_input="latent")["head_input"] == "latent"
-
-
-def _record_runs(monkeypatch) -> list:
-    ran = []
-
-    def run_stage(stage, out):
-        ran.append(stage.name)
-        stage.seconds = 0.0
-
-    monkeypatch.setattr(demo, "run_stage", run_stage)
-    monkeypatch.setattr(demo, "_example_picture", lambda out: None)
-    monkeypatch.setattr(demo, "collect_results", lambda out: {})
-    monkeypatch.setattr(demo, "write_report", lambda out, results, stages: out / "report.md")
-    monkeypatch.setattr(demo, "summary_table", lambda results: "")
-    monkeypatch.setattr(demo, "retrieval_table", lambda results: "")
-    return ran
 
 
 def test_a_folder_made_with_other_options_is_refused_not_resumed(tmp_path, monkeypatch):
