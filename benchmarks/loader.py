@@ -16,7 +16,8 @@ dataset. The model side is one training step of the same bundle network (:func:`
 loss, backward, AdamW) at the same batch size on random inputs of the config's shape, best of ``--steps``.
 
 Printed: the table, each loader figure's ratio to the step's samples/s (>= 1: the loader is not the bottleneck) and
-the load average. Not part of the test suite.
+the load average. The test suite runs it once on a tiny cohort (``tests/test_benchmarks_smoke.py``), for its
+figures, not their values.
 """
 
 from __future__ import annotations

@@ -88,3 +88,23 @@ def test_retrieval_scaling_measures_the_library_against_the_full_matrix_baseline
         # the same metrics, up to the uniformity's summation order
         assert r["largest_difference"] < 1e-12, r["where"]
     assert "| 97 |" in capsys.readouterr().out
+
+
+def test_loader_benchmark_measures_the_bundle_loader_against_a_training_step(tiny_preprocessed_dir, tmp_path):
+    """``benchmarks/loader.py`` on the tiny cohort: every window, cache and worker setting asked for gets its
+    epochs' volumes/s and its ratio to the step's samples/s."""
+    import json
+
+    import loader
+
+    out = tmp_path / "loader.json"
+    assert loader.main(["--dataset-dir", str(tiny_preprocessed_dir), "--model-config", "ctclip_tiny", "--workers",
+                        "0", "1", "--caches", "none", "disk", "--batch-size", "2", "--epochs", "2", "--steps", "1",
+                        "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["step"]["samples_per_s"] > 0
+    rows = {(r["window"], r["cache"], r["workers"]): r for r in report["loader"]}
+    assert set(rows) == {(w, c, n) for w in ("in_loader", "on_device") for c in ("none", "disk") for n in (0, 1)}
+    for row in rows.values():
+        assert len(row["epoch_volumes_per_s"]) == 2 and min(row["epoch_volumes_per_s"]) > 0
+        assert row["ratio_to_step"] == pytest.approx(row["epoch_volumes_per_s"][-1] / report["step"]["samples_per_s"])
