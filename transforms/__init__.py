@@ -5,7 +5,7 @@ from ctclip_contract import CTRATE_PATHOLOGIES, NOT_GIVEN, NUM_PATHOLOGIES, path
 from .hu import HUDecisionError, RescaleToHU, RescaleToHUd
 from .qc import CheckInputd, CTQualityCheck, CTQualityCheckd, QualityCheckError, check_dicom_series, check_input
 from .model_input import HUWindow, ToModelInput, ToModelInputd
-from .preprocessing import build_preprocessing, inference_transforms, raw_to_model_input_transforms
+from .preprocessing import StreamedPreprocessing, build_preprocessing, inference_transforms, raw_to_model_input_transforms
 from .augmentation import view_transforms
 from .discovery import discover_inputs, evaluation_items, inference_items, load_datalist
 from .labels import SelectLabelsd

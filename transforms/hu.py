@@ -219,37 +219,14 @@ class RescaleToHU(Transform):
             cands.append(("raw_offset_1024", 1.0, -1024.0))
         return cands
 
-    def __call__(  # type: ignore[override]
-        self,
-        img: torch.Tensor,
-        slope: float | None = None,
-        intercept: float | None = None,
-        name: str = "volume",
-        padding: Sequence[float] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Args:
-        img: stored values as the reader returned them.
-        slope, intercept: from a metadata row (needed for ``source="metadata"``).
-        name: used in error messages.
-        padding: ``(low, high)``: voxels whose value (as the reader returned it) lies in this closed
-            range are outside-field-of-view padding (DICOM ``PixelPaddingValue`` and
-            ``PixelPaddingRangeLimit`` after the reader's rescale). They are left out of the HU
-            decision and set to ``padding_hu`` whatever the chosen mapping, instead of being
-            rescaled into bogus values (e.g. unsigned 63536 + intercept -1024 = 62512 "HU").
+    def decide(self, sample: np.ndarray, slope: float | None = None, intercept: float | None = None,
+               name: str = "volume") -> tuple[tuple[str, float, float], dict[str, Any]]:
+        """The mapping this transform chooses for a volume, judged on its voxel sample (:func:`_sample`, padding left
+        out), and the evidence: ``((label, slope, intercept), {label: evidence})``. No voxel is changed.
 
         Raises:
-            HUDecisionError: ``auto`` found no plausible candidate (or two equally plausible ones);
-                ``metadata`` without slope/intercept; an implausible result with ``check_plausible``.
+            HUDecisionError: as :meth:`__call__`.
         """
-        pad_mask, pad_range = None, None
-        sample = _sample(img)
-        if padding is not None:
-            pad_range = (float(min(padding)), float(max(padding)))
-            t_in = img.as_tensor() if isinstance(img, MetaTensor) else img
-            lo, hi = (pad_range if torch.is_floating_point(t_in) else
-                      (float(np.ceil(pad_range[0])), float(np.floor(pad_range[1]))))
-            pad_mask = (t_in >= lo) & (t_in <= hi)  # before the mapping, which may work in place
-            sample = sample[~((sample >= pad_range[0]) & (sample <= pad_range[1]))]
         counted = _value_counts(sample)
 
         def evidence_of(s: float, b: float) -> dict[str, float]:
@@ -284,6 +261,47 @@ class RescaleToHU(Transform):
             ok, why = _plausible(evidence[chosen[0]])
             if not ok:
                 raise HUDecisionError(f"{name}: implausible HU after {chosen[0]} rescale: {why}")
+        return chosen, evidence
+
+    def provenance(self, chosen: tuple[str, float, float], evidence: dict[str, Any], floored_fraction: float
+                   ) -> dict[str, Any]:
+        """The record of a decision (``hu_provenance``): source, decision, slope, intercept, the share of voxels
+        raised to the floor, and the evidence."""
+        return {"source": self.source, "decision": chosen[0], "slope": chosen[1], "intercept": chosen[2],
+                "floored_fraction": floored_fraction, "evidence": evidence}
+
+    def __call__(  # type: ignore[override]
+        self,
+        img: torch.Tensor,
+        slope: float | None = None,
+        intercept: float | None = None,
+        name: str = "volume",
+        padding: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Args:
+        img: stored values as the reader returned them.
+        slope, intercept: from a metadata row (needed for ``source="metadata"``).
+        name: used in error messages.
+        padding: ``(low, high)``: voxels whose value (as the reader returned it) lies in this closed
+            range are outside-field-of-view padding (DICOM ``PixelPaddingValue`` and
+            ``PixelPaddingRangeLimit`` after the reader's rescale). They are left out of the HU
+            decision and set to ``padding_hu`` whatever the chosen mapping, instead of being
+            rescaled into bogus values (e.g. unsigned 63536 + intercept -1024 = 62512 "HU").
+
+        Raises:
+            HUDecisionError: ``auto`` found no plausible candidate (or two equally plausible ones);
+                ``metadata`` without slope/intercept; an implausible result with ``check_plausible``.
+        """
+        pad_mask, pad_range = None, None
+        sample = _sample(img)
+        if padding is not None:
+            pad_range = (float(min(padding)), float(max(padding)))
+            t_in = img.as_tensor() if isinstance(img, MetaTensor) else img
+            lo, hi = (pad_range if torch.is_floating_point(t_in) else
+                      (float(np.ceil(pad_range[0])), float(np.floor(pad_range[1]))))
+            pad_mask = (t_in >= lo) & (t_in <= hi)  # before the mapping, which may work in place
+            sample = sample[~((sample >= pad_range[0]) & (sample <= pad_range[1]))]
+        chosen, evidence = self.decide(sample, slope, intercept, name)
         t_in = img.as_tensor() if isinstance(img, MetaTensor) else img
         t = self._apply(t_in, chosen[1], chosen[2], inplace=self.inplace)
         # without ``inplace`` the input is never modified: copy before the first in-place write
@@ -317,14 +335,7 @@ class RescaleToHU(Transform):
                 t = writable(t).clamp_(min=floor)
         out = MetaTensor(t, affine=img.affine, meta={k: v for k, v in img.meta.items() if k != "affine"}) \
             if isinstance(img, MetaTensor) else t
-        provenance = {
-            "source": self.source,
-            "decision": chosen[0],
-            "slope": chosen[1],
-            "intercept": chosen[2],
-            "floored_fraction": floored,
-            "evidence": evidence,
-        }
+        provenance = self.provenance(chosen, evidence, floored)
         if pad_range is not None:
             provenance["padding"] = {"range": list(pad_range), "fraction": padded, "hu": self.padding_hu}
         if isinstance(out, MetaTensor):

@@ -40,7 +40,7 @@ route_nibabel_gzip(nib.openers)
 
 __all__ = ["CTVolumeReader", "ITKVolumeReader", "ResampleToSpacing", "ResampleToSpacingd", "CastToHUInt16d",
            "save_nifti_atomic", "linear_resample_axes", "nearest_resample_axes", "read_nifti_array",
-           "read_label_volume"]
+           "read_label_volume", "reversed_axes_affine"]
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -65,9 +65,7 @@ class ITKVolumeReader(ITKReader):
 
     def _get_affine(self, img, lps_to_ras: bool = True):
         affine = super()._get_affine(img, lps_to_ras)
-        sr = affine.shape[0] - 1
-        affine[:, :sr] = affine[:, :sr][:, ::-1]
-        return affine
+        return reversed_axes_affine(affine, affine.shape[0] - 1)
 
     def _get_spatial_shape(self, img):
         return super()._get_spatial_shape(img)[::-1].copy()
@@ -106,26 +104,38 @@ def _compact_dtype(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, order="K")
 
 
-def read_nifti_array(img) -> np.ndarray:
+def read_nifti_array(img, out: np.ndarray | None = None, on_chunk: Any = None, chunk_bytes: int = 1 << 24) -> np.ndarray:
     """The voxels of a loaded ``nibabel`` NIfTI image in their stored dtype, read once into an owned array.
 
     ``np.asanyarray(img.dataobj)`` of a ``.nii.gz`` decompresses into a bytes object and then copies it
     (twice the volume in memory), and turns scaled integers into float64. Here the stream is
-    decompressed straight into a Fortran-ordered array of the stored dtype, 16 MiB at a time.
+    decompressed straight into a Fortran-ordered array of the stored dtype, ``chunk_bytes`` (16 MiB) at a time.
+
+    Args:
+        img: the image (header loaded, voxels not read).
+        out: the Fortran-ordered array of the stored shape and (native) dtype to fill; default: a new one.
+        on_chunk: called as ``on_chunk(out, nbytes)`` after each chunk, ``nbytes`` the bytes of ``out`` filled so
+            far (ISA-L inflates without holding the GIL, so another thread can work on the part already read:
+            :class:`transforms.preprocessing.StreamedPreprocessing`).
     """
     proxy = img.dataobj
     shape = tuple(int(s) for s in proxy.shape)
     dtype = np.dtype(proxy.dtype)
-    out = np.empty(shape, dtype=dtype.newbyteorder("="), order="F")
+    if out is None:
+        out = np.empty(shape, dtype=dtype.newbyteorder("="), order="F")
+    elif out.shape != shape or out.dtype != dtype.newbyteorder("=") or not out.flags.f_contiguous:
+        raise ValueError(f"out must be a Fortran-ordered {shape} {dtype} array, got {out.shape} {out.dtype}")
     buf = memoryview(out.reshape(-1, order="F").view(np.uint8))
     with nib.openers.ImageOpener(proxy.file_like, "rb") as f:
         f.seek(int(proxy.offset))
-        pos, step = 0, 1 << 24
+        pos, step = 0, int(chunk_bytes)
         while pos < len(buf):
             n = f.readinto(buf[pos:pos + step])
             if not n:
                 raise ValueError(f"{proxy.file_like}: truncated NIfTI data ({pos} of {len(buf)} bytes)")
             pos += n
+            if on_chunk is not None:
+                on_chunk(out, pos)
     if not dtype.isnative:
         out.byteswap(inplace=True)
     return out
@@ -162,6 +172,15 @@ def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     return out
 
 
+def reversed_axes_affine(affine: np.ndarray, ndim: int = 3) -> np.ndarray:
+    """A NIfTI affine for the ``(k, j, i)`` view of its voxels that :class:`CTVolumeReader` hands out (the first
+    ``min(ndim, 3)`` voxel axes reversed)."""
+    out = np.array(affine, dtype=np.float64, copy=True)
+    sr = min(int(ndim), 3)
+    out[:, :sr] = out[:, :sr][:, ::-1]
+    return out
+
+
 class CTVolumeReader(ImageReader):
     """NIfTI files with nibabel (stored dtype kept), DICOM series folders with ITK.
 
@@ -179,11 +198,13 @@ class CTVolumeReader(ImageReader):
     when it fits. Single-channel images (trailing singleton dimensions of NIfTI are dropped).
 
     Args:
+        on_chunk, chunk_bytes: NIfTI: called while the voxels are read, see :func:`read_nifti_array`.
         itk_kwargs: passed to :class:`ITKVolumeReader` for DICOM folders (e.g. ``series_name``).
     """
 
-    def __init__(self, **itk_kwargs) -> None:
+    def __init__(self, on_chunk: Any = None, chunk_bytes: int = 1 << 24, **itk_kwargs) -> None:
         super().__init__()
+        self.on_chunk, self.chunk_bytes = on_chunk, chunk_bytes
         self.itk_kwargs = itk_kwargs
 
     def verify_suffix(self, filename) -> bool:
@@ -208,14 +229,12 @@ class CTVolumeReader(ImageReader):
             affine = np.asarray(meta["affine"], dtype=np.float64).copy()
             meta = {k: v for k, v in meta.items() if k not in ("affine", "original_affine", "spatial_shape")}
         else:
-            raw = read_nifti_array(obj)  # (i, j, k), Fortran order
+            raw = read_nifti_array(obj, on_chunk=self.on_chunk, chunk_bytes=self.chunk_bytes)  # (i, j, k), F order
             while raw.ndim > 3 and raw.shape[-1] == 1:
                 raw = raw[..., 0]
             slope, inter = obj.dataobj.slope, obj.dataobj.inter  # nibabel: 1/0 when the header has none
             arr = _apply_scaling(raw, float(slope), float(inter)).T  # (k, j, i) view, C order
-            affine = np.array(obj.affine, dtype=np.float64, copy=True)
-            sr = min(arr.ndim, 3)
-            affine[:, :sr] = affine[:, :sr][:, ::-1]
+            affine = reversed_axes_affine(obj.affine, arr.ndim)
             hdr = obj.header
             meta = {"sform_code": int(hdr["sform_code"]), "qform_code": int(hdr["qform_code"]),
                     "scl_slope": float(slope), "scl_inter": float(inter),
@@ -305,6 +324,8 @@ def linear_resample_axes(
     threads: int | None = None,
     inside: Sequence[tuple[int, int]] | None = None,
     fill: float = 0.0,
+    value_map: tuple[float, float, float | None] | None = None,
+    planes_ready: Any = None,
 ) -> torch.Tensor:
     """Separable trilinear resampling of a 3-D tensor, output slab by output slab along the slowest memory axis.
 
@@ -329,6 +350,12 @@ def linear_resample_axes(
         inside: per axis, the ``[start, stop)`` range of output indices that is sampled; the rest is
             set to ``fill`` (a crop/pad folded into the resampling). Default: everything.
         fill: value outside ``inside``.
+        value_map: ``(slope, intercept, floor)``: the input's values are read as ``max(slope * v + intercept,
+            floor)`` (floor None: no floor), in float32 as each slab reads its planes; ``fill`` is not mapped.
+            Exactly :class:`transforms.RescaleToHU` with its floor, for a volume read as stored.
+        planes_ready: called with ``n`` before a slab reads the input's planes ``[0, n)`` along its slowest memory
+            axis; it returns once they hold their values (or raises to stop the resampling). Slabs are taken in
+            the order their planes are stored, so a resampling can follow a read that is still going on.
 
     Returns:
         The (X', Y', Z') result, laid out in the input's memory order (a permuted view when the
@@ -337,6 +364,8 @@ def linear_resample_axes(
     order = sorted(range(3), key=lambda k: (-x.stride(k), k))
     xm = x.permute(order)
     if not xm.is_contiguous():
+        if planes_ready is not None:
+            raise ValueError("planes_ready needs an input whose memory order is the order of its axes' strides")
         xm = xm.contiguous()
     n = list(xm.shape)
     m = [int(out_shape[k]) for k in order]
@@ -366,7 +395,8 @@ def linear_resample_axes(
         grid = torch.empty(1, e1 - b1, e2 - b2, 2, dtype=torch.float32)
         grid[0, :, :, 0] = _grid_coords(n[2], src2)[None, :]  # grid_sample's x is the last (fastest) axis
         grid[0, :, :, 1] = _grid_coords(n[1], src1)[:, None]
-    starts = list(range(box[0][0], box[0][1], slab))
+    # in the order of the planes they read (a flipped axis reads the last planes first)
+    starts = sorted(range(box[0][0], box[0][1], slab), key=lambda s: int(i0[s:min(s + slab, box[0][1])].min()))
     n_planes = max(int(i1[s:min(s + slab, box[0][1])].max()) - int(i0[s:min(s + slab, box[0][1])].min()) + 1
                    for s in starts)
     i0_t, i1_t, w_t = torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(w0)
@@ -401,7 +431,15 @@ def linear_resample_axes(
             s_n = stop - start
             lo, hi = int(i0[start:stop].min()), int(i1[start:stop].max())
             planes = planes_buf[: hi + 1 - lo]
+            if planes_ready is not None:
+                planes_ready(hi + 1)
             planes.copy_(xm[lo:hi + 1])  # to float32: just the planes this slab reads
+            if value_map is not None:
+                slope, intercept, floor = value_map
+                if (slope, intercept) != (1.0, 0.0):
+                    planes.mul_(slope).add_(intercept)
+                if floor is not None:
+                    planes.clamp_(min=floor)
             t = torch.index_select(planes, 0, i0_t[start:stop] - lo, out=a_buf[:s_n])
             if bool((w_t[start:stop] > 0).any()):
                 b = torch.index_select(planes, 0, i1_t[start:stop] - lo, out=b_buf[:s_n])
@@ -520,10 +558,17 @@ class ResampleToSpacing(Transform):
     def __call__(self, img: torch.Tensor) -> MetaTensor:  # type: ignore[override]
         if not isinstance(img, MetaTensor):
             img = MetaTensor(img)
-        in_affine = np.asarray(img.affine, dtype=np.float64)
-        in_shape = [int(s) for s in img.shape[1:]]
-        if len(in_shape) != 3:
+        if img.ndim != 4:
             raise ValueError(f"ResampleToSpacing expects a channel-first 3-D volume, got shape {tuple(img.shape)}")
+        plan = self.plan(np.asarray(img.affine, dtype=np.float64), img.shape[1:])
+        return self._fallback(img) if plan is None else self.resample(img, plan)
+
+    def plan(self, in_affine: np.ndarray, in_shape: Sequence[int]) -> dict[str, Any] | None:
+        """Where each output voxel samples a volume of this affine and spatial shape (no voxel read): ``{"perm",
+        "scales", "shifts", "out_shape", "inside", "affine"}`` for :meth:`resample`, or None when the volume is too
+        oblique for the fast path (``__call__`` then uses MONAI's ``Orientation`` + ``Spacing``)."""
+        in_affine = np.asarray(in_affine, dtype=np.float64)
+        in_shape = [int(s) for s in in_shape]
         affine, spatial = in_affine, in_shape
         if self.axcodes is not None:
             affine, spatial = _oriented_affine(in_affine, in_shape, self.axcodes)
@@ -548,7 +593,7 @@ class ResampleToSpacing(Transform):
         for k in range(3):
             off[perm[k], k] = 0.0
         if sorted(perm) != [0, 1, 2] or np.abs(off).max() > self.max_obliquity * np.abs(scales).max():
-            return self._fallback(img)
+            return None
         shifts = xform[perm, 3]
         inside = None
         if self.spatial_size is not None:
@@ -564,20 +609,36 @@ class ResampleToSpacing(Transform):
             new_affine = new_affine @ step
             shifts = shifts + scales * offset
             out_shape = np.asarray(self.spatial_size)
+        return {"perm": perm, "scales": scales, "shifts": shifts, "out_shape": out_shape, "inside": inside,
+                "affine": new_affine}
+
+    def resample(self, img: MetaTensor, plan: Mapping[str, Any], value_map: tuple | None = None,
+                 planes_ready: Any = None) -> MetaTensor:
+        """Resample ``img`` by a :meth:`plan` of its affine and shape.
+
+        Args:
+            img: the channel-first volume.
+            plan: ``self.plan(img.affine, img.shape[1:])``.
+            value_map, planes_ready: see :func:`linear_resample_axes` (bilinear mode only).
+        """
         t = img.as_tensor()
+        perm, scales, shifts, out_shape = plan["perm"], plan["scales"], plan["shifts"], plan["out_shape"]
         if self.mode == "nearest":
-            chans = [nearest_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, inside,
-                                           self.pad_value) for c in range(t.shape[0])]
+            if value_map is not None or planes_ready is not None:
+                raise ValueError("value_map and planes_ready are for the bilinear mode")
+            chans = [nearest_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype,
+                                           plan["inside"], self.pad_value) for c in range(t.shape[0])]
         else:
             chans = [
                 linear_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, self.slab,
-                                     threads=self.threads, inside=inside, fill=self.pad_value)
+                                     threads=self.threads, inside=plan["inside"], fill=self.pad_value,
+                                     value_map=value_map, planes_ready=planes_ready)
                 for c in range(t.shape[0])
             ]
         meta = {k: v for k, v in img.meta.items() if k != "affine"}
         meta["spatial_shape"] = np.asarray(out_shape)
         out = chans[0].unsqueeze(0) if len(chans) == 1 else torch.stack(chans)
-        return MetaTensor(out, affine=torch.as_tensor(new_affine), meta=meta)
+        return MetaTensor(out, affine=torch.as_tensor(plan["affine"]), meta=meta)
 
 
 class ResampleToSpacingd(MapTransform):

@@ -4,10 +4,14 @@ target spacing and size, used by the ct_preprocess bundle and by every "one scan
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
+import nibabel as nib
+import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -22,17 +26,26 @@ from monai.transforms import (
 
 from ctclip_contract import load_model_config
 
-from .hu import RescaleToHUd
-from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd
+from .hu import HUDecisionError, RescaleToHUd, _sample
+from .io import CastToHUInt16d, CTVolumeReader, ResampleToSpacingd, reversed_axes_affine
 from .model_input import ToModelInputd
-from .qc import DEFAULT_MAX_READ_BYTES, CheckInputd, CTQualityCheckd
+from .qc import DEFAULT_MAX_READ_BYTES, CheckInputd, CTQualityCheckd, check_hu_sample
 
-__all__ = ["build_preprocessing", "raw_to_model_input_transforms", "inference_transforms", "MASK_DTYPES"]
+__all__ = ["build_preprocessing", "StreamedPreprocessing", "raw_to_model_input_transforms", "inference_transforms",
+           "MASK_DTYPES"]
 
 #: Optional mask keys carried through the image's geometry (nearest neighbour), with their stored dtype:
 #: ``seg`` the anatomical label map, ``findings_mask`` the bit field of the findings (ctclip_contract.anatomy;
 #: not ``findings``, an item's report text).
 MASK_DTYPES = {"seg": "uint8", "findings_mask": "int32"}
+
+
+def _load_chain(reader: CTVolumeReader | None = None) -> Compose:
+    """:func:`build_preprocessing`'s ``load``: the volume channel-first, voxel axes ``(k, j, i)``."""
+    return Compose([
+        LoadImaged(keys="image", reader=reader or CTVolumeReader(), image_only=True, dtype=None),
+        EnsureChannelFirstd(keys="image"),
+    ])
 
 
 def build_preprocessing(
@@ -59,10 +72,7 @@ def build_preprocessing(
         nearest neighbour, padded with 0 and stored as uint8 / int32. Without them the chain does what it did.
     """
     qc = dict(qc or {})
-    load = Compose([
-        LoadImaged(keys="image", reader=CTVolumeReader(), image_only=True, dtype=None),
-        EnsureChannelFirstd(keys="image"),
-    ])
+    load = _load_chain()
     masks = list(MASK_DTYPES)
     if resampler == "monai":
         resample = [
@@ -95,13 +105,181 @@ def build_preprocessing(
     return load, process
 
 
+class _Stopped(Exception):
+    """The streamed resampling was called off (its guess was wrong, or the volume failed)."""
+
+
+class StreamedPreprocessing:
+    """``process(load(data))`` of :func:`build_preprocessing`, with a NIfTI volume resampled while it is read.
+
+    The read (ISA-L inflating the file into the array, without the GIL) is the floor of preprocessing a ``.nii.gz``;
+    run after it, the HU mapping and the resampling add about 60% on 2 cores. Here the resampling follows the read
+    plane by plane in other threads, mapping each plane to HU itself (:func:`transforms.io.linear_resample_axes`'s
+    ``value_map``) with the mapping judged on the first planes read. Once the whole volume is in, the chain's own
+    steps run in its order on the stored values: the structural QC, the HU decision on the whole volume's sample,
+    the HU QC. When the decision is the guessed one the streamed result is kept; otherwise it is dropped and the
+    chain resamples as usual. Either way the result, the provenance and the errors are the chain's own, bit for
+    bit; only the wall time differs. The CPU time does not: a cohort run with a worker per core gains nothing.
+
+    Streamed: a 3-D int16 NIfTI without header scaling and with an orientation (sform or qform), no DICOM padding,
+    the separable resampler on an axis-aligned grid, a guessed mapping ``HU = stored + integer``. Anything else is
+    ``process(load(data))``.
+
+    Args:
+        load, process: the two chains of :func:`build_preprocessing` (``resampler="separable"``).
+        min_planes: planes read before the mapping is guessed from them.
+        chunk_bytes: bytes inflated between two hand-overs to the resampling.
+    """
+
+    def __init__(self, load: Compose, process: Compose, min_planes: int = 16, chunk_bytes: int = 1 << 24) -> None:
+        self.load, self.process, self.min_planes, self.chunk_bytes = load, process, int(min_planes), int(chunk_bytes)
+        steps = list(process.transforms)
+        kinds = [CTQualityCheckd, RescaleToHUd, CTQualityCheckd, ResampleToSpacingd]
+        self.enabled = len(steps) > len(kinds) and all(isinstance(t, k) for t, k in zip(steps, kinds)) and \
+            steps[3].resampler.mode == "bilinear"
+        if self.enabled:
+            self.qc_structure, self.to_hu, self.qc_hu, self.resample = steps[:4]
+            self.rest = steps[4:]  # the masks' resampling, the int16 cast
+            floor = self.to_hu.rescaler.floor_hu
+            self.enabled = floor is None or float(floor).is_integer()
+
+    def _plan(self, data: Mapping[str, Any]):
+        """The stored image and the resampling plan, or None when this input is not streamed."""
+        path = data.get("image")
+        if not self.enabled or not isinstance(path, str) or not path.lower().endswith((".nii", ".nii.gz")) or \
+                data.get(self.to_hu.padding_key) is not None:
+            return None
+        obj = nib.load(path)
+        hdr = obj.header
+        if len(obj.shape) != 3 or np.dtype(obj.get_data_dtype()) != np.dtype("<i2") or \
+                (float(obj.dataobj.slope), float(obj.dataobj.inter)) != (1.0, 0.0) or \
+                (int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0):
+            return None
+        affine = reversed_axes_affine(obj.affine)
+        plan = self.resample.resampler.plan(affine, obj.shape[::-1])
+        return None if plan is None else (obj.shape, affine, plan)
+
+    def __call__(self, data: Mapping[str, Any], loaded: Callable[[dict], None] | None = None,
+                 stream: bool = True) -> dict:
+        """Args:
+            data: ``load``'s input (``image``: the path; the HU and name entries of the chain).
+            loaded: called with the data as read, before ``process`` (e.g. to record the input's geometry, or to
+                add what ``process`` should carry along; then pass ``stream=False``).
+            stream: False: ``process(load(data))`` as it is.
+        """
+        planned = self._plan(data) if stream else None
+        if planned is None:
+            d = self.load(data)
+            if loaded is not None:
+                loaded(d)
+            return self.process(d)
+        shape, affine, plan = planned
+        plane_bytes = shape[0] * shape[1] * 2
+        cond = threading.Condition()
+        progress = {"planes": 0, "stop": False}
+        worker: dict[str, Any] = {}
+        to_hu = self.to_hu.rescaler
+        slope = self.to_hu._number(data.get(self.to_hu.slope_key))
+        intercept = self.to_hu._number(data.get(self.to_hu.intercept_key))
+        name = str(data.get(self.to_hu.name_key, "image"))
+
+        def planes_ready(n: int) -> None:
+            with cond:
+                while progress["planes"] < n and not progress["stop"]:
+                    cond.wait()
+                if progress["stop"]:
+                    raise _Stopped()
+
+        def start(stored: np.ndarray) -> None:
+            worker["started"] = True
+            view = torch.from_numpy(stored.T)  # (k, j, i), C-contiguous: planes in the order they are read
+            try:
+                guess, _ = to_hu.decide(_sample(view[None, :progress["planes"]]), slope, intercept, name)
+            except HUDecisionError:
+                return  # no guess: the chain decides once everything is read
+            if guess[1] != 1.0 or not float(guess[2]).is_integer():
+                return
+            floor = None if to_hu.floor_hu is None else float(to_hu.floor_hu)
+            img = MetaTensor(view[None], affine=torch.as_tensor(affine))
+
+            def run() -> None:
+                try:
+                    worker["out"] = self.resample.resampler.resample(img, plan, value_map=(1.0, guess[2], floor),
+                                                                     planes_ready=planes_ready)
+                except _Stopped:
+                    pass
+                except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                    worker["error"] = e
+
+            worker["guess"] = guess
+            worker["thread"] = threading.Thread(target=run, daemon=True)
+            worker["thread"].start()
+
+        def on_chunk(stored: np.ndarray, nbytes: int) -> None:
+            with cond:
+                progress["planes"] = nbytes // plane_bytes
+                cond.notify_all()
+            if "started" not in worker and (progress["planes"] >= self.min_planes or nbytes >= stored.nbytes):
+                start(stored)
+
+        def stop() -> None:
+            with cond:
+                progress["stop"] = True
+                cond.notify_all()
+            if "thread" in worker:
+                worker["thread"].join()
+
+        try:
+            d = _load_chain(CTVolumeReader(on_chunk=on_chunk, chunk_bytes=self.chunk_bytes))(data)
+            if loaded is not None:
+                loaded(d)
+            d = self.qc_structure(d)
+            guess = worker.get("guess")
+            stored = d["image"]
+            sample = _sample(stored)
+            chosen = evidence = None
+            if guess is not None:
+                chosen, evidence = to_hu.decide(sample, slope, intercept, name)
+            if guess is None or chosen[1:] != guess[1:]:
+                stop()
+                for t in (self.to_hu, self.qc_hu, self.resample, *self.rest):
+                    d = t(d)
+                return d
+            # the chain's floor count and HU check, on the stored values shifted by the chosen intercept
+            shift, floored = int(chosen[2]), 0.0
+            t = stored.as_tensor()
+            if to_hu.floor_hu is not None:
+                below = int(np.ceil(to_hu.floor_hu)) - shift  # HU < floor  <=>  stored < floor - intercept
+                n_below = t.numel() if below > 32767 else 0 if below <= -32768 or int(t.min()) >= below else \
+                    int(torch.count_nonzero(t < below))
+                floored = n_below / max(t.numel(), 1)
+            provenance = to_hu.provenance(chosen, evidence, floored)
+            if self.qc_hu.checker.check_hu:
+                hu = sample + np.float32(shift)
+                check_hu_sample(hu if to_hu.floor_hu is None else np.maximum(hu, np.float32(to_hu.floor_hu)),
+                                str(d.get(self.qc_hu.name_key, "image")))
+            worker["thread"].join()
+            if "error" in worker:
+                raise worker["error"]
+            out = worker["out"]
+            meta = {k: v for k, v in stored.meta.items() if k != "affine"}
+            meta.update(hu_provenance=provenance, spatial_shape=np.asarray(plan["out_shape"]))
+            d["image"] = MetaTensor(out.as_tensor(), affine=out.affine, meta=meta)
+            d[self.to_hu.provenance_key] = provenance
+            for t in self.rest:
+                d = t(d)
+            return d
+        finally:
+            stop()
+
+
 def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto", qc: Mapping[str, Any] | None = None,
                                   resampler: str = "separable", model_input: bool = True) -> list:
     """Transforms that take a raw volume (``"image"``: NIfTI path or DICOM folder) to a model's input.
 
     :class:`~transforms.qc.CheckInputd` (header checks, DICOM padding range, orientation-less NIfTI refused)
     then :func:`build_preprocessing` at the model config's spacing, size and ``pad_hu`` — the int16 volume the
-    ct_preprocess bundle would store — then :class:`~transforms.ToModelInputd` (unless ``model_input`` is
+    ct_preprocess bundle would store, a NIfTI file resampled while it is read (:class:`StreamedPreprocessing`) — then :class:`~transforms.ToModelInputd` (unless ``model_input`` is
     False). For inference bundles that accept raw scans ("one scan in, probabilities out").
 
     Args:
@@ -117,7 +295,8 @@ def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto"
     load, process = build_preprocessing(inp.spacing_mm, inp.spatial_size, inp.pad_hu, hu_source, qc, resampler)
     limits = dict(qc or {})
     chain = [CheckInputd(keys="image", max_voxels=limits.get("max_voxels"),
-                         max_bytes=limits.get("max_bytes", DEFAULT_MAX_READ_BYTES)), load, process]
+                         max_bytes=limits.get("max_bytes", DEFAULT_MAX_READ_BYTES)),
+             StreamedPreprocessing(load, process)]
     return chain + [ToModelInputd.from_model_config("image", config)] if model_input else chain
 
 

@@ -25,7 +25,7 @@ from ctclip_contract import NUM_PATHOLOGIES, gzip_stream_size
 
 from .hu import _plausible, _sample, _value_counts, hu_evidence
 
-__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input",
+__all__ = ["QualityCheckError", "CTQualityCheck", "CTQualityCheckd", "CheckInputd", "check_input", "check_hu_sample",
            "check_dicom_series", "is_dicom_file", "padding_range", "NIFTI_SUFFIXES", "align_mask_to_image",
            "check_mask_labels", "check_finding_bits"]
 
@@ -319,6 +319,17 @@ def check_input(path: str | os.PathLike, max_voxels: int | None = None, spacing_
     }
 
 
+def check_hu_sample(sample: np.ndarray, name: str = "volume") -> None:
+    """:class:`CTQualityCheck`'s HU check on a volume's voxel sample (``transforms.hu._sample`` of the HU volume).
+
+    Raises:
+        QualityCheckError: the histogram is not a chest CT's.
+    """
+    ok, why = _plausible(hu_evidence(*(_value_counts(sample) or (sample,))))
+    if not ok:
+        raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
+
+
 class CTQualityCheck(Transform):
     """Check a loaded channel-first volume; return it unchanged or raise :class:`QualityCheckError`.
 
@@ -354,10 +365,7 @@ class CTQualityCheck(Transform):
         if self.check_structure:
             self._structure(img, t, name)
         if self.check_hu:
-            sample = _sample(t)
-            ok, why = _plausible(hu_evidence(*(_value_counts(sample) or (sample,))))
-            if not ok:
-                raise QualityCheckError(f"{name}: implausible HU (not a chest CT, e.g. MR?): {why}")
+            check_hu_sample(_sample(t), name)
         return img
 
     def _structure(self, img, t, name) -> None:

@@ -45,7 +45,7 @@ from ctclip_contract.anatomy import (ANATOMY_LABELS, FINDINGS_SUFFIX, LABEL_TABL
 from transforms.ctrate import datalist_from_records, split_patients
 from transforms.discovery import discover_inputs
 from transforms.io import read_label_volume, save_nifti_atomic
-from transforms.preprocessing import MASK_DTYPES, build_preprocessing
+from transforms.preprocessing import MASK_DTYPES, StreamedPreprocessing, build_preprocessing
 from transforms.qc import (DEFAULT_MAX_READ_BYTES, QualityCheckError, align_mask_to_image, check_finding_bits,
                            check_input, check_mask_labels, padding_range)
 
@@ -219,6 +219,7 @@ class CTPreprocessor:
         self.resume = bool(resume)
         self.progress = bool(progress)
         self._chains = None
+        self._preprocessing = None
         self.rank = 0
 
     # -- one volume ----------------------------------------------------------------------------
@@ -229,6 +230,13 @@ class CTPreprocessor:
             self._chains = build_preprocessing(p["spacing_mm"], p["spatial_size"], p["pad_hu"], p["hu_source"],
                                                p["qc"], p["resampler"])
         return self._chains
+
+    @property
+    def preprocessing(self) -> StreamedPreprocessing:
+        """``process(load(data))`` of :attr:`chains`, a NIfTI volume resampled while it is read."""
+        if self._preprocessing is None:
+            self._preprocessing = StreamedPreprocessing(*self.chains)
+        return self._preprocessing
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         vol_dir, rec_dir = self.output_dir / "volumes", self.output_dir / "records"
@@ -363,33 +371,41 @@ class CTPreprocessor:
         if header.get("ignored_files"):
             warnings.append(f"ignored {len(header['ignored_files'])} file(s) in the series folder that are not DICOM "
                             f"slices: {', '.join(header['ignored_files'][:5])}")
-        load, process = self.chains
-        data = load({"image": item["path"], "name": item["name"],
-                     "rescale_slope": item.get("rescale_slope"),
-                     "rescale_intercept": item.get("rescale_intercept"),
-                     "pixel_padding": padding_range(header)})
-        img = data["image"]
-        if header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0:
-            affine = _geometry_from_metadata(item.get("meta_geometry") or {})
-            if affine is None:
-                raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
-                                        "(sform_code and qform_code 0) and no metadata row to restore it")
-            affine[:, :3] = affine[:, :3][:, ::-1]  # the reader's arrays are (k, j, i)
-            img.affine = torch.as_tensor(affine.copy())
-            warnings.append("geometry restored from metadata")
-        # masks join the image here, on its (restored) grid, and follow it through the same geometry
-        masks, facts["mask_issues"] = self._load_masks(item, img) if any(
-            item.get(k) for k in (*MASK_DTYPES, "mask_issues")) else ({}, [])
-        data.update(masks)
-        # reported in the file's own voxel order (the reader hands out (k, j, i))
-        facts["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
-        if isinstance(img, MetaTensor) and img.ndim == 4:
-            aff = np.asarray(img.affine, dtype=np.float64)
-            facts["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3)[::-1])
-            codes = aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-            facts["input_orientation"] = "".join(str(c) for c in codes[::-1])
-        del img
-        data = process(data)
+        restore_geometry = header["kind"] == "nifti" and header["sform_code"] == 0 and header["qform_code"] == 0
+        with_masks = any(item.get(k) for k in (*MASK_DTYPES, "mask_issues"))
+        masks: dict = {}
+        facts["mask_issues"] = []
+
+        def loaded(data: dict) -> None:
+            img = data["image"]
+            if restore_geometry:
+                affine = _geometry_from_metadata(item.get("meta_geometry") or {})
+                if affine is None:
+                    raise QualityCheckError(f"{item['input']}: no orientation in the NIfTI header "
+                                            "(sform_code and qform_code 0) and no metadata row to restore it")
+                affine[:, :3] = affine[:, :3][:, ::-1]  # the reader's arrays are (k, j, i)
+                img.affine = torch.as_tensor(affine.copy())
+                warnings.append("geometry restored from metadata")
+            # masks join the image here, on its (restored) grid, and follow it through the same geometry
+            if with_masks:
+                found, facts["mask_issues"] = self._load_masks(item, img)
+                masks.update(found)
+                data.update(found)
+            # reported in the file's own voxel order (the reader hands out (k, j, i))
+            facts["input_shape"] = "x".join(str(int(s)) for s in img.shape[1:][::-1])
+            if isinstance(img, MetaTensor) and img.ndim == 4:
+                aff = np.asarray(img.affine, dtype=np.float64)
+                facts["input_spacing_mm"] = "x".join(f"{s:.4g}" for s in affine_to_spacing(aff, 3)[::-1])
+                codes = aff2axcodes(aff, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+                facts["input_orientation"] = "".join(str(c) for c in codes[::-1])
+
+        # the resampling follows the read (same result; see StreamedPreprocessing) unless the image's grid or the
+        # data change between the two
+        data = self.preprocessing({"image": item["path"], "name": item["name"],
+                                   "rescale_slope": item.get("rescale_slope"),
+                                   "rescale_intercept": item.get("rescale_intercept"),
+                                   "pixel_padding": padding_range(header)},
+                                  loaded=loaded, stream=not (restore_geometry or with_masks))
         facts["hu"] = _compact_hu(data["hu_provenance"])
         facts["warning"] = "; ".join(filter(None, warnings))
         facts["masks"] = {k: data[k] for k in masks}
