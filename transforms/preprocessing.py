@@ -149,7 +149,10 @@ class StreamedPreprocessing:
         if not self.enabled or not isinstance(path, str) or not path.lower().endswith((".nii", ".nii.gz")) or \
                 data.get(self.to_hu.padding_key) is not None:
             return None
-        obj = nib.load(path)
+        try:
+            obj = nib.load(path)
+        except Exception:  # noqa: BLE001 - not a NIfTI nibabel opens: the chain says why, in its own words
+            return None
         hdr = obj.header
         if len(obj.shape) != 3 or np.dtype(obj.get_data_dtype()) != np.dtype("<i2") or \
                 (float(obj.dataobj.slope), float(obj.dataobj.inter)) != (1.0, 0.0) or \
