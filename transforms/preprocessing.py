@@ -245,8 +245,8 @@ class StreamedPreprocessing:
                 chosen, evidence = to_hu.decide(sample, slope, intercept, name)
             if guess is None or chosen[1:] != guess[1:]:
                 stop()
-                for t in (self.to_hu, self.qc_hu, self.resample, *self.rest):
-                    d = t(d)
+                for step in self.process.transforms[1:]:  # the chain after its structural QC
+                    d = step(d)
                 return d
             # the chain's floor count and HU check, on the stored values shifted by the chosen intercept
             shift, floored = int(chosen[2]), 0.0
@@ -269,8 +269,8 @@ class StreamedPreprocessing:
             meta.update(hu_provenance=provenance, spatial_shape=np.asarray(plan["out_shape"]))
             d["image"] = MetaTensor(out.as_tensor(), affine=out.affine, meta=meta)
             d[self.to_hu.provenance_key] = provenance
-            for t in self.rest:
-                d = t(d)
+            for step in self.rest:
+                d = step(d)
             return d
         finally:
             stop()
@@ -282,8 +282,9 @@ def raw_to_model_input_transforms(config: Mapping | str, hu_source: str = "auto"
 
     :class:`~transforms.qc.CheckInputd` (header checks, DICOM padding range, orientation-less NIfTI refused)
     then :func:`build_preprocessing` at the model config's spacing, size and ``pad_hu`` — the int16 volume the
-    ct_preprocess bundle would store, a NIfTI file resampled while it is read (:class:`StreamedPreprocessing`) — then :class:`~transforms.ToModelInputd` (unless ``model_input`` is
-    False). For inference bundles that accept raw scans ("one scan in, probabilities out").
+    ct_preprocess bundle would store, a NIfTI file resampled while it is read (:class:`StreamedPreprocessing`) —
+    then :class:`~transforms.ToModelInputd` (unless ``model_input`` is False). For inference bundles that accept raw
+    scans ("one scan in, probabilities out").
 
     Args:
         config: model config (name, JSON path, dict or :class:`~ctclip_contract.ModelConfig`).
