@@ -613,13 +613,14 @@ class ResampleToSpacing(Transform):
                 "affine": new_affine}
 
     def resample(self, img: MetaTensor, plan: Mapping[str, Any], value_map: tuple | None = None,
-                 planes_ready: Any = None) -> MetaTensor:
+                 planes_ready: Any = None, threads: int | None = None) -> MetaTensor:
         """Resample ``img`` by a :meth:`plan` of its affine and shape.
 
         Args:
             img: the channel-first volume.
             plan: ``self.plan(img.affine, img.shape[1:])``.
             value_map, planes_ready: see :func:`linear_resample_axes` (bilinear mode only).
+            threads: worker threads for this call (default: the transform's ``threads``).
         """
         t = img.as_tensor()
         perm, scales, shifts, out_shape = plan["perm"], plan["scales"], plan["shifts"], plan["out_shape"]
@@ -631,7 +632,7 @@ class ResampleToSpacing(Transform):
         else:
             chans = [
                 linear_resample_axes(t[c].permute(perm), out_shape, scales, shifts, self.out_dtype, self.slab,
-                                     threads=self.threads, inside=plan["inside"], fill=self.pad_value,
+                                     threads=threads or self.threads, inside=plan["inside"], fill=self.pad_value,
                                      value_map=value_map, planes_ready=planes_ready)
                 for c in range(t.shape[0])
             ]
