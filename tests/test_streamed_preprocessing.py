@@ -53,9 +53,9 @@ def _streamed(chains, monkeypatch, **kwargs):
     resampler = sp.resample.resampler
     original = resampler.resample
 
-    def resample(img, plan, value_map=None, planes_ready=None):
+    def resample(img, plan, value_map=None, planes_ready=None, threads=None):
         calls.append({"value_map": value_map, "streamed": planes_ready is not None})
-        return original(img, plan, value_map, planes_ready)
+        return original(img, plan, value_map, planes_ready, threads)
 
     monkeypatch.setattr(resampler, "resample", resample)
     return sp, calls
