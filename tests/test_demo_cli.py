@@ -8,6 +8,7 @@ from pathlib import Path
 import fire
 import pytest
 
+from ctclip_contract.anatomy import LABEL_TABLE_FILE
 from workflows import demo
 
 
@@ -103,6 +104,12 @@ def test_a_cohort_without_masks_is_generated_again_when_a_later_run_reads_them(t
     ran.clear()
     demo.main(str(tmp_path), compare_model_config="ctspecialised_small")
     assert ran[:2] == ["generate", "preprocess"] and "pretrain" not in ran and "pretrain_ctspecialised_small" in ran
+    # the cohort now has masks (what the generation wrote): a plain rerun keeps them and finds nothing to redo
+    (tmp_path / "cohort").mkdir(exist_ok=True)
+    (tmp_path / "cohort" / LABEL_TABLE_FILE).write_text("{}")
+    ran.clear()
+    demo.main(str(tmp_path))
+    assert ran == []
 
 
 def test_classfine_stage_gets_the_head_input(tmp_path):

@@ -116,6 +116,14 @@ def test_repeated_runs_reset_buffers_and_per_epoch_writer_appends(tmp_path):
     evaluator2 = _evaluator(net, _datalist(), [ClassificationEvaluationHandler(tmp_path / "e2", n_bootstrap=0, write_plots=False), MetricsPerEpochWriter(tmp_path / "eval")])
     evaluator2.run(global_epoch=4)
     assert [r["epoch"] for r in writer.read()] == [1, 2, 3, 4]
+    # a run resuming a killed one at epoch 3 keeps the epochs before it; one that starts over keeps none of the
+    # earlier run's (ClassFine has no resume: its rerun with fewer epochs must not show the killed run's tail)
+    resumed = MetricsPerEpochWriter(tmp_path / "eval")
+    _evaluator(net, _datalist(), [resumed]).run(global_epoch=3)
+    assert [r["epoch"] for r in writer.read()] == [1, 2, 3]
+    again = MetricsPerEpochWriter(tmp_path / "eval")
+    _evaluator(net, _datalist(), [again]).run(global_epoch=1)
+    assert [r["epoch"] for r in writer.read()] == [1]
 
 
 def test_validation_predictions_give_val_youden_protocol_and_decision_columns(tmp_path):

@@ -487,8 +487,9 @@ def main(output_dir: Optional[str] = None, num_cases: Optional[int] = None, seed
     out.mkdir(parents=True, exist_ok=True)
     done = out / ".done"
     done.mkdir(exist_ok=True)
-    if masks is None:
-        masks = demo_reads_masks(compare_model_config)
+    if masks is None:  # a stage reads them, or the folder's finished cohort has them (they stay)
+        masks = demo_reads_masks(compare_model_config) or (
+            (done / "generate").exists() and (out / "cohort" / LABEL_TABLE_FILE).exists())
     stages = demo_stages(out, num_cases, seed, model_config, pretrain_epochs, classfine_epochs, num_workers,
                          balanced, two_recon_fraction, compare_model_config, pretrain_preset, masks,
                          classfine_head_input)

@@ -532,7 +532,9 @@ class MetricsPerEpochWriter:
     """Append the engine's scalar metrics to ``metrics_per_epoch.json`` and ``.csv`` after each validation.
 
     One row per epoch: ``epoch`` then the metrics. A row for an epoch that already exists is replaced
-    (a resumed run does not duplicate the curve). Both files are rewritten atomically from the JSON
+    (a resumed run does not duplicate the curve), and the first row a run writes drops the earlier rows of its
+    epoch and later ones (a run that starts over, or resumes before the end of a killed one, keeps no rows of the
+    other run past its start). Both files are rewritten atomically from the JSON
     list, so they always agree. Attach it to the evaluator: its ``engine.state.epoch`` is the
     trainer's epoch when run by MONAI's ``ValidationHandler``.
 
@@ -561,6 +563,7 @@ class MetricsPerEpochWriter:
         self.epoch_transform = epoch_transform or (lambda e: e.state.epoch)
         self.save_rank = save_rank
         self.event = Events[event.upper()] if isinstance(event, str) else event
+        self._first_row = True
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine``.
@@ -592,7 +595,11 @@ class MetricsPerEpochWriter:
                 row[k] = float(v)
             elif self.metric_names is not None:
                 row[k] = None  # requested but missing or not a scalar: keep the column
-        rows = [r for r in self.read() if r.get("epoch") != row["epoch"]] + [row]
+        # this run's first row: nothing of an earlier run from this epoch on stays (a rerun that starts over
+        # with fewer epochs would otherwise keep the tail of the killed run's curve)
+        keep = (lambda e: e < row["epoch"]) if self._first_row else (lambda e: e != row["epoch"])
+        self._first_row = False
+        rows = [r for r in self.read() if keep(int(r.get("epoch") or 0))] + [row]
         rows.sort(key=lambda r: r["epoch"])
         write_json(self.json_path, rows)
         fields = list(dict.fromkeys(k for r in rows for k in r))
