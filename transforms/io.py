@@ -104,7 +104,7 @@ def _compact_dtype(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, order="K")
 
 
-def read_nifti_array(img, out: np.ndarray | None = None, on_chunk: Any = None, chunk_bytes: int = 1 << 24) -> np.ndarray:
+def read_nifti_array(img, on_chunk: Any = None, chunk_bytes: int = 1 << 24) -> np.ndarray:
     """The voxels of a loaded ``nibabel`` NIfTI image in their stored dtype, read once into an owned array.
 
     ``np.asanyarray(img.dataobj)`` of a ``.nii.gz`` decompresses into a bytes object and then copies it
@@ -113,7 +113,6 @@ def read_nifti_array(img, out: np.ndarray | None = None, on_chunk: Any = None, c
 
     Args:
         img: the image (header loaded, voxels not read).
-        out: the Fortran-ordered array of the stored shape and (native) dtype to fill; default: a new one.
         on_chunk: called as ``on_chunk(out, nbytes)`` after each chunk, ``nbytes`` the bytes of ``out`` filled so
             far (ISA-L inflates without holding the GIL, so another thread can work on the part already read:
             :class:`transforms.preprocessing.StreamedPreprocessing`).
@@ -121,10 +120,7 @@ def read_nifti_array(img, out: np.ndarray | None = None, on_chunk: Any = None, c
     proxy = img.dataobj
     shape = tuple(int(s) for s in proxy.shape)
     dtype = np.dtype(proxy.dtype)
-    if out is None:
-        out = np.empty(shape, dtype=dtype.newbyteorder("="), order="F")
-    elif out.shape != shape or out.dtype != dtype.newbyteorder("=") or not out.flags.f_contiguous:
-        raise ValueError(f"out must be a Fortran-ordered {shape} {dtype} array, got {out.shape} {out.dtype}")
+    out = np.empty(shape, dtype=dtype.newbyteorder("="), order="F")
     buf = memoryview(out.reshape(-1, order="F").view(np.uint8))
     with nib.openers.ImageOpener(proxy.file_like, "rb") as f:
         f.seek(int(proxy.offset))
