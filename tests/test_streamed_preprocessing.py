@@ -151,16 +151,19 @@ def test_a_truncated_file_stops_the_streamed_resampling(chains, tmp_path, monkey
 
 
 def test_what_is_not_streamed_runs_the_chain(chains, tmp_path, monkeypatch):
-    """Scaled stored values (the reader rescales them after the read) and ``stream=False`` take the chain as is."""
+    """Scaled stored values (the reader rescales them after the read), ``stream=False`` and a volume of fewer than
+    ``min_chunks`` chunks take the chain as is."""
     data = _phantom()
     img = nib.Nifti1Image(data, np.diag([*SPACING, 1.0]))
     img.header.set_slope_inter(1.0, -1.0)
     img.set_sform(img.affine, code=1)
     nib.save(img, str(tmp_path / "scaled.nii.gz"))
     load, process = chains
-    for path, stream in ((str(tmp_path / "scaled.nii.gz"), True), (_write(tmp_path / "v.nii.gz", data), False)):
+    plain = _write(tmp_path / "v.nii.gz", data)
+    for path, stream, kwargs in ((str(tmp_path / "scaled.nii.gz"), True, {}), (plain, False, {}),
+                                 (plain, True, {"min_chunks": data.nbytes // (SHAPE[0] * SHAPE[1] * 2 * 5) + 2})):
         expected = process(load(_inputs(path)))
         with monkeypatch.context() as patch:
-            sp, calls = _streamed(chains, patch)
+            sp, calls = _streamed(chains, patch, **kwargs)
             _assert_same(sp(_inputs(path), stream=stream), expected)
         assert calls == [{"value_map": None, "streamed": False}]

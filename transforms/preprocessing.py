@@ -121,9 +121,9 @@ class StreamedPreprocessing:
     chain resamples as usual. Either way the result, the provenance and the errors are the chain's own, bit for
     bit; only the wall time differs. The CPU time does not: a cohort run with a worker per core gains nothing.
 
-    Streamed: a 3-D int16 NIfTI without header scaling and with an orientation (sform or qform), no DICOM padding,
-    the separable resampler on an axis-aligned grid, a guessed mapping ``HU = stored + integer``. Anything else is
-    ``process(load(data))``.
+    Streamed: a 3-D int16 NIfTI of at least ``min_chunks`` chunks without header scaling and with an orientation
+    (sform or qform), no DICOM padding, the separable resampler on an axis-aligned grid, a guessed mapping
+    ``HU = stored + integer``. Anything else is ``process(load(data))``.
 
     Args:
         load, process: the two chains of :func:`build_preprocessing` (``resampler="separable"``).
@@ -132,12 +132,14 @@ class StreamedPreprocessing:
             all that is left to resample when the read ends).
         threads: resampling threads beside the read (one: on 2 cores a second one slows the read, which sets the
             pace; measured 0.40 s against 0.46 s for a 512x512x300 volume).
+        min_chunks: smaller volumes take the chain: there is little read to overlap, and the chain resamples with
+            every thread (the demo's 3 MB volumes: 0.040 s streamed against 0.033 s per volume in one process).
     """
 
     def __init__(self, load: Compose, process: Compose, min_planes: int = 16, chunk_bytes: int = 1 << 22,
-                 threads: int = 1) -> None:
+                 threads: int = 1, min_chunks: int = 4) -> None:
         self.load, self.process, self.min_planes, self.chunk_bytes = load, process, int(min_planes), int(chunk_bytes)
-        self.threads = int(threads)
+        self.threads, self.min_chunks = int(threads), int(min_chunks)
         steps = list(process.transforms)
         kinds = [CTQualityCheckd, RescaleToHUd, CTQualityCheckd, ResampleToSpacingd]
         self.enabled = len(steps) > len(kinds) and all(isinstance(t, k) for t, k in zip(steps, kinds)) and \
@@ -159,7 +161,8 @@ class StreamedPreprocessing:
         except Exception:  # noqa: BLE001 - not a NIfTI nibabel opens: the chain says why, in its own words
             return None
         hdr = obj.header
-        if len(obj.shape) != 3 or np.dtype(obj.get_data_dtype()) != np.dtype("<i2") or \
+        if len(obj.shape) != 3 or np.prod(obj.shape) * 2 < self.min_chunks * self.chunk_bytes or \
+                np.dtype(obj.get_data_dtype()) != np.dtype("<i2") or \
                 (float(obj.dataobj.slope), float(obj.dataobj.inter)) != (1.0, 0.0) or \
                 (int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0):
             return None
