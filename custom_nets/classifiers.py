@@ -69,12 +69,11 @@ class ClassFineClassifier(nn.Module):
 
     def describe(self) -> str:
         """The head in one line (an exported bundle's README says which head its weights have)."""
-        if self.head_input == "latent":
-            return (f"ClassFine head: Linear({self.classifier.in_features}, {self.classifier.out_features}) on "
-                    f"Dropout({self.dropout.p})(ReLU(image latent)), the reference head (head_input 'latent')")
+        reads, what = (("ReLU(image latent)", "the reference head (head_input 'latent')") if self.head_input == "latent"
+                       else ("BatchNorm(image embedding)", "the embedding before the latent projection standardised per "
+                             "feature (head_input 'embedding'; not the CT_LiPro_v2.pt layout)"))
         return (f"ClassFine head: Linear({self.classifier.in_features}, {self.classifier.out_features}) on "
-                f"Dropout({self.dropout.p})(BatchNorm(image embedding)), the embedding before the latent projection "
-                "standardised per feature (head_input 'embedding'; not the CT_LiPro_v2.pt layout)")
+                f"Dropout({self.dropout.p})({reads}), {what}")
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """What the head reads, ``(B, dim)``: the l2-normalised image latent or the global embedding."""

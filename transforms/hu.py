@@ -52,6 +52,8 @@ def count_below(values: torch.Tensor, threshold: float, block: int = 1 << 20) ->
     (5x faster than ``torch.count_nonzero(values < threshold)`` on a 79 M-voxel int16 volume: 10 against 47 ms).
     ``threshold`` must be representable in the values' dtype."""
     t = values.as_tensor() if isinstance(values, MetaTensor) else values
+    if not t.numel() or float(t.min()) >= threshold:  # one read, no mask: volumes clipped at the floor, like CT-RATE's
+        return 0
     flat = t.detach().cpu().reshape(-1).numpy()
     return sum(int(np.count_nonzero(flat[i:i + block] < threshold)) for i in range(0, flat.size, block))
 
@@ -335,9 +337,7 @@ class RescaleToHU(Transform):
         if self.floor_hu is not None:
             # an int floor for int tensors: comparing int16 with a float scalar makes a float32 copy
             floor = self.floor_hu if t.is_floating_point() else int(np.ceil(self.floor_hu))
-            # the minimum first (one read, no allocation): volumes already clipped at -1024 HU, like
-            # CT-RATE's, skip the full-size boolean mask
-            n_below = 0 if not t.numel() or float(t.min()) >= floor else count_below(t, floor)
+            n_below = count_below(t, floor)
             floored = n_below / max(t.numel(), 1)
             if n_below:
                 t = writable(t).clamp_(min=floor)

@@ -261,8 +261,7 @@ class StreamedPreprocessing:
             t = stored.as_tensor()
             if to_hu.floor_hu is not None:
                 below = int(np.ceil(to_hu.floor_hu)) - shift  # HU < floor  <=>  stored < floor - intercept
-                n_below = t.numel() if below > 32767 else 0 if below <= -32768 or int(t.min()) >= below else \
-                    count_below(t, below)
+                n_below = t.numel() if below > 32767 else 0 if below <= -32768 else count_below(t, below)
                 floored = n_below / max(t.numel(), 1)
             provenance = to_hu.provenance(chosen, evidence, floored)
             if self.qc_hu.checker.check_hu:
